@@ -1,0 +1,209 @@
+"""Configuration of an aligned model: a base model's config plus the settings of aligned training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+POOLING_CHOICES = ("auto", "cls", "last", "mean")
+LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
+CLASSIFIER_SHARING_CHOICES = ("shared", "per_layer")
+
+
+def num_hidden_layers(config: PreTrainedConfig) -> int:
+    """Returns the number of transformer blocks of a base model's config.
+
+    Raises:
+        ValueError: if the config does not say how many blocks the model has.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(
+            f"Model type {config.model_type!r} does not expose `num_hidden_layers` in its config, so hf_aligned "
+            "cannot tell how many layers to align. Use a transformer whose blocks form one list of layers."
+        )
+    return num_layers
+
+
+def resolve_layer_weights(
+    layer_weights: str | Sequence[float],
+    num_layers: int,
+    aligned_layers: Sequence[int] | None = None,
+) -> list[float]:
+    """Turns a layer-weight scheme into one weight per block, summing to 1.
+
+    Args:
+        layer_weights: `"linear"` (the paper's λ_l = 2l / (L(L+1)), proportional to depth), `"uniform"`,
+            `"last"` (standard fine-tuning: only the deepest aligned layer) or one non-negative float per block.
+        num_layers: the number of blocks L.
+        aligned_layers: 1-based blocks that receive a loss; the other blocks get weight 0. Defaults to all.
+
+    Returns:
+        `num_layers` floats, zero outside `aligned_layers`, normalized to sum to 1.
+
+    Raises:
+        ValueError: for an unknown scheme, a list of the wrong length, negative or non-finite weights, or
+            weights that are zero on every aligned layer.
+    """
+    layers = _validate_aligned_layers(aligned_layers, num_layers)
+    if isinstance(layer_weights, str):
+        if layer_weights == "linear":
+            raw = [float(layer) for layer in range(1, num_layers + 1)]
+        elif layer_weights == "uniform":
+            raw = [1.0] * num_layers
+        elif layer_weights == "last":
+            raw = [1.0 if layer == max(layers) else 0.0 for layer in range(1, num_layers + 1)]
+        else:
+            raise ValueError(
+                f"`layer_weights={layer_weights!r}` is not a known scheme; use one of {LAYER_WEIGHT_SCHEMES} "
+                f"or a list of {num_layers} non-negative floats."
+            )
+    else:
+        raw = [float(weight) for weight in layer_weights]
+        if len(raw) != num_layers:
+            raise ValueError(
+                f"`layer_weights` has {len(raw)} entries but the model has {num_layers} layers; give one "
+                "non-negative weight per layer (or a scheme such as 'linear')."
+            )
+        if any(not weight >= 0.0 or weight == float("inf") for weight in raw):
+            raise ValueError(f"`layer_weights` must be finite and non-negative, got {raw}.")
+    kept = [weight if layer in layers else 0.0 for layer, weight in enumerate(raw, start=1)]
+    total = sum(kept)
+    if total <= 0.0:
+        raise ValueError(
+            f"`layer_weights` are zero on every aligned layer ({sorted(layers)}); at least one aligned layer needs "
+            "a positive weight."
+        )
+    return [weight / total for weight in kept]
+
+
+def _validate_aligned_layers(aligned_layers: Sequence[int] | None, num_layers: int) -> set[int]:
+    if aligned_layers is None:
+        return set(range(1, num_layers + 1))
+    layers = set()
+    for layer in aligned_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
+            raise ValueError(
+                f"`aligned_layers` holds {layer!r}; entries are 1-based block indices between 1 and {num_layers}."
+            )
+        layers.add(layer)
+    if not layers:
+        raise ValueError("`aligned_layers` is empty; leave it unset to align every layer.")
+    return layers
+
+
+class AlignedConfig(PreTrainedConfig):
+    r"""Configuration of [`AlignedForSequenceClassification`]: a base model's config and the aligned-training settings.
+
+    The base model (any `AutoModel`: BERT-like encoders, ViT-like image encoders, decoder-only LMs) keeps its own
+    config in `base_config`. One classifier made of the base model's own final parts (final norm, pooler) and a new
+    classification layer is applied after every block.
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the wrapped base model. Defaults to a `BertConfig`.
+        pooling (`str`, *optional*, defaults to `"auto"`):
+            Which token represents a sequence: `"cls"` (the first token), `"last"` (the last non-padding token,
+            left or right padding), `"mean"` (mean over non-padding tokens) or `"auto"`, resolved to `"last"` for
+            decoder-only language models and `"cls"` otherwise. `from_pretrained` on a sentence-transformers
+            checkpoint follows its pooling config instead.
+        use_pooler (`bool`, *optional*):
+            Whether the base model's pooler (BERT-style dense + tanh) is part of the classifier. Defaults to using
+            it when the base model has one and `pooling` is `"cls"`.
+        layer_weights (`str` or `list[float]`, *optional*, defaults to `"linear"`):
+            How the per-layer losses are combined: `"linear"` (λ_l = 2l / (L(L+1)), the paper's default),
+            `"uniform"`, `"last"` (standard fine-tuning) or one non-negative float per layer (normalized to sum 1).
+        aligned_layers (`list[int]`, *optional*):
+            1-based blocks that receive a loss. Defaults to every block.
+        classifier_sharing (`str`, *optional*, defaults to `"shared"`):
+            `"shared"`: one classifier for every layer (the method). `"per_layer"`: the standard multi-exit
+            baseline with one classifier per layer (DeeBERT / Shallow-Deep-Network style), trained with the same
+            weights.
+        classifier_dropout (`float`, *optional*):
+            Dropout before the classification layer. Defaults to the base config's `classifier_dropout`, then its
+            `hidden_dropout_prob`, then 0.
+        kwargs:
+            `num_labels`, `id2label`, `label2id`, `problem_type` and the other [`PreTrainedConfig`] arguments.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from hf_aligned import AlignedConfig
+
+    >>> config = AlignedConfig(base_config=BertConfig(num_hidden_layers=4), num_labels=3, layer_weights="uniform")
+    >>> config.resolved_layer_weights
+    [0.25, 0.25, 0.25, 0.25]
+    ```
+    """
+
+    model_type = "aligned"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "base_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    base_config: dict | PreTrainedConfig | None = None
+    pooling: Literal["auto", "cls", "last", "mean"] = "auto"
+    use_pooler: bool | None = None
+    layer_weights: str | list[float] = "linear"
+    aligned_layers: list[int] | None = None
+    classifier_sharing: Literal["shared", "per_layer"] = "shared"
+    classifier_dropout: float | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.pooling not in POOLING_CHOICES:
+            raise ValueError(f"`pooling={self.pooling!r}` is not supported; use one of {POOLING_CHOICES}.")
+        if self.pooling == "auto":
+            self.pooling = "last" if is_decoder_only(self.base_config) else "cls"
+        if self.classifier_sharing not in CLASSIFIER_SHARING_CHOICES:
+            raise ValueError(
+                f"`classifier_sharing={self.classifier_sharing!r}` is not supported; use one of "
+                f"{CLASSIFIER_SHARING_CHOICES}."
+            )
+        if self.aligned_layers is not None:
+            self.aligned_layers = sorted(_validate_aligned_layers(self.aligned_layers, self.num_layers))
+        if not isinstance(self.layer_weights, str):
+            self.layer_weights = [float(weight) for weight in self.layer_weights]
+        resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)
+        if self.classifier_dropout is None:
+            base = self.base_config
+            dropout = getattr(base, "classifier_dropout", None)
+            self.classifier_dropout = float(
+                dropout if dropout is not None else getattr(base, "hidden_dropout_prob", 0.0)
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """The number of blocks of the base model (the L of the method)."""
+        return num_hidden_layers(self.base_config)
+
+    @property
+    def resolved_layer_weights(self) -> list[float]:
+        """One loss weight per block, zero outside `aligned_layers`, summing to 1."""
+        return resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)
+
+    def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
+        """The base model's text config (so generic code finds `hidden_size`, `vocab_size`, ...)."""
+        return self.base_config.get_text_config(*args, **kwargs)
+
+
+def is_decoder_only(config: PreTrainedConfig) -> bool:
+    """Whether a base config belongs to a decoder-only language model (GPT-2, Llama, Qwen, Mistral, ...).
+
+    Families that also have a masked-LM head (BERT, RoBERTa, ...) count as encoders even though transformers
+    offers a causal-LM variant of them.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

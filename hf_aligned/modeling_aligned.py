@@ -1,0 +1,486 @@
+"""`AlignedForSequenceClassification`: one classifier, made of the base model's own final parts, after every block."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import cached_file, logging
+
+from .backbones import detach_module, find_layout
+from .configuration_aligned import AlignedConfig
+
+logger = logging.get_logger(__name__)
+
+# Keyword arguments of `from_pretrained` that locate files (shared by the config, the weights and side files).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+# Keyword arguments that configure the aligned model rather than the base model it wraps.
+ALIGNED_KWARGS = tuple(field.name for field in fields(AlignedConfig) if field.name != "base_config") + ("num_labels",)
+# sentence-transformers pooling modes, in the order they are checked, and the pooling they map to.
+SENTENCE_TRANSFORMERS_POOLING = (
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_lasttoken", "last"),
+)
+
+
+@dataclass
+class AlignedSequenceClassifierOutput(ModelOutput):
+    """Output of [`AlignedForSequenceClassification`].
+
+    Args:
+        loss (`torch.Tensor` of shape `()`, *optional*, returned when `labels` is provided):
+            The aligned loss: per-layer losses combined with the configured layer weights.
+        logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
+            The classifier's scores after the last block (the same as `layer_logits[-1]`).
+        layer_logits (`torch.Tensor` of shape `(num_layers, batch_size, num_labels)`):
+            The classifier's scores after every block, block 1 first.
+        layer_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*, returned when `labels` is provided):
+            The loss of every block's scores, before weighting.
+        hidden_states (`tuple(torch.Tensor)`, *optional*):
+            The base model's hidden states, when `output_hidden_states=True`.
+        attentions (`tuple(torch.Tensor)`, *optional*):
+            The base model's attention weights, when `output_attentions=True`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    layer_logits: torch.Tensor | None = None
+    layer_losses: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """Reduces `(batch, seq, dim)` hidden states to one `(batch, dim)` vector per sample.
+
+    Args:
+        hidden_states: one layer's hidden states.
+        attention_mask: `(batch, seq)`, 1 on real tokens and 0 on padding; `None` means no padding.
+        pooling: `"cls"` (first token), `"last"` (last non-padding token, with left or right padding) or `"mean"`
+            (mean over non-padding tokens).
+    """
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        return hidden_states[:, -1] if pooling == "last" else hidden_states.mean(dim=1)
+    mask = attention_mask.to(hidden_states.dtype)
+    if pooling == "last":
+        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=mask.dtype)
+        last = (mask * positions).argmax(dim=1)
+        return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+    summed = torch.einsum("bsd,bs->bd", hidden_states, mask)
+    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+class ClassificationHead(nn.Module):
+    """The base model's final parts plus a classification layer: final norm → pooling → pooler → dropout → linear.
+
+    The norm and the pooler are the base model's own modules (moved here from the base model, so each is applied
+    exactly once, after whichever block the head reads).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_labels: int,
+        dropout: float,
+        pooling: str,
+        norm: nn.Module | None,
+        pooler: nn.Module | None,
+    ):
+        super().__init__()
+        self.pooling = pooling
+        self.norm = norm if norm is not None else nn.Identity()
+        self.pooler = pooler
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def represent(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Maps one layer's `(batch, seq, dim)` hidden states to the `(batch, dim)` vector the linear layer reads."""
+        if self.pooler is not None:
+            # A pooler selects its token itself, from the normed sequence, exactly as in the base model.
+            return self.pooler(self.norm(hidden_states))
+        if self.pooling == "mean":
+            return pool_hidden_states(self.norm(hidden_states), attention_mask, "mean")
+        # The norm acts per token, so norming the selected token alone gives the same vector, cheaper.
+        return self.norm(pool_hidden_states(hidden_states, attention_mask, self.pooling))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Maps pooled vectors `(..., dim)` to scores `(..., num_labels)`."""
+        return self.out_proj(self.dropout(pooled))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.project(self.represent(hidden_states, attention_mask))
+
+
+class AlignedClassifier(nn.Module):
+    """The classifier of an aligned model: one head shared by every layer, or one head per layer (the baseline)."""
+
+    def __init__(self, heads: Sequence[ClassificationHead], shared: bool):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.shared = shared
+
+    def head(self, layer: int) -> ClassificationHead:
+        """The head that classifies after 1-based block `layer`."""
+        return self.heads[0] if self.shared else self.heads[layer - 1]
+
+    def forward(
+        self,
+        layer_hidden_states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        layers: Sequence[int],
+    ) -> torch.Tensor:
+        """Scores `(len(layers), batch, num_labels)` for the hidden states of the given 1-based blocks."""
+        pooled = torch.stack(
+            [self.head(layer).represent(hidden, attention_mask) for layer, hidden in zip(layers, layer_hidden_states)]
+        )
+        if self.shared:
+            return self.heads[0].project(pooled)
+        return torch.stack([self.head(layer).project(vectors) for layer, vectors in zip(layers, pooled)])
+
+
+class AlignedPreTrainedModel(PreTrainedModel):
+    config_class = AlignedConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The aligned loss is a mean over the batch: Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+
+class AlignedForSequenceClassification(AlignedPreTrainedModel):
+    """A base model with one classifier applied after every block, trained with the aligned loss.
+
+    The classifier is the base model's own final norm and pooler (where the family has them) followed by a new
+    classification layer. Applied after block l it gives `layer_logits[l - 1]`; the training loss combines every
+    block's loss with `config.layer_weights`, so the same classifier works after any block.
+
+    Args:
+        config ([`AlignedConfig`]): the aligned settings and the base model's config.
+        base_model ([`PreTrainedModel`], *optional*): an already built (usually pretrained) base model to wrap; by
+            default one is built from `config.base_config`.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from hf_aligned import AlignedConfig, AlignedForSequenceClassification
+
+    >>> base = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37)
+    >>> model = AlignedForSequenceClassification(AlignedConfig(base_config=base, num_labels=3))
+    >>> out = model(input_ids=torch.tensor([[2, 5, 7]]), labels=torch.tensor([1]))
+    >>> out.layer_logits.shape
+    torch.Size([4, 1, 3])
+    ```
+    """
+
+    def __init__(self, config: AlignedConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        backbone = base_model if base_model is not None else AutoModel.from_config(config.base_config)
+        layout = find_layout(backbone)
+        norm = detach_module(backbone, layout.final_norm, nn.Identity()) if layout.final_norm else None
+        pooler = detach_module(backbone, layout.pooler, None) if layout.pooler else None
+        use_pooler = config.use_pooler
+        if use_pooler is None:
+            use_pooler = pooler is not None and config.pooling == "cls"
+        elif use_pooler and pooler is None:
+            raise ValueError(
+                f"`use_pooler=True` but model type {backbone.config.model_type!r} has no pooler; leave `use_pooler` "
+                "unset or set it to False."
+            )
+        config.use_pooler = use_pooler
+        config.base_config = backbone.config
+        self.backbone = backbone
+        self.blocks_path = layout.blocks
+        self._backbone_accepts_use_cache = "use_cache" in inspect.signature(backbone.forward).parameters
+        num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
+        hidden_size = backbone.config.get_text_config().hidden_size
+        heads = []
+        for index in range(num_heads):
+            last = index == num_heads - 1
+            heads.append(
+                ClassificationHead(
+                    hidden_size=hidden_size,
+                    num_labels=config.num_labels,
+                    dropout=config.classifier_dropout,
+                    pooling=config.pooling,
+                    norm=norm if last else copy.deepcopy(norm),
+                    pooler=(pooler if last else copy.deepcopy(pooler)) if use_pooler else None,
+                )
+            )
+        self.classifier = AlignedClassifier(heads, shared=config.classifier_sharing == "shared")
+        if base_model is not None:
+            # The wrapped model is already trained: only the new classification layers may be initialized.
+            for head in self.classifier.heads:
+                _mark_initialized(head.norm)
+                if head.pooler is not None:
+                    _mark_initialized(head.pooler)
+            _mark_initialized(backbone)
+        self.post_init()
+
+    @property
+    def num_layers(self) -> int:
+        """The number of blocks, L."""
+        return self.config.num_layers
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The base model's list of transformer blocks."""
+        return self.backbone.get_submodule(self.blocks_path)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        config: PreTrainedConfig | None = None,
+        **kwargs,
+    ) -> AlignedForSequenceClassification:
+        """Loads an aligned checkpoint, or wraps a plain base checkpoint (BERT, ViT, GPT-2, Llama, ...).
+
+        From a plain base checkpoint the base model keeps all its pretrained weights (its final norm and, when
+        `pooling` is `"cls"` and the checkpoint has trained pooler weights, its pooler become part of the shared
+        classifier); only the classification layer is new. Keyword arguments named like [`AlignedConfig`] fields
+        (`num_labels`, `layer_weights`, `pooling`, ...) configure the aligned model, the others go to the base
+        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...). With `pooling="auto"` a
+        sentence-transformers checkpoint's own pooling config decides the pooling.
+        """
+        if config is None:
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            if isinstance(config, AlignedConfig):
+                return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if isinstance(config, AlignedConfig):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
+
+    @classmethod
+    def _from_base_pretrained(
+        cls, path: str | os.PathLike, base_config: PreTrainedConfig, **kwargs
+    ) -> AlignedForSequenceClassification:
+        aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        base_model, loading_info = AutoModel.from_pretrained(
+            path, config=base_config, output_loading_info=True, **kwargs
+        )
+        if aligned_kwargs.get("pooling", "auto") == "auto":
+            aligned_kwargs["pooling"] = _sentence_transformers_pooling(path, hub_kwargs) or "auto"
+        if aligned_kwargs.get("use_pooler") is None and any(
+            key.startswith("pooler.") for key in loading_info["missing_keys"]
+        ):
+            # The checkpoint has no trained pooler: a randomly initialized one would only get in the way.
+            aligned_kwargs["use_pooler"] = False
+        config = AlignedConfig(base_config=base_model.config, **aligned_kwargs)
+        config._name_or_path = str(path)
+        model = cls(config, base_model=base_model)
+        model.to(dtype=base_model.dtype)
+        model.eval()
+        return model
+
+    def _inputs(self, **inputs) -> dict[str, torch.Tensor]:
+        """The non-`None` inputs, plus `use_cache=False` for base models that would otherwise build a cache."""
+        model_inputs = {name: value for name, value in inputs.items() if value is not None}
+        if self._backbone_accepts_use_cache:
+            model_inputs["use_cache"] = False
+        return model_inputs
+
+    def pooling_mask(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask pooling reads: the attention mask, or for `"last"` pooling without one, non-pad tokens."""
+        if attention_mask is not None or self.config.pooling != "last" or input_ids is None:
+            return attention_mask
+        pad_token_id = self.config.base_config.get_text_config().pad_token_id
+        if pad_token_id is None:
+            return None
+        return (input_ids != pad_token_id).long()
+
+    @contextmanager
+    def capture_block_outputs(self, include_embeddings: bool = False) -> Iterator[list[torch.Tensor]]:
+        """Collects the hidden states that leave each block (and, optionally, that enter the first) during a forward.
+
+        Reading block outputs through hooks, rather than `output_hidden_states`, gives every layer's output before
+        the final norm in every family (some families return the last entry already normed, others not).
+        """
+        captured: list[torch.Tensor] = []
+
+        def keep_output(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        def keep_input(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+
+        handles = [block.register_forward_hook(keep_output) for block in self.blocks]
+        if include_embeddings:
+            handles.append(self.blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> AlignedSequenceClassifierOutput:
+        r"""Runs the base model once and the classifier after every block.
+
+        Args:
+            labels (`torch.Tensor` of shape `(batch_size,)`, or `(batch_size, num_labels)` for multi-label and
+                multi-output regression, *optional*):
+                Targets. Class indices in `[0, num_labels)` for single-label classification; floats for
+                regression (`num_labels == 1` or `problem_type="regression"`) and multi-label classification.
+            Other arguments are the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...).
+
+        Returns:
+            [`AlignedSequenceClassifierOutput`] with `layer_logits` for every block and, given labels, the aligned
+            `loss` and the per-layer `layer_losses`.
+        """
+        model_inputs = self._inputs(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        with self.capture_block_outputs() as block_outputs:
+            base_outputs = self.backbone(**model_inputs)
+        layers = range(1, self.num_layers + 1)
+        layer_logits = self.classifier(block_outputs, self.pooling_mask(input_ids, attention_mask), layers)
+        loss = layer_losses = None
+        if labels is not None:
+            layer_losses = self.layer_losses(layer_logits, labels)
+            weights = torch.tensor(self.config.resolved_layer_weights, device=layer_losses.device)
+            loss = (weights.to(layer_losses.dtype) * layer_losses).sum()
+        return AlignedSequenceClassifierOutput(
+            loss=loss,
+            logits=layer_logits[-1],
+            layer_logits=layer_logits,
+            layer_losses=layer_losses,
+            hidden_states=getattr(base_outputs, "hidden_states", None),
+            attentions=getattr(base_outputs, "attentions", None),
+        )
+
+    def layer_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of each layer's scores, `(num_layers,)`, for the configured (or inferred) problem type.
+
+        Raises:
+            ValueError: naming the offending labels, when a class index lies outside `[0, num_labels)`.
+        """
+        num_layers, batch_size, num_labels = layer_logits.shape
+        labels = labels.to(layer_logits.device)
+        if self.config.problem_type is None:
+            if num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "single_label_classification":
+            labels = labels.view(-1)
+            invalid = ((labels < 0) & (labels != -100)) | (labels >= num_labels)
+            if invalid.any():
+                raise ValueError(
+                    f"`labels` holds class indices {sorted(set(labels[invalid].tolist()))} outside [0, {num_labels}) "
+                    f"for a model with num_labels={num_labels}; fix the labels or set `num_labels` (use -100 to "
+                    "ignore a sample)."
+                )
+            losses = F.cross_entropy(
+                layer_logits.reshape(-1, num_labels), labels.repeat(num_layers), reduction="none"
+            ).view(num_layers, batch_size)
+            counted = (labels != -100).to(losses.dtype)
+            return (losses * counted).sum(dim=1) / counted.sum().clamp(min=1.0)
+        targets = labels.to(layer_logits.dtype).reshape(batch_size, -1).expand(num_layers, -1, -1)
+        if self.config.problem_type == "regression":
+            scores = layer_logits.reshape(num_layers, batch_size, -1)
+            return F.mse_loss(scores, targets, reduction="none").flatten(1).mean(dim=1)
+        return F.binary_cross_entropy_with_logits(layer_logits, targets, reduction="none").flatten(1).mean(dim=1)
+
+    @torch.no_grad()
+    def pooled_layer_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pooling: str | None = None,
+        **inputs,
+    ) -> torch.Tensor:
+        """Pooled representations of the embedding output and of every block, `(num_layers + 1, batch, dim)`.
+
+        These are the vectors f_l(x) that similarity analyses compare: each layer's hidden states reduced with the
+        model's pooling (or `pooling`), before the classifier's norm and pooler.
+        """
+        pooling = pooling or self.config.pooling
+        model_inputs = self._inputs(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        with self.capture_block_outputs(include_embeddings=True) as captured:
+            self.backbone(**model_inputs)
+        mask = self.pooling_mask(input_ids, attention_mask)
+        return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
+
+
+def _mark_initialized(module: nn.Module) -> None:
+    """Flags a module's weights as loaded, so transformers' post-construction initialization leaves them alone."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor._is_hf_initialized = True
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
+
+
+def _sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with (`"mean"`, `"cls"`, `"last"`), if any."""
+    modules_file = cached_file(path, "modules.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if modules_file is None:
+        return None
+    with open(modules_file, encoding="utf-8") as handle:
+        modules = json.load(handle)
+    pooling_dirs = [module["path"] for module in modules if module.get("type", "").endswith("models.Pooling")]
+    if not pooling_dirs:
+        return None
+    subfolder = "/".join(part for part in (hub_kwargs.get("subfolder"), pooling_dirs[0]) if part)
+    pooling_file = cached_file(
+        path,
+        "config.json",
+        _raise_exceptions_for_missing_entries=False,
+        **{**hub_kwargs, "subfolder": subfolder},
+    )
+    if pooling_file is None:
+        return None
+    with open(pooling_file, encoding="utf-8") as handle:
+        pooling_config = json.load(handle)
+    for key, pooling in SENTENCE_TRANSFORMERS_POOLING:
+        if pooling_config.get(key):
+            return pooling
+    logger.warning(f"{path} uses a sentence-transformers pooling hf_aligned does not support; using the default.")
+    return None
