@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,18 @@ logger = logging.get_logger(__name__)
 # Keyword arguments of `from_pretrained` that locate files (shared by the config, the weights and side files).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 # Keyword arguments that configure the aligned model rather than the base model it wraps.
-ALIGNED_KWARGS = tuple(field.name for field in fields(AlignedConfig) if field.name != "base_config") + ("num_labels",)
+ALIGNED_KWARGS = (
+    "pooling",
+    "use_pooler",
+    "layer_weights",
+    "aligned_layers",
+    "classifier_sharing",
+    "classifier_dropout",
+    "num_labels",
+    "id2label",
+    "label2id",
+    "problem_type",
+)
 # sentence-transformers pooling modes, in the order they are checked, and the pooling they map to.
 SENTENCE_TRANSFORMERS_POOLING = (
     ("pooling_mode_mean_tokens", "mean"),
