@@ -155,6 +155,10 @@ class AlignedConfig(PreTrainedConfig):
     classifier_dropout: float | None = None
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.base_config, PreTrainedConfig) and "attn_implementation" not in kwargs:
+            # transformers sets the parent's attention implementation on every sub-config: inherit the base
+            # model's own choice instead of resetting it.
+            kwargs["attn_implementation"] = self.base_config._attn_implementation
         super().__post_init__(**kwargs)
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"`pooling={self.pooling!r}` is not supported; use one of {POOLING_CHOICES}.")

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file, logging
 
 from .backbones import detach_module, find_layout
-from .configuration_aligned import AlignedConfig
+from .configuration_aligned import AlignedConfig, is_decoder_only
 
 logger = logging.get_logger(__name__)
 
@@ -219,7 +219,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         config.base_config = backbone.config
         self.backbone = backbone
         self.blocks_path = layout.blocks
-        self._backbone_accepts_use_cache = "use_cache" in inspect.signature(backbone.forward).parameters
+        base_parameters = inspect.signature(backbone.forward).parameters
+        self._backbone_accepts_use_cache = "use_cache" in base_parameters
+        self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
         num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
         hidden_size = backbone.config.get_text_config().hidden_size
         heads = []
@@ -311,10 +313,15 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         return model
 
     def _inputs(self, **inputs) -> dict[str, torch.Tensor]:
-        """The non-`None` inputs, plus `use_cache=False` for base models that would otherwise build a cache."""
+        """The base model's inputs: the non-`None` ones, `use_cache=False` where the base model would build a cache,
+        and, for decoder-only models given a padding mask, positions that count real tokens only (as `generate`
+        does), so a left-padded sequence is encoded exactly like the same sequence alone."""
         model_inputs = {name: value for name, value in inputs.items() if value is not None}
         if self._backbone_accepts_use_cache:
             model_inputs["use_cache"] = False
+        attention_mask = model_inputs.get("attention_mask")
+        if self._positions_from_mask and attention_mask is not None and "position_ids" not in model_inputs:
+            model_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return model_inputs
 
     def pooling_mask(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
