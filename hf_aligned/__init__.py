@@ -4,13 +4,15 @@ Importing the package registers the `"aligned"` model type with transformers' Au
 load through `AutoConfig` and `AutoModelForSequenceClassification` without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .exits import ExitConfig
 from .modeling_aligned import (
     AlignedForSequenceClassification,
     AlignedPreTrainedModel,
     AlignedSequenceClassifierOutput,
+    EarlyExitOutput,
     pool_hidden_states,
 )
 
@@ -18,12 +20,16 @@ __version__ = "0.1.0.dev0"
 
 AutoConfig.register(AlignedConfig.model_type, AlignedConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(AlignedConfig, AlignedForSequenceClassification, exist_ok=True)
+# An aligned ViT is an image classifier: registering it lets the image-classification pipeline accept it.
+AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassification, exist_ok=True)
 
 __all__ = [
     "AlignedConfig",
     "AlignedForSequenceClassification",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "EarlyExitOutput",
+    "ExitConfig",
     "pool_hidden_states",
     "resolve_layer_weights",
 ]

@@ -19,6 +19,7 @@ from transformers.utils import cached_file, logging
 
 from .backbones import detach_module, find_layout
 from .configuration_aligned import AlignedConfig, is_decoder_only
+from .exits import ExitConfig, run_early_exit
 
 logger = logging.get_logger(__name__)
 
@@ -62,6 +63,9 @@ class AlignedSequenceClassifierOutput(ModelOutput):
             The base model's hidden states, when `output_hidden_states=True`.
         attentions (`tuple(torch.Tensor)`, *optional*):
             The base model's attention weights, when `output_attentions=True`.
+        exit_layers (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+            When the forward exited early: the 1-based layer each sample left at (then `logits` are the scores at
+            that layer and `layer_logits` is `None`).
     """
 
     loss: torch.Tensor | None = None
@@ -70,6 +74,33 @@ class AlignedSequenceClassifierOutput(ModelOutput):
     layer_losses: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    exit_layers: torch.Tensor | None = None
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """Output of [`AlignedForSequenceClassification.early_exit_predict`].
+
+    Args:
+        predictions (`torch.Tensor` of shape `(batch_size,)`): the predicted class of each sample (for a
+            regression model, its predicted value).
+        logits (`torch.Tensor` of shape `(batch_size, num_labels)`): the scores at each sample's exit layer.
+        exit_layers (`torch.Tensor` of shape `(batch_size,)`): the 1-based layer at which each sample left.
+        layers_computed (`int`): blocks actually run, summed over samples (a full forward computes
+            `batch_size * num_layers`).
+        num_layers (`int`): the model's depth L.
+    """
+
+    predictions: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    exit_layers: torch.Tensor | None = None
+    layers_computed: int | None = None
+    num_layers: int | None = None
+
+    @property
+    def ideal_speedup(self) -> float:
+        """L divided by the mean exit layer: the speedup if blocks were all the compute."""
+        return self.num_layers * len(self.exit_layers) / self.layers_computed
 
 
 def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
@@ -238,6 +269,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 )
             )
         self.classifier = AlignedClassifier(heads, shared=config.classifier_sharing == "shared")
+        self.exit_config = ExitConfig()
         if base_model is not None:
             # The wrapped model is already trained: only the new classification layers may be initialized.
             for head in self.classifier.heads:
@@ -280,14 +312,27 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...). With `pooling="auto"` a
         sentence-transformers checkpoint's own pooling config decides the pooling.
         """
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         if config is None:
-            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             if isinstance(config, AlignedConfig):
-                return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if isinstance(config, AlignedConfig):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
+                config = None  # let transformers load it again, applying the config overrides in `kwargs`
+        if config is not None and not isinstance(config, AlignedConfig):
+            return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        if isinstance(model, tuple):  # output_loading_info=True
+            return model
+        exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if exit_config is not None:
+            exit_config.validate(model.num_layers)
+            model.exit_config = exit_config
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+        """Saves the model like transformers does, plus its [`ExitConfig`] as `exit_config.json`."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            self.exit_config.save_pretrained(save_directory)
 
     @classmethod
     def _from_base_pretrained(
@@ -368,6 +413,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        early_exit: bool | None = None,
         **kwargs,
     ) -> AlignedSequenceClassifierOutput:
         r"""Runs the base model once and the classifier after every block.
@@ -377,12 +423,34 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 multi-output regression, *optional*):
                 Targets. Class indices in `[0, num_labels)` for single-label classification; floats for
                 regression (`num_labels == 1` or `problem_type="regression"`) and multi-label classification.
+            early_exit (`bool`, *optional*):
+                Whether to serve the call with [`early_exit_predict`] under `self.exit_config`. By default an
+                inference call (eval mode, no labels, no hidden states or attentions asked for) exits early as soon
+                as the model's `exit_config` lets samples leave, so pipelines serve early exit; pass `False` for the
+                full forward with every layer's logits.
             Other arguments are the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...).
 
         Returns:
             [`AlignedSequenceClassifierOutput`] with `layer_logits` for every block and, given labels, the aligned
-            `loss` and the per-layer `layer_losses`.
+            `loss` and the per-layer `layer_losses`; after an early exit, `logits` at each sample's exit layer and
+            `exit_layers` instead of `layer_logits`.
         """
+        if early_exit is None:
+            early_exit = (
+                not (self.training or labels is not None or output_hidden_states or output_attentions)
+                and not self.exit_config.never_exits
+            )
+        if early_exit:
+            result = self.early_exit_predict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                **kwargs,
+            )
+            return AlignedSequenceClassifierOutput(logits=result.logits, exit_layers=result.exit_layers)
         model_inputs = self._inputs(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -446,6 +514,96 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             scores = layer_logits.reshape(num_layers, batch_size, -1)
             return F.mse_loss(scores, targets, reduction="none").flatten(1).mean(dim=1)
         return F.binary_cross_entropy_with_logits(layer_logits, targets, reduction="none").flatten(1).mean(dim=1)
+
+    @torch.no_grad()
+    def early_exit_predict(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        exit_config: ExitConfig | None = None,
+        **inputs,
+    ) -> EarlyExitOutput:
+        """Classifies a batch, letting each sample leave at the first layer where the exit rule fires.
+
+        Blocks run one at a time; after each, the shared classifier scores the samples still running and those that
+        leave are removed from the batch (and from every per-sample tensor the blocks take: masks, positions, rotary
+        tables) before the next block, so no compute is spent on them. Results do not depend on how samples are
+        batched.
+
+        Args:
+            exit_config ([`ExitConfig`], *optional*): the exit rule; defaults to `self.exit_config`.
+            inputs: the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...) and any
+                [`ExitConfig`] field to override for this call (`threshold=0.9`, `rule="patience"`, ...).
+
+        Returns:
+            [`EarlyExitOutput`] with `predictions`, `logits` at the exit layer, `exit_layers` and
+            `layers_computed`.
+
+        Example:
+
+        ```python
+        >>> out = model.early_exit_predict(**batch, threshold=0.9)
+        >>> out.exit_layers, out.ideal_speedup
+        ```
+        """
+        overrides = {name: inputs.pop(name) for name in list(inputs) if name in ExitConfig.__dataclass_fields__}
+        exit_config = (exit_config or self.exit_config).update(**overrides)
+        exit_config.validate(self.num_layers)
+        if exit_config.rule != "fixed" and self.config.problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
+                f"{self.config.problem_type!r}; use rule='fixed' for it."
+            )
+        model_inputs = self._inputs(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        batch_source = model_inputs.get(self.backbone.main_input_name, next(iter(model_inputs.values())))
+        result = run_early_exit(
+            blocks=self.blocks,
+            run_base_model=lambda: self.backbone(**model_inputs),
+            classify=lambda layer, hidden, mask: self.classifier.head(layer)(hidden, mask),
+            exit_config=exit_config,
+            batch_size=batch_source.shape[0],
+            pooling_mask=self.pooling_mask(input_ids, attention_mask),
+        )
+        single_output = result.logits.shape[-1] == 1 or self.config.problem_type == "regression"
+        predictions = result.logits.squeeze(-1) if single_output else result.logits.argmax(dim=-1)
+        return EarlyExitOutput(
+            predictions=predictions,
+            logits=result.logits,
+            exit_layers=result.exit_layers,
+            layers_computed=result.layers_computed,
+            num_layers=self.num_layers,
+        )
+
+    def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
+        """A standalone copy with only the first `num_layers` blocks and the same classifier.
+
+        The copy's logits are exactly this model's `layer_logits[num_layers - 1]`; it saves and loads as a normal
+        checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
+        deployment, with no early-exit machinery at run time.
+
+        Raises:
+            ValueError: if `num_layers` is not between 1 and the model's depth.
+        """
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= self.num_layers:
+            raise ValueError(f"`num_layers={num_layers!r}` must be an integer between 1 and {self.num_layers}.")
+        truncated = copy.deepcopy(self)
+        del truncated.blocks[num_layers:]
+        base_config = truncated.backbone.config
+        base_config.get_text_config().num_hidden_layers = num_layers
+        layer_types = getattr(base_config, "layer_types", None)
+        if isinstance(layer_types, list):
+            base_config.layer_types = layer_types[:num_layers]
+        config = truncated.config
+        config.base_config = base_config
+        if not isinstance(config.layer_weights, str):
+            kept = config.layer_weights[:num_layers]
+            config.layer_weights = kept if sum(kept) > 0 else "last"
+        if config.aligned_layers is not None:
+            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers] or None
+        if config.classifier_sharing == "per_layer":
+            del truncated.classifier.heads[num_layers:]
+        truncated.exit_config = ExitConfig()
+        return truncated
 
     @torch.no_grad()
     def pooled_layer_states(

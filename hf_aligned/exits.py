@@ -1,0 +1,298 @@
+"""Early exit: when a sample may leave, and a runner that really removes the samples that left from the batch.
+
+`ExitConfig` says when a sample leaves (like `GenerationConfig` says how to generate, and is saved beside the model
+as `exit_config.json`). `run_early_exit` runs the base model's blocks with hooks that, after each block, classify
+the samples still running, record those that leave, and shrink the running batch (and every per-sample tensor the
+blocks receive) before the next block. Nothing is computed for a sample after it left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import cached_file
+
+EXIT_CONFIG_NAME = "exit_config.json"
+EXIT_RULES = ("confidence", "entropy", "patience", "fixed")
+# Per-sample tensors the blocks receive are recognised by their batch dimension; these arguments never have one.
+NON_BATCH_ARGUMENTS = frozenset({"cache_position"})
+
+
+@dataclass
+class ExitConfig:
+    """When a sample may leave the model early; saved with the model as `exit_config.json`.
+
+    Args:
+        rule: `"confidence"`: leave once the largest softmax probability is at least `threshold`
+            (`threshold=1.0` turns exits off); `"entropy"`: leave once the entropy of the softmax, divided by
+            log(num_labels) so it lies in [0, 1], is at most `threshold`; `"patience"`: leave once the predicted class
+            has stayed the same for `patience` consecutive layers (PABEE); `"fixed"`: every sample leaves at
+            `exit_layer`.
+        threshold: the confidence or normalized-entropy threshold.
+        patience: consecutive unchanged predictions needed by the `"patience"` rule.
+        exit_layer: the 1-based layer where the `"fixed"` rule exits.
+        min_layer: the first layer at which a sample may leave (no classifier runs before it).
+        max_layer: the layer at which every remaining sample leaves; defaults to the last layer.
+    """
+
+    rule: str = "confidence"
+    threshold: float = 1.0
+    patience: int = 2
+    exit_layer: int | None = None
+    min_layer: int = 1
+    max_layer: int | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Checks the fields, and against the model's depth when `num_layers` is given.
+
+        Raises:
+            ValueError: naming the field that is out of range or does not fit the rule.
+        """
+        if self.rule not in EXIT_RULES:
+            raise ValueError(f"`rule={self.rule!r}` is not an exit rule; use one of {EXIT_RULES}.")
+        if self.rule == "confidence" and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"`threshold={self.threshold}` must lie in (0, 1] for rule 'confidence' (1.0: no exits).")
+        if self.rule == "entropy" and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(
+                f"`threshold={self.threshold}` must lie in [0, 1] for rule 'entropy' (entropy is divided by "
+                "log(num_labels))."
+            )
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"`patience={self.patience!r}` must be a positive integer.")
+        if self.rule == "fixed" and self.exit_layer is None:
+            raise ValueError("rule 'fixed' needs `exit_layer`, the 1-based layer where every sample leaves.")
+        if self.rule != "fixed" and self.exit_layer is not None:
+            raise ValueError(f"`exit_layer` is only used by rule 'fixed', not by rule {self.rule!r}; remove it.")
+        if not isinstance(self.min_layer, int) or self.min_layer < 1:
+            raise ValueError(f"`min_layer={self.min_layer!r}` must be a 1-based layer index (at least 1).")
+        if self.max_layer is not None and self.max_layer < self.min_layer:
+            raise ValueError(f"`max_layer={self.max_layer}` is below `min_layer={self.min_layer}`.")
+        if self.exit_layer is not None and not self.min_layer <= self.exit_layer <= (
+            self.max_layer or self.exit_layer
+        ):
+            raise ValueError(
+                f"`exit_layer={self.exit_layer}` lies outside [min_layer, max_layer] = "
+                f"[{self.min_layer}, {self.max_layer}]."
+            )
+        if num_layers is not None:
+            for name in ("exit_layer", "min_layer", "max_layer"):
+                value = getattr(self, name)
+                if value is not None and value > num_layers:
+                    raise ValueError(f"`{name}={value}` is deeper than the model, which has {num_layers} layers.")
+
+    @property
+    def never_exits(self) -> bool:
+        """Whether no sample can leave before the last layer (`rule="confidence"` with `threshold=1.0`)."""
+        return self.rule == "confidence" and self.threshold >= 1.0 and self.max_layer is None
+
+    def last_layer(self, num_layers: int) -> int:
+        """The layer at which every sample has left."""
+        return self.exit_layer if self.rule == "fixed" else (self.max_layer or num_layers)
+
+    def update(self, **overrides: Any) -> ExitConfig:
+        """A copy with some fields replaced, validated.
+
+        Raises:
+            TypeError: naming an argument that is not an `ExitConfig` field.
+        """
+        names = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"{unknown} are not ExitConfig fields; the fields are {sorted(names)}.")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Writes `exit_config.json` into `save_directory`."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, EXIT_CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> ExitConfig | None:
+        """Reads `exit_config.json` from a local folder or a Hub repository; `None` if there is none."""
+        path = cached_file(
+            pretrained_model_name_or_path, EXIT_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return cls(**json.load(handle))
+
+
+def exit_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:
+    """The per-sample quantity a rule compares with its threshold: max probability, or normalized entropy."""
+    probabilities = logits.float().softmax(dim=-1)
+    if rule == "confidence":
+        return probabilities.max(dim=-1).values
+    entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(dim=-1)
+    return entropy / math.log(logits.shape[-1])
+
+
+class ExitDecider:
+    """Applies an `ExitConfig` layer by layer to the samples still running (keeps the patience counters)."""
+
+    def __init__(self, exit_config: ExitConfig, num_layers: int, batch_size: int, device: torch.device):
+        self.config = exit_config
+        self.last_layer = exit_config.last_layer(num_layers)
+        self.previous = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        self.streak = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def classifies_at(self, layer: int) -> bool:
+        """Whether the classifier must run after this layer (below `min_layer` nobody may leave)."""
+        if self.config.rule == "fixed":
+            return layer == self.last_layer
+        return layer >= self.config.min_layer
+
+    def leaves(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        """Which of the running samples leave after `layer`, given their logits; a boolean mask."""
+        if layer >= self.last_layer:
+            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        rule = self.config.rule
+        if rule == "confidence":
+            if self.config.threshold >= 1.0:
+                return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+            return exit_scores(logits, rule) >= self.config.threshold
+        if rule == "entropy":
+            return exit_scores(logits, rule) <= self.config.threshold
+        predictions = logits.argmax(dim=-1)
+        self.streak = torch.where(predictions == self.previous, self.streak + 1, torch.zeros_like(self.streak))
+        self.previous = predictions
+        return self.streak >= self.config.patience
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """Drops the per-sample state of the samples that left (`kept` indexes the ones still running)."""
+        self.previous = self.previous[kept]
+        self.streak = self.streak[kept]
+
+
+@dataclass
+class EarlyExitResult:
+    """What `run_early_exit` computed, per original sample.
+
+    Attributes:
+        logits: `(batch, num_labels)` scores at each sample's exit layer.
+        exit_layers: `(batch,)` 1-based layer at which each sample left.
+        layers_computed: sum over blocks of the number of samples the block ran on (the compute actually spent).
+    """
+
+    logits: torch.Tensor
+    exit_layers: torch.Tensor
+    layers_computed: int
+
+
+class _AllSamplesLeft(Exception):
+    """Stops the base model's forward once no sample is running."""
+
+
+def run_early_exit(
+    blocks: nn.ModuleList,
+    run_base_model: Callable[[], Any],
+    classify: Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    exit_config: ExitConfig,
+    batch_size: int,
+    pooling_mask: torch.Tensor | None,
+) -> EarlyExitResult:
+    """Runs the base model block by block, letting samples leave and shrinking the batch as they do.
+
+    Args:
+        blocks: the base model's list of blocks.
+        run_base_model: calls the base model on the full batch (its own embeddings, masks and position tables are
+            built once, for the full batch; hooks cut them down to the running samples before each block).
+        classify: `classify(layer, hidden_states, pooling_mask)` gives the classifier's logits after 1-based `layer`
+            for the running samples.
+        exit_config: when samples leave.
+        batch_size: the number of samples.
+        pooling_mask: the `(batch, seq)` mask the classifier pools with, or `None`.
+
+    Returns:
+        The logits and exit layer of every sample, and the number of (block, sample) pairs computed.
+    """
+    device = next(blocks[0].parameters()).device
+    decider = ExitDecider(exit_config, len(blocks), batch_size, device)
+    running = torch.arange(batch_size, device=device)
+    logits: torch.Tensor | None = None
+    exit_layers = torch.zeros(batch_size, dtype=torch.long, device=device)
+    layers_computed = 0
+
+    def shrink_inputs(module, args, kwargs):
+        nonlocal layers_computed
+        layers_computed += len(running)
+        if len(running) == batch_size:
+            return None
+        hidden, *rest = args
+        return (hidden, *_select_samples(rest, running, batch_size)), {
+            name: value if name in NON_BATCH_ARGUMENTS else _select_samples(value, running, batch_size)
+            for name, value in kwargs.items()
+        }
+
+    def exit_after(layer: int):
+        def hook(module, args, output):
+            nonlocal running, logits
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not decider.classifies_at(layer):
+                return None
+            mask = pooling_mask[running] if pooling_mask is not None else None
+            layer_logits = classify(layer, hidden, mask)
+            if logits is None:
+                logits = layer_logits.new_zeros(batch_size, layer_logits.shape[-1])
+            leaving = decider.leaves(layer, layer_logits)
+            left = running[leaving]
+            logits[left] = layer_logits[leaving]
+            exit_layers[left] = layer
+            kept = (~leaving).nonzero().squeeze(-1)
+            running = running[kept]
+            decider.keep(kept)
+            if len(running) == 0:
+                raise _AllSamplesLeft
+            hidden = hidden[kept]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    handles = []
+    for layer, block in enumerate(blocks, start=1):
+        handles.append(block.register_forward_pre_hook(shrink_inputs, with_kwargs=True))
+        handles.append(block.register_forward_hook(exit_after(layer)))
+    try:
+        run_base_model()
+    except _AllSamplesLeft:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(running):
+        raise RuntimeError(f"{len(running)} samples never left the model; the exit rule must end at the last layer.")
+    return EarlyExitResult(logits=logits, exit_layers=exit_layers, layers_computed=layers_computed)
+
+
+def _select_samples(value: Any, running: torch.Tensor, batch_size: int) -> Any:
+    """Keeps the running samples of every tensor whose first dimension is the batch (recursing into containers)."""
+    if isinstance(value, torch.Tensor):
+        return value[running] if value.dim() > 0 and value.shape[0] == batch_size else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_samples(item, running, batch_size) for item in value)
+    if isinstance(value, Mapping):
+        return {key: _select_samples(item, running, batch_size) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if type(value).__name__ == "BlockMask":
+        raise ValueError(
+            "Early exit cannot shrink flex-attention block masks; load the model with attn_implementation='sdpa' "
+            "or 'eager'."
+        )
+    return value

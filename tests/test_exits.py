@@ -1,0 +1,345 @@
+"""Early exit: invariants against the full forward, batching, skipped compute, calibration, truncation, pipelines."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import ViTConfig, ViTImageProcessor, pipeline
+
+from hf_aligned import AlignedConfig, AlignedForSequenceClassification, ExitConfig
+from hf_aligned.calibration import calibrate_exits, simulate_exits
+from hf_aligned.exits import exit_scores
+from tests.testing_utils import DECODER_FAMILIES, FAMILIES, NUM_LAYERS, tiny_inputs, tiny_model, tiny_tokenizer
+
+EXIT_FAMILIES = ("bert", "distilbert", "gpt2", "llama", "vit")
+
+
+def confident_model(family, seed=0, **kwargs):
+    """A tiny model whose classifier is scaled up, so confidences spread over (1/3, 1) and exits happen."""
+    model = tiny_model(family, seed=seed, **kwargs)
+    with torch.no_grad():
+        for head in model.classifier.heads:
+            head.out_proj.weight.mul_(40.0)
+            if head.pooler is not None:  # a tanh pooler squeezes small random features towards 0
+                head.pooler.dense.weight.mul_(10.0)
+    return model
+
+
+def padding_for(family):
+    return "left" if family in DECODER_FAMILIES else "right"
+
+
+def reference_exits(layer_logits, rule, threshold=None, patience=None):
+    """Exit layers computed by hand, sample by sample, from every layer's logits."""
+    exits = []
+    for sample in range(layer_logits.shape[1]):
+        streak, previous, chosen = 0, None, NUM_LAYERS
+        for layer in range(1, NUM_LAYERS + 1):
+            probabilities = layer_logits[layer - 1, sample].softmax(-1)
+            if rule == "confidence" and probabilities.max() >= threshold:
+                chosen = layer
+            elif rule == "entropy":
+                entropy = -(probabilities * probabilities.log()).sum() / np.log(probabilities.numel())
+                if entropy <= threshold:
+                    chosen = layer
+            elif rule == "patience":
+                prediction = probabilities.argmax().item()
+                streak = streak + 1 if prediction == previous else 0
+                previous = prediction
+                if streak >= patience:
+                    chosen = layer
+            if chosen == layer:
+                break
+        exits.append(chosen)
+    return exits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_threshold_that_never_fires_equals_the_full_forward(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(family, batch_size=5, padding_side=padding_for(family))
+    output = model.early_exit_predict(**inputs)
+    with torch.no_grad():
+        full = model(**inputs, early_exit=False)
+    torch.testing.assert_close(output.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert output.exit_layers.tolist() == [NUM_LAYERS] * 5
+    assert output.layers_computed == 5 * NUM_LAYERS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer", range(1, NUM_LAYERS + 1))
+def test_fixed_rule_equals_that_layers_logits(family, layer):
+    model = tiny_model(family)
+    inputs = tiny_inputs(family, batch_size=4, padding_side=padding_for(family))
+    output = model.early_exit_predict(**inputs, rule="fixed", exit_layer=layer)
+    with torch.no_grad():
+        expected = model(**inputs, early_exit=False).layer_logits[layer - 1]
+    torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=1e-5)
+    assert output.exit_layers.tolist() == [layer] * 4
+    assert output.layers_computed == 4 * layer
+
+
+@pytest.mark.parametrize("family", EXIT_FAMILIES)
+@pytest.mark.parametrize(
+    ("rule", "setting"),
+    [("confidence", {"threshold": 0.9}), ("entropy", {"threshold": 0.3}), ("patience", {"patience": 1})],
+)
+def test_exit_layers_follow_the_rule_computed_by_hand(family, rule, setting):
+    model = confident_model(family)
+    inputs = tiny_inputs(family, batch_size=6, padding_side=padding_for(family), seed=4)
+    output = model.early_exit_predict(**inputs, rule=rule, **setting)
+    with torch.no_grad():
+        layer_logits = model(**inputs, early_exit=False).layer_logits
+    expected = reference_exits(layer_logits, rule, **setting)
+    assert output.exit_layers.tolist() == expected
+    for sample, layer in enumerate(expected):
+        torch.testing.assert_close(output.logits[sample], layer_logits[layer - 1, sample], atol=1e-5, rtol=1e-5)
+    assert output.layers_computed == sum(expected)
+
+
+@pytest.mark.parametrize("family", EXIT_FAMILIES)
+def test_blocks_only_run_on_samples_still_running(family):
+    model = confident_model(family)
+    inputs = tiny_inputs(family, batch_size=6, padding_side=padding_for(family), seed=4)
+    seen = []
+    handles = [
+        block.register_forward_hook(lambda module, args, output, layer=layer: seen.append((layer, args[0].shape[0])))
+        for layer, block in enumerate(model.blocks, start=1)
+    ]
+    try:
+        output = model.early_exit_predict(**inputs, threshold=0.9)
+    finally:
+        for handle in handles:
+            handle.remove()
+    exits = output.exit_layers.tolist()
+    expected = [(layer, sum(exit >= layer for exit in exits)) for layer in range(1, max(exits) + 1)]
+    assert min(exits) < NUM_LAYERS, "the test needs some sample to leave early"
+    assert seen == expected
+    assert output.layers_computed == sum(size for _, size in seen)
+    assert output.ideal_speedup == pytest.approx(NUM_LAYERS / np.mean(exits))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    family_padding=st.sampled_from(
+        [("bert", "right"), ("distilbert", "right"), ("gpt2", "left"), ("gpt2", "right"), ("llama", "left")]
+    ),
+    threshold=st.floats(min_value=0.4, max_value=0.99),
+    batch_size=st.integers(min_value=1, max_value=6),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_a_batch_exits_like_each_sample_alone(family_padding, threshold, batch_size, seed):
+    family, padding_side = family_padding
+    model = MODELS[family]
+    inputs = tiny_inputs(family, batch_size=batch_size, padding_side=padding_side, seed=seed)
+    with torch.no_grad():
+        scores = exit_scores(model(**inputs, early_exit=False).layer_logits, "confidence")
+    assume(bool(((scores - threshold).abs() > 1e-4).all()))  # float noise must not decide a sample's fate
+    batched = model.early_exit_predict(**inputs, threshold=threshold)
+    for row in range(batch_size):
+        keep = inputs["attention_mask"][row].bool()
+        alone = model.early_exit_predict(input_ids=inputs["input_ids"][row, keep][None], threshold=threshold)
+        assert alone.exit_layers.item() == batched.exit_layers[row].item()
+        assert alone.predictions.item() == batched.predictions[row].item()
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=1e-5)
+
+
+MODELS = {family: confident_model(family) for family in ("bert", "distilbert", "gpt2", "llama")}
+
+
+def test_min_and_max_layer_bound_the_exits():
+    model = confident_model("bert")
+    inputs = tiny_inputs("bert", batch_size=6, seed=4)
+    output = model.early_exit_predict(**inputs, threshold=0.34, min_layer=2, max_layer=3)
+    assert set(output.exit_layers.tolist()) <= {2, 3}
+    assert model.early_exit_predict(**inputs, threshold=0.34, min_layer=2).exit_layers.min() == 2
+
+
+def test_per_layer_heads_baseline_exits_with_its_own_heads():
+    model = confident_model("bert", classifier_sharing="per_layer")
+    inputs = tiny_inputs("bert", batch_size=6, seed=4)
+    with torch.no_grad():
+        layer_logits = model(**inputs, early_exit=False).layer_logits
+    for layer in range(1, NUM_LAYERS + 1):
+        fixed = model.early_exit_predict(**inputs, rule="fixed", exit_layer=layer)
+        torch.testing.assert_close(fixed.logits, layer_logits[layer - 1], atol=1e-5, rtol=1e-5)
+    output = model.early_exit_predict(**inputs, threshold=0.9)
+    assert output.exit_layers.tolist() == reference_exits(layer_logits, "confidence", threshold=0.9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rule": "margin"}, r"`rule='margin'` is not an exit rule"),
+        ({"threshold": 1.5}, r"`threshold=1.5` must lie in \(0, 1\] for rule 'confidence'"),
+        ({"rule": "entropy", "threshold": -0.1}, r"`threshold=-0.1` must lie in \[0, 1\] for rule 'entropy'"),
+        ({"rule": "patience", "patience": 0}, r"`patience=0` must be a positive integer"),
+        ({"rule": "fixed"}, r"rule 'fixed' needs `exit_layer`"),
+        ({"exit_layer": 2}, r"`exit_layer` is only used by rule 'fixed'"),
+        ({"min_layer": 3, "max_layer": 2}, r"`max_layer=2` is below `min_layer=3`"),
+        ({"min_layer": 0}, r"`min_layer=0` must be a 1-based layer index"),
+    ],
+)
+def test_invalid_exit_configs_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExitConfig(**kwargs)
+
+
+def test_exit_config_checked_against_the_model_and_unknown_overrides_rejected():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert")
+    with pytest.raises(ValueError, match=r"`exit_layer=9` is deeper than the model, which has 4 layers"):
+        model.early_exit_predict(**inputs, rule="fixed", exit_layer=9)
+    with pytest.raises(TypeError, match=r"\['treshold'\] are not ExitConfig fields"):
+        model.exit_config.update(treshold=0.9)
+
+
+def test_regression_models_only_exit_at_a_fixed_layer():
+    model = tiny_model("bert", num_labels=1, problem_type="regression")
+    inputs = tiny_inputs("bert")
+    with pytest.raises(ValueError, match=r"rule 'confidence' reads class probabilities"):
+        model.early_exit_predict(**inputs, threshold=0.5)
+    output = model.early_exit_predict(**inputs, rule="fixed", exit_layer=2)
+    with torch.no_grad():
+        torch.testing.assert_close(output.predictions, model(**inputs, early_exit=False).layer_logits[1, :, 0])
+
+
+def test_exit_config_is_saved_and_loaded_with_the_model(tmp_path):
+    model = tiny_model("bert")
+    model.exit_config = ExitConfig(rule="patience", patience=3, min_layer=2)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "exit_config.json").read_text())["patience"] == 3
+    reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
+    assert reloaded.exit_config == model.exit_config
+
+
+def test_inference_calls_exit_early_once_the_exit_config_can_fire():
+    model = confident_model("bert")
+    inputs = tiny_inputs("bert", batch_size=6, seed=4)
+    assert model(**inputs).layer_logits is not None  # the default ExitConfig never exits: full forward
+    model.exit_config = ExitConfig(threshold=0.9)
+    served = model(**inputs)
+    expected = model.early_exit_predict(**inputs)
+    assert served.layer_logits is None
+    assert torch.equal(served.exit_layers, expected.exit_layers)
+    assert torch.equal(served.logits, expected.logits)
+    assert model(**inputs, early_exit=False).layer_logits.shape == (NUM_LAYERS, 6, 3)
+    assert model(**inputs, labels=torch.zeros(6, dtype=torch.long)).layer_logits is not None
+
+
+def test_text_classification_pipeline_serves_early_exit(tmp_path):
+    model = confident_model("bert")
+    model.exit_config = ExitConfig(threshold=0.9)
+    tokenizer = tiny_tokenizer(tmp_path)
+    texts = ["w1 w2 w3", "w5 w9", "w40 w41 w42 w43 w7", "w8"]
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    results = classifier(texts)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    expected = model.early_exit_predict(**batch)
+    probabilities = expected.logits.softmax(-1)
+    for result, prediction, row in zip(results, expected.predictions.tolist(), probabilities):
+        assert result["label"] == model.config.id2label[prediction]
+        assert result["score"] == pytest.approx(row.max().item(), abs=1e-5)
+
+
+def test_image_classification_pipeline_serves_early_exit():
+    base = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+    )
+    torch.manual_seed(0)
+    model = AlignedForSequenceClassification(AlignedConfig(base_config=base, num_labels=3)).eval()
+    with torch.no_grad():
+        model.classifier.heads[0].out_proj.weight.mul_(40.0)
+    model.exit_config = ExitConfig(threshold=0.8)
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(4)]
+    results = pipeline("image-classification", model=model, image_processor=processor, top_k=1)(images)
+    expected = model.early_exit_predict(**processor(images, return_tensors="pt"))
+    for result, prediction in zip(results, expected.predictions.tolist()):
+        assert result[0]["label"] == model.config.id2label[prediction]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "vit"])
+@pytest.mark.parametrize("sharing", ["shared", "per_layer"])
+def test_truncate_gives_the_layer_logits_and_saves_as_a_normal_checkpoint(family, sharing, tmp_path):
+    model = tiny_model(family, classifier_sharing=sharing, layer_weights=[1.0, 2.0, 3.0, 4.0])
+    inputs = tiny_inputs(family, padding_side=padding_for(family))
+    with torch.no_grad():
+        layer_logits = model(**inputs, early_exit=False).layer_logits
+    truncated = model.truncate(2)
+    assert truncated.num_layers == 2 and len(truncated.blocks) == 2
+    assert truncated.config.layer_weights == [1.0, 2.0]
+    assert model.num_layers == NUM_LAYERS  # the original is untouched
+    truncated.save_pretrained(tmp_path)
+    reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
+    assert reloaded.config.base_config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, layer_logits[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"`num_layers=5` must be an integer between 1 and 4"):
+        model.truncate(5)
+
+
+def test_simulated_exits_match_online_early_exit():
+    model = confident_model("llama")
+    inputs = tiny_inputs("llama", batch_size=6, padding_side="left", seed=4)
+    with torch.no_grad():
+        layer_logits = model(**inputs, early_exit=False).layer_logits
+    for exit_config in (ExitConfig(threshold=0.8), ExitConfig(rule="patience", patience=2, min_layer=2)):
+        logits, exit_layers = simulate_exits(layer_logits, exit_config)
+        online = model.early_exit_predict(**inputs, exit_config=exit_config)
+        assert exit_layers.tolist() == online.exit_layers.tolist()
+        torch.testing.assert_close(logits, online.logits, atol=1e-5, rtol=1e-5)
+
+
+def labelled_batches(model, count=4, batch_size=8):
+    """Batches labelled with the model's own last-layer predictions (flipped on one row in four)."""
+    batches = []
+    for seed in range(count):
+        inputs = tiny_inputs("bert", batch_size=batch_size, seed=100 + seed)
+        with torch.no_grad():
+            labels = model(**inputs, early_exit=False).logits.argmax(-1)
+        labels[::4] = (labels[::4] + 1) % 3
+        batches.append({**inputs, "labels": labels})
+    return batches
+
+
+@pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
+def test_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path):
+    model = confident_model("bert")
+    batches = labelled_batches(model)
+    result = calibrate_exits(model, batches, max_accuracy_drop=0.05, rule=rule)
+    inputs = {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]}
+    labels = inputs.pop("labels")
+    full_accuracy = (model(**inputs, early_exit=False).logits.argmax(-1) == labels).float().mean().item()
+    assert result.full_accuracy == pytest.approx(full_accuracy)
+    online = model.early_exit_predict(**inputs)  # uses the calibrated exit config
+    assert model.exit_config.rule == rule
+    accuracy = (online.predictions == labels).float().mean().item()
+    assert accuracy >= full_accuracy - 0.05 - 1e-6
+    assert accuracy == pytest.approx(result.accuracy)
+    assert online.exit_layers.float().mean().item() == pytest.approx(result.mean_exit_layer)
+    admissible = [point for point in result.curve if point["accuracy"] >= full_accuracy - 0.05 - 1e-9]
+    assert result.mean_exit_layer == min(point["mean_exit_layer"] for point in admissible)
+    result.plot(tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_calibration_rejects_bad_arguments():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match=r"`rule='fixed'` cannot be calibrated"):
+        calibrate_exits(model, [], rule="fixed")
+    with pytest.raises(ValueError, match=r"`max_accuracy_drop=5` is a fraction"):
+        calibrate_exits(model, [], max_accuracy_drop=5)
+    with pytest.raises(ValueError, match=r"calibration needs labelled data"):
+        calibrate_exits(model, [tiny_inputs("bert")])
