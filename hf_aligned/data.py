@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ def model_batches(
         raise TypeError(f"`data` must be a datasets.Dataset, a DataLoader or an iterable of dicts, got {type(data)}.")
     device = model.device
     for batch in data:
-        if not isinstance(batch, dict):
-            raise TypeError(f"batches must be dicts of tensors, got {type(batch).__name__}.")
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batches must be mappings of tensors, got {type(batch).__name__}.")
         batch = {("labels" if name == "label" else name): value for name, value in batch.items() if name in accepted}
         yield {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
