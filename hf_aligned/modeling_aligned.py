@@ -435,32 +435,25 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             `loss` and the per-layer `layer_losses`; after an early exit, `logits` at each sample's exit layer and
             `exit_layers` instead of `layer_logits`.
         """
+        base_inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+            "pixel_values": pixel_values,
+            **kwargs,
+        }
         if early_exit is None:
             early_exit = (
                 not (self.training or labels is not None or output_hidden_states or output_attentions)
                 and not self.exit_config.never_exits
             )
         if early_exit:
-            result = self.early_exit_predict(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                pixel_values=pixel_values,
-                **kwargs,
-            )
+            result = self.early_exit_predict(**base_inputs)
             return AlignedSequenceClassifierOutput(logits=result.logits, exit_layers=result.exit_layers)
         model_inputs = self._inputs(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            **kwargs,
+            **base_inputs, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
         with self.capture_block_outputs() as block_outputs:
             base_outputs = self.backbone(**model_inputs)
