@@ -27,7 +27,7 @@ import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, ViTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     OUTPUTS,
     best_time,
     load_ag_news,
@@ -39,8 +39,8 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from hf_aligned import AlignedConfig, AlignedForSequenceClassification  # noqa: E402
-from hf_aligned.calibration import calibrate_exits  # noqa: E402
+from hf_aligned import AlignedConfig, AlignedForSequenceClassification
+from hf_aligned.calibration import calibrate_exits
 
 THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 MAX_LENGTH = 64
@@ -237,9 +237,9 @@ def main():
                         "accuracy",
                         "Δ vs full",
                         "mean exit",
-                        "ideal ×",
-                        "measured × b1",
-                        "measured × b32",
+                        "ideal x",
+                        "measured x b1",
+                        "measured x b32",
                         "measured ÷ ideal b32",
                     ],
                     rows,
@@ -262,7 +262,7 @@ def main():
     tables.append(
         print_table(
             "Best measured speedup within 1 point of full depth",
-            ["model", "threshold", "Δ accuracy", "measured × b32", "measured × b1", "measured ÷ ideal b32"],
+            ["model", "threshold", "Δ accuracy", "measured x b32", "measured x b1", "measured ÷ ideal b32"],
             headline,
         )
     )
