@@ -206,6 +206,7 @@ def run_early_exit(
     exit_config: ExitConfig,
     batch_size: int,
     pooling_mask: torch.Tensor | None,
+    model_type: str = "",
 ) -> EarlyExitResult:
     """Runs the base model block by block, letting samples leave and shrinking the batch as they do.
 
@@ -218,6 +219,7 @@ def run_early_exit(
         exit_config: when samples leave.
         batch_size: the number of samples.
         pooling_mask: the `(batch, seq)` mask the classifier pools with, or `None`.
+        model_type: the base model's type, for error messages.
 
     Returns:
         The logits and exit layer of every sample, and the number of (block, sample) pairs computed.
@@ -272,6 +274,14 @@ def run_early_exit(
         run_base_model()
     except _AllSamplesLeft:
         pass
+    except RuntimeError as error:
+        if len(running) == batch_size:
+            raise
+        raise ValueError(
+            f"Early exit could not shrink the batch of this {model_type!r} model after samples left: a block received a "
+            f"per-sample input it could not cut down ({error}). Run early exit with batch size 1, or open an issue "
+            "with the model type."
+        ) from error
     finally:
         for handle in handles:
             handle.remove()

@@ -556,6 +556,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             exit_config=exit_config,
             batch_size=batch_source.shape[0],
             pooling_mask=self.pooling_mask(input_ids, attention_mask),
+            model_type=self.backbone.config.model_type,
         )
         single_output = result.logits.shape[-1] == 1 or self.config.problem_type == "regression"
         predictions = result.logits.squeeze(-1) if single_output else result.logits.argmax(dim=-1)
