@@ -353,7 +353,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         config = AlignedConfig(base_config=base_model.config, **aligned_kwargs)
         config._name_or_path = str(path)
         model = cls(config, base_model=base_model)
-        model.to(dtype=base_model.dtype)
+        # The new classifier follows the base model's dtype and the device its last block was loaded on.
+        model.classifier.to(device=next(model.blocks[-1].parameters()).device, dtype=base_model.dtype)
         model.eval()
         return model
 

@@ -377,3 +377,12 @@ def test_wrapping_keeps_the_base_models_attention_implementation(implementation)
     model = AlignedForSequenceClassification(AlignedConfig(base_config=base.config, num_labels=2), base_model=base)
     assert model.backbone.config._attn_implementation == implementation
     assert model.config.base_config is model.backbone.config
+
+
+def test_base_checkpoint_loaded_in_half_precision_gets_a_matching_classifier(tmp_path):
+    AutoModel.from_config(tiny_base_config("llama")).save_pretrained(tmp_path)
+    model = AlignedForSequenceClassification.from_pretrained(tmp_path, num_labels=2, dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    inputs = tiny_inputs("llama", padding_side="left")
+    with torch.no_grad():
+        assert model(**inputs).layer_logits.dtype == torch.bfloat16
