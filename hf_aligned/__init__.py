@@ -7,6 +7,8 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .hub import HubPushError, push_aligned_model
+from .model_card import AlignedModelCardData, build_model_card, write_model_card
 from .modeling_aligned import (
     AlignedForSequenceClassification,
     AlignedPreTrainedModel,
@@ -22,8 +24,13 @@ AutoModelForSequenceClassification.register(AlignedConfig, AlignedForSequenceCla
 __all__ = [
     "AlignedConfig",
     "AlignedForSequenceClassification",
+    "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "HubPushError",
+    "build_model_card",
     "pool_hidden_states",
+    "push_aligned_model",
     "resolve_layer_weights",
+    "write_model_card",
 ]
