@@ -90,7 +90,6 @@ def push_aligned_model(
         model_dir,
         repo_id,
         card=card,
-        source=str(model_dir),
         private=private,
         token=token,
         revision=revision,
@@ -109,12 +108,7 @@ def push_model(
     plots: Sequence[str | os.PathLike] | None = None,
     tags: Sequence[str] | None = None,
     max_shard_size: int | str | None = "50GB",
-    private: bool | None = None,
-    token: bool | str | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    create_pr: bool = False,
+    **push_kwargs,
 ) -> CommitInfo:
     """Saves an aligned model (and its processor and plots) and pushes it with its model card in one commit.
 
@@ -129,7 +123,8 @@ def push_model(
         plots: image files uploaded to `plots/` and shown on the card.
         tags: extra Hub tags (the model's `model_tags` are added too).
         max_shard_size: passed to `save_pretrained`.
-        private, token, revision, commit_message, commit_description, create_pr: see [`push_aligned_model`].
+        push_kwargs: `private`, `token`, `revision`, `commit_message`, `commit_description`, `create_pr`; see
+            [`push_aligned_model`].
 
     Returns:
         The `huggingface_hub.CommitInfo` of the commit.
@@ -146,6 +141,7 @@ def push_model(
     card_data = card_data or AlignedModelCardData()
     all_tags = [*(card_data.tags or []), *(tags or []), *(getattr(model, "model_tags", None) or [])]
     card_data = dataclasses.replace(card_data, model_id=card_data.model_id or repo_id, tags=all_tags or None)
+    push_kwargs["commit_message"] = push_kwargs.get("commit_message") or f"Upload {type(model).__name__}"
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         if processing_class is not None:
@@ -154,19 +150,8 @@ def push_model(
             os.makedirs(Path(folder) / "plots")
             for plot in plots:
                 shutil.copyfile(plot, Path(folder) / "plots" / plot.name)
-        card = build_model_card(model, card_data.fill_from_directory(folder))
-        return _commit_directory(
-            Path(folder),
-            repo_id,
-            card=str(card),
-            source=f"the {type(model).__name__}",
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message or f"Upload {type(model).__name__}",
-            commit_description=commit_description,
-            create_pr=create_pr,
-        )
+        build_model_card(model, card_data.fill_from_directory(folder)).save(Path(folder) / MODEL_CARD_NAME)
+        return push_aligned_model(folder, repo_id, **push_kwargs)
 
 
 def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -250,7 +235,6 @@ def _commit_directory(
     repo_id: str,
     *,
     card: str | None,
-    source: str,
     private: bool | None,
     token: bool | str | None,
     revision: str | None,
@@ -283,6 +267,6 @@ def _commit_directory(
         )
     except (HTTPError, OSError) as error:
         raise HubPushError(
-            f"Pushing {source} to the Hub repository {repo_id!r} at {api.endpoint} failed: "
+            f"Pushing to the Hub repository {repo_id!r} at {api.endpoint} failed: "
             f"{type(error).__name__}: {error}. Nothing local was changed; fix the cause and push again."
         ) from error

@@ -64,6 +64,18 @@ def exit_curve() -> list[dict[str, float]]:
     ]
 
 
+def sst2_card_data(**fields) -> AlignedModelCardData:
+    """Card data as a training run on SST-2 with exit calibration would give it."""
+    defaults = {
+        "model_id": REPO_ID,
+        "datasets": ["stanfordnlp/sst2"],
+        "eval_split": "validation",
+        "eval_metrics": random_metrics(),
+        "exit_config": {"rule": "max_prob", "threshold": 0.8, "curve": exit_curve()},
+    }
+    return AlignedModelCardData(**{**defaults, **fields})
+
+
 def table_rows(card_text: str, section: str) -> list[list[str]]:
     """The body rows of the first Markdown table under a `## section` heading, as lists of cell strings."""
     body = card_text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
@@ -154,18 +166,9 @@ def test_training_hyperparameters_keeps_optimization_settings_and_subclass_field
 
 
 def test_card_shows_per_layer_results_minimal_depth_and_exit_tradeoff():
-    model = tiny_model("bert")
-    metrics = random_metrics()
-    data = AlignedModelCardData(
-        model_id=REPO_ID,
-        datasets=["stanfordnlp/sst2"],
-        eval_split="validation",
-        eval_metrics=metrics,
-        exit_config={"rule": "max_prob", "threshold": 0.8},
-        exit_curve=exit_curve(),
-        license="apache-2.0",
-    )
-    text = str(build_model_card(model, data))
+    metrics = random_metrics(seed=3)
+    data = sst2_card_data(eval_metrics=metrics, exit_config={"rule": "max_prob", "threshold": 0.8})
+    text = str(build_model_card(tiny_model("bert"), dataclasses.replace(data, exit_curve=exit_curve())))
 
     rows = table_rows(text, "Accuracy after each layer")
     assert [row[0] for row in rows] == ["1", "2", "3 (minimal depth)", "4"]
@@ -187,16 +190,7 @@ def test_card_shows_per_layer_results_minimal_depth_and_exit_tradeoff():
 
 def test_card_metadata_carries_per_layer_model_index(tmp_path):
     metrics = random_metrics()
-    data = AlignedModelCardData(
-        model_id=REPO_ID,
-        datasets=["stanfordnlp/sst2"],
-        eval_split="validation",
-        eval_metrics=metrics,
-        exit_config={"rule": "max_prob", "threshold": 0.8, "curve": exit_curve()},
-        language="en",
-        license="apache-2.0",
-        tags=["sentiment"],
-    )
+    data = sst2_card_data(eval_metrics=metrics, language="en", license="apache-2.0", tags=["sentiment"])
     path = tmp_path / "README.md"
     build_model_card(tiny_model("bert"), data).save(path)
 
@@ -402,7 +396,7 @@ def test_push_that_gets_a_server_error_raises_and_keeps_the_local_save(hub, trai
 
 def test_model_push_that_fails_raises_a_clear_error(hub):
     hub.fail["create"] = 403
-    with pytest.raises(HubPushError, match=rf"Pushing the AlignedForSequenceClassification to .*{REPO_ID}.*403"):
+    with pytest.raises(HubPushError, match=rf"Pushing to the Hub repository '{REPO_ID}' .*403"):
         tiny_model("bert").push_to_hub(REPO_ID)
     assert hub.commits == []
 
@@ -454,4 +448,4 @@ def test_push_command(hub, trained_dir, capsys):
     hub.fail["commit"] = 500
     args = parser.parse_args(["push", str(trained_dir), REPO_ID, "--private"])
     assert args.func(args) == 1
-    assert f"error: Pushing {trained_dir} to the Hub repository '{REPO_ID}'" in capsys.readouterr().err
+    assert f"error: Pushing to the Hub repository '{REPO_ID}'" in capsys.readouterr().err
