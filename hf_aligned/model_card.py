@@ -207,8 +207,8 @@ def build_model_card(
     if exit_config is None:
         exit_config = _exit_config_dict(getattr(model_or_config, "exit_config", None))
     exit_config = dict(exit_config or {})
-    exit_curve = data.exit_curve if data.exit_curve is not None else exit_config.pop("curve", None)
-    exit_config.pop("curve", None)
+    saved_curve = exit_config.pop("curve", None)
+    exit_curve = data.exit_curve if data.exit_curve is not None else saved_curve
 
     num_layers = config.num_layers
     layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
@@ -227,6 +227,7 @@ def build_model_card(
     model_name = data.model_id or f"aligned-{config.base_config.model_type}"
     dataset_name = data.dataset_name or (data.datasets[0] if data.datasets else None)
     metric_names = _ordered_metric_names(layers)
+    eval_results = _eval_results(layers, exit_rows, task, dataset_name, data.eval_split)
     card_data = ModelCardData(
         base_model=base_model_id,
         datasets=data.datasets,
@@ -236,8 +237,8 @@ def build_model_card(
         pipeline_tag=task,
         tags=[*DEFAULT_TAGS, task, config.base_config.model_type, *(data.tags or [])],
         metrics=[name for name in metric_names if "loss" not in name] or None,
-        model_name=model_name,
-        eval_results=_eval_results(layers, exit_rows, task, dataset_name, data.eval_split) or None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
     )
     labels = [config.id2label[index] for index in sorted(config.id2label)]
     context = {

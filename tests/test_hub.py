@@ -232,6 +232,7 @@ def test_card_reads_base_model_task_and_classifier_from_config(tmp_path):
     assert "standard multi-exit baseline: one classifier per layer" in card.text
     assert "uniform on layers 2, 4 (0.000, 0.500, 0.000, 0.500)" in card.text
     assert card.data.eval_results is None
+    assert "model_name" not in card.data.to_dict()
 
     local = tmp_path / "my-base"
     local.mkdir()
@@ -449,3 +450,10 @@ def test_push_command(hub, trained_dir, capsys):
     args = parser.parse_args(["push", str(trained_dir), REPO_ID, "--private"])
     assert args.func(args) == 1
     assert f"error: Pushing to the Hub repository '{REPO_ID}'" in capsys.readouterr().err
+
+
+def test_push_in_offline_mode_says_so(hub, trained_dir, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match=rf"'{REPO_ID}'.*failed: OfflineModeIsEnabled: .*offline mode is enabled"):
+        push_aligned_model(trained_dir, REPO_ID)
+    assert hub.requests == []
