@@ -154,15 +154,16 @@ def push_model(
         return push_aligned_model(folder, repo_id, **push_kwargs)
 
 
-def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds `push MODEL_DIR REPO_ID` to the `hf-aligned` command; `args.func(args)` runs it."""
+def add_push_command(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `push MODEL_DIR REPO_ID` to the `hf-aligned` command; `args.run(args)` runs it."""
     parser = subparsers.add_parser(
         "push",
         help="upload a saved aligned model and its model card to the Hub in one commit",
         description=(
             "Upload a directory written by save_pretrained or Trainer.save_model to the Hugging Face Hub in one "
             "commit. Its README.md is kept; without one (or with --new-card) a card is generated from the "
-            "directory's config, metrics (all_results.json, eval_results.json), exit_config.json and plots."
+            "directory's config, metrics (all_results.json, eval_results.json), exit_config.json, calibration.json and "
+            "images."
         ),
     )
     parser.add_argument("model_dir", help="directory holding config.json and the weights")
@@ -176,8 +177,7 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--dataset", action="append", help="Hub id of a training dataset (repeatable)")
     parser.add_argument("--license", help="license of the weights, e.g. apache-2.0")
     parser.add_argument("--language", action="append", help="language code of the training data (repeatable)")
-    parser.set_defaults(func=run_push_command)
-    return parser
+    parser.set_defaults(run=run_push_command)
 
 
 def run_push_command(args: argparse.Namespace) -> int:

@@ -34,10 +34,16 @@ LIBRARY_NAME = "hf-aligned"
 DEFAULT_TAGS = (LIBRARY_NAME, "aligned-training", "multi-exit", "early-exit")
 MODEL_CARD_NAME = "README.md"
 EXIT_CONFIG_NAME = "exit_config.json"
+# Where a saved model directory keeps its exit calibration (`CalibrationResult.save`).
+CALIBRATION_NAME = "calibration.json"
 # Written by `Trainer.save_metrics`; when both exist, the later file wins.
 RESULTS_FILES = ("all_results.json", "eval_results.json")
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
 CURVE_KEYS = ("threshold", "accuracy", "mean_exit_layer", "expected_speedup")
+# The most calibration settings the trade-off table lists (the chosen one is always among them).
+MAX_CURVE_ROWS = 11
+# The `ExitConfig` field each exit rule compares with (the `threshold` column of a calibration curve).
+RULE_PARAMETERS = {"confidence": "threshold", "entropy": "threshold", "patience": "patience", "fixed": "exit_layer"}
 # Standard `TrainingArguments` fields a card lists; fields that a subclass adds (aligned options) are listed too.
 TRAINING_ARGUMENTS_SHOWN = (
     "learning_rate",
@@ -79,10 +85,10 @@ class AlignedModelCardData:
             layer (1-based) and metric, `{prefix}_minimal_depth`; other keys are ignored.
         metric_prefix: the prefix of `eval_metrics` keys (`"eval"`, or `"test"` for `Trainer.predict`).
         minimal_depth: the minimal depth the task needs. Defaults to `eval_metrics["{prefix}_minimal_depth"]`.
-        exit_config: the saved exit rule (`ExitConfig` as a dict: rule, threshold, ...). A `"curve"` entry is
-            read as `exit_curve`.
-        exit_curve: the exit calibration curve: one dict per threshold with `threshold`, `accuracy`,
-            `mean_exit_layer` and `expected_speedup`.
+        exit_config: the saved exit rule: an `ExitConfig` or its `to_dict()`. Defaults to the model's.
+        calibration: the exit calibration: a `CalibrationResult` or its `to_dict()`, i.e. a `curve` (one dict per
+            setting tried, with `threshold`, `accuracy`, `mean_exit_layer`, `expected_speedup`) and optionally
+            `rule`, `chosen` (the chosen threshold or patience) and `full_accuracy`.
         training_args: training arguments, e.g. `TrainingArguments.to_dict()`; the card lists the usual
             optimization settings and every field a `TrainingArguments` subclass adds.
         plots: image paths inside the repository (e.g. `"plots/cka.png"`) shown on the card.
@@ -100,7 +106,7 @@ class AlignedModelCardData:
     metric_prefix: str = "eval"
     minimal_depth: int | None = None
     exit_config: dict[str, Any] | None = None
-    exit_curve: list[dict[str, Any]] | None = None
+    calibration: dict[str, Any] | None = None
     training_args: dict[str, Any] | None = None
     plots: list[str] | None = None
 
@@ -109,22 +115,22 @@ class AlignedModelCardData:
             self.datasets = [self.datasets]
         if isinstance(self.tags, str):
             self.tags = [self.tags]
-        for name in ("eval_metrics", "exit_config", "training_args"):
+        self.exit_config = _as_dict(self.exit_config, "exit_config")
+        self.calibration = _as_dict(self.calibration, "calibration")
+        for name in ("eval_metrics", "training_args"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(f"`{name}` must be a dict, got {type(value).__name__}.")
-        if self.exit_curve is not None and (
-            isinstance(self.exit_curve, (str, Mapping)) or not isinstance(self.exit_curve, Sequence)
-        ):
-            raise TypeError(
-                f"`exit_curve` must be a list of dicts (one per threshold), got {type(self.exit_curve).__name__}."
-            )
+        curve = (self.calibration or {}).get("curve", [])
+        if isinstance(curve, (str, Mapping)) or not isinstance(curve, Sequence):
+            raise TypeError(f"`calibration['curve']` must be a list of dicts (one per setting), got {curve!r}.")
 
     def fill_from_directory(self, model_dir: str | os.PathLike) -> AlignedModelCardData:
         """A copy whose unset fields are read from a saved model directory.
 
         Reads the evaluation metrics written by `Trainer.save_metrics` (`all_results.json`, `eval_results.json`),
-        the exit rule (`exit_config.json`) and the images at the top level or in `plots/`.
+        the exit rule (`exit_config.json`), the exit calibration (`calibration.json`, as `CalibrationResult.save`
+        writes it) and the images at the top level or in `plots/`.
         """
         model_dir = Path(model_dir)
         filled = {}
@@ -135,6 +141,8 @@ class AlignedModelCardData:
             filled["eval_metrics"] = metrics or None
         if self.exit_config is None:
             filled["exit_config"] = _read_json(model_dir / EXIT_CONFIG_NAME)
+        if self.calibration is None:
+            filled["calibration"] = _read_json(model_dir / CALIBRATION_NAME)
         if self.plots is None:
             images = [
                 path
@@ -195,7 +203,8 @@ def build_model_card(
 
     Raises:
         TypeError: if `model_or_config` is neither an aligned model nor an `AlignedConfig`.
-        ValueError: if the data contradicts the model (a layer that does not exist) or an exit curve row lacks a key.
+        ValueError: if the data contradicts the model (a layer that does not exist) or a calibration point lacks a
+            key.
     """
     config = getattr(model_or_config, "config", model_or_config)
     if not isinstance(config, AlignedConfig):
@@ -205,10 +214,9 @@ def build_model_card(
     data = data or AlignedModelCardData()
     exit_config = data.exit_config
     if exit_config is None:
-        exit_config = _exit_config_dict(getattr(model_or_config, "exit_config", None))
-    exit_config = dict(exit_config or {})
-    saved_curve = exit_config.pop("curve", None)
-    exit_curve = data.exit_curve if data.exit_curve is not None else saved_curve
+        exit_config = _as_dict(getattr(model_or_config, "exit_config", None), "the model's exit_config")
+    exit_settings = _exit_settings(exit_config or {})
+    calibration = data.calibration or {}
 
     num_layers = config.num_layers
     layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
@@ -219,7 +227,11 @@ def build_model_card(
                 "metrics of this model's evaluation."
             )
     minimal_depth = _minimal_depth(data, num_layers)
-    exit_rows = _exit_rows(exit_curve or [], exit_config.get("threshold"))
+    exit_rule = calibration.get("rule") or exit_settings.get("rule")
+    chosen = calibration.get("chosen")
+    if chosen is None and exit_settings.get("rule") == exit_rule:
+        chosen = exit_settings.get(RULE_PARAMETERS.get(exit_rule))
+    exit_rows = _exit_rows(calibration.get("curve", []), chosen)
 
     base_model_name = data.base_model or config.base_config._name_or_path or None
     base_model_id = _hub_model_id(base_model_name)
@@ -227,7 +239,7 @@ def build_model_card(
     model_name = data.model_id or f"aligned-{config.base_config.model_type}"
     dataset_name = data.dataset_name or (data.datasets[0] if data.datasets else None)
     metric_names = _ordered_metric_names(layers)
-    eval_results = _eval_results(layers, exit_rows, task, dataset_name, data.eval_split)
+    eval_results = _eval_results(layers, exit_rows, exit_rule, task, dataset_name, data.eval_split)
     card_data = ModelCardData(
         base_model=base_model_id,
         datasets=data.datasets,
@@ -265,8 +277,12 @@ def build_model_card(
         ],
         "minimal_depth": minimal_depth,
         "minimal_depth_note": _minimal_depth_note(layers, minimal_depth, num_layers),
-        "exit_settings": ", ".join(f"`{name}={value}`" for name, value in exit_config.items()),
-        "exit_rows": exit_rows,
+        "exit_settings": ", ".join(f"`{name}={value}`" for name, value in exit_settings.items()),
+        "exit_rule": exit_rule,
+        "exit_parameter": "Patience" if exit_rule == "patience" else "Threshold",
+        "full_accuracy": _format_metric(calibration.get("full_accuracy")) if "full_accuracy" in calibration else None,
+        "exit_rows": _rows_shown(exit_rows),
+        "num_exit_settings": len(exit_rows),
         "hyperparameters": training_hyperparameters(data.training_args or {}),
         "plots": [{"path": path, "title": Path(path).stem.replace("_", " ")} for path in data.plots or []],
         "versions": _framework_versions(),
@@ -304,15 +320,32 @@ def _read_json(path: Path) -> Any:
         return json.load(handle)
 
 
-def _exit_config_dict(exit_config: Any) -> dict[str, Any] | None:
-    """A model's `exit_config` (a dict, a dataclass or an object with `to_dict`) as a plain dict."""
-    if exit_config is None or isinstance(exit_config, Mapping):
-        return exit_config
-    if hasattr(exit_config, "to_dict"):
-        return exit_config.to_dict()
-    if dataclasses.is_dataclass(exit_config):
-        return dataclasses.asdict(exit_config)
-    raise TypeError(f"The model's `exit_config` ({type(exit_config).__name__}) cannot be read as a dict.")
+def _as_dict(value: Any, name: str) -> dict[str, Any] | None:
+    """A dict, or the `to_dict()` of an object such as `ExitConfig` or `CalibrationResult`."""
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"`{name}` must be a dict or have a `to_dict()` method, got {type(value).__name__}.")
+
+
+def _exit_settings(exit_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a card says about a saved exit rule: the rule, the value it compares with and the layer bounds set.
+
+    Empty when the rule lets no sample leave (`ExitConfig.never_exits`: confidence 1.0 without a `max_layer`).
+    """
+    rule = exit_config.get("rule")
+    if rule not in RULE_PARAMETERS:
+        return {name: value for name, value in exit_config.items() if value is not None}
+    parameter = RULE_PARAMETERS[rule]
+    settings = {"rule": rule, parameter: exit_config.get(parameter)}
+    if exit_config.get("min_layer", 1) != 1:
+        settings["min_layer"] = exit_config["min_layer"]
+    if exit_config.get("max_layer") is not None:
+        settings["max_layer"] = exit_config["max_layer"]
+    if rule == "confidence" and (settings["threshold"] or 1.0) >= 1.0 and "max_layer" not in settings:
+        return {}
+    return settings
 
 
 def _minimal_depth(data: AlignedModelCardData, num_layers: int) -> int | None:
@@ -328,37 +361,48 @@ def _minimal_depth(data: AlignedModelCardData, num_layers: int) -> int | None:
     return int(depth)
 
 
-def _exit_rows(curve: Sequence[Mapping[str, Any]], saved_threshold: Any) -> list[dict[str, Any]]:
-    """Formats the exit calibration curve; the row of the saved threshold is marked `chosen`."""
+def _exit_rows(curve: Sequence[Mapping[str, Any]], chosen: float | None) -> list[dict[str, Any]]:
+    """Formats the exit calibration curve; the row of the chosen setting is marked `chosen`."""
     rows = []
     for index, point in enumerate(curve):
         missing = [key for key in CURVE_KEYS if not isinstance(point, Mapping) or key not in point]
         if missing:
             raise ValueError(
-                f"`exit_curve[{index}]` lacks {missing}; every point of the exit calibration curve needs {CURVE_KEYS}."
+                f"`calibration['curve'][{index}]` lacks {missing}; every point of an exit calibration curve needs "
+                f"{CURVE_KEYS}."
             )
-        chosen = isinstance(saved_threshold, (int, float)) and math.isclose(point["threshold"], saved_threshold)
         rows.append(
             {
                 "threshold": f"{point['threshold']:g}",
                 "accuracy": _format_metric(point["accuracy"]),
                 "mean_exit_layer": f"{point['mean_exit_layer']:.2f}",
                 "expected_speedup": f"{point['expected_speedup']:.2f}x",
-                "chosen": chosen,
-                "values": point,
+                "chosen": chosen is not None and math.isclose(point["threshold"], chosen),
+                "point": point,
             }
         )
     return rows
 
 
+def _rows_shown(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """At most `MAX_CURVE_ROWS` rows, evenly spread over the curve, first, last and chosen rows included."""
+    if len(rows) <= MAX_CURVE_ROWS:
+        return list(rows)
+    step = (len(rows) - 1) / (MAX_CURVE_ROWS - 2)
+    indices = {round(index * step) for index in range(MAX_CURVE_ROWS - 1)}
+    indices |= {index for index, row in enumerate(rows) if row["chosen"]}
+    return [rows[index] for index in sorted(indices)]
+
+
 def _eval_results(
     layers: Mapping[int, Mapping[str, float]],
     exit_rows: Sequence[Mapping[str, Any]],
+    exit_rule: str | None,
     task: str,
     dataset_name: str | None,
     split: str | None,
 ) -> list[EvalResult]:
-    """The `model-index` entries: every layer's metrics (losses excluded) and the saved early-exit operating point."""
+    """The `model-index` entries: every layer's metrics (losses excluded) and the chosen early-exit setting."""
     common = {
         "task_type": task,
         "dataset_type": dataset_name or "unknown",
@@ -373,8 +417,9 @@ def _eval_results(
     ]
     for row in exit_rows:
         if row["chosen"]:
-            point = row["values"]
-            name = f"Early-exit accuracy (threshold {row['threshold']}, {point['expected_speedup']:.2f}x speed-up)"
+            point = row["point"]
+            setting = f"{exit_rule} {row['threshold']}" if exit_rule else row["threshold"]
+            name = f"Early-exit accuracy ({setting}, {point['expected_speedup']:.2f}x speed-up)"
             results.append(
                 EvalResult(metric_type="accuracy", metric_name=name, metric_value=point["accuracy"], **common)
             )

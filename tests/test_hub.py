@@ -51,17 +51,21 @@ def random_metrics(num_layers: int = NUM_LAYERS, seed: int = 0, prefix: str = "e
     return metrics
 
 
-def exit_curve() -> list[dict[str, float]]:
-    """A calibration curve as the exit calibration reports it: deeper exits at higher thresholds."""
-    return [
-        {
-            "threshold": threshold,
-            "accuracy": 0.8 + threshold / 10,
-            "mean_exit_layer": depth,
-            "expected_speedup": 4 / depth,
-        }
-        for threshold, depth in ((0.5, 1.6), (0.8, 2.3), (0.95, 3.1))
-    ]
+def exit_config(rule: str = "confidence", threshold: float = 0.8, **fields) -> dict:
+    """An exit rule as `ExitConfig.to_dict()` (and `exit_config.json`) holds it."""
+    defaults = {"patience": 2, "exit_layer": None, "min_layer": 1, "max_layer": None}
+    return {"rule": rule, "threshold": threshold, **defaults, **fields}
+
+
+def calibration(thresholds=(0.5, 0.8, 0.95), chosen: float | None = 0.8) -> dict:
+    """An exit calibration as `CalibrationResult.to_dict()` holds it: deeper exits at higher thresholds."""
+    curve = []
+    for index, threshold in enumerate(thresholds):
+        depth = 1.6 + 2.2 * index / max(len(thresholds) - 1, 1)
+        point = {"threshold": threshold, "accuracy": 0.8 + threshold / 10, "mean_exit_layer": depth}
+        curve.append({**point, "expected_speedup": NUM_LAYERS / depth})
+    result = {"rule": "confidence", "full_accuracy": 0.9, "num_layers": NUM_LAYERS, "curve": curve}
+    return result if chosen is None else {**result, "chosen": chosen}
 
 
 def sst2_card_data(**fields) -> AlignedModelCardData:
@@ -71,7 +75,8 @@ def sst2_card_data(**fields) -> AlignedModelCardData:
         "datasets": ["stanfordnlp/sst2"],
         "eval_split": "validation",
         "eval_metrics": random_metrics(),
-        "exit_config": {"rule": "max_prob", "threshold": 0.8, "curve": exit_curve()},
+        "exit_config": exit_config(),
+        "calibration": calibration(),
     }
     return AlignedModelCardData(**{**defaults, **fields})
 
@@ -118,7 +123,8 @@ def trained_dir(tmp_path, tokenizer):
     tiny_model("bert").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "eval_results.json").write_text(json.dumps(random_metrics()))
-    (folder / "exit_config.json").write_text(json.dumps({"rule": "max_prob", "threshold": 0.8, "curve": exit_curve()}))
+    (folder / "exit_config.json").write_text(json.dumps(exit_config()))
+    (folder / "calibration.json").write_text(json.dumps(calibration()))
     (folder / "plots").mkdir()
     (folder / "plots" / "layer_accuracy.png").write_bytes(PNG_BYTES)
     (folder / "checkpoint-10").mkdir()
@@ -167,8 +173,7 @@ def test_training_hyperparameters_keeps_optimization_settings_and_subclass_field
 
 def test_card_shows_per_layer_results_minimal_depth_and_exit_tradeoff():
     metrics = random_metrics(seed=3)
-    data = sst2_card_data(eval_metrics=metrics, exit_config={"rule": "max_prob", "threshold": 0.8})
-    text = str(build_model_card(tiny_model("bert"), dataclasses.replace(data, exit_curve=exit_curve())))
+    text = str(build_model_card(tiny_model("bert"), sst2_card_data(eval_metrics=metrics)))
 
     rows = table_rows(text, "Accuracy after each layer")
     assert [row[0] for row in rows] == ["1", "2", "3 (minimal depth)", "4"]
@@ -178,14 +183,15 @@ def test_card_shows_per_layer_results_minimal_depth_and_exit_tradeoff():
     assert f"The task needs **3 of {NUM_LAYERS} layers**" in text
 
     rows = table_rows(text, "Early exit")
-    assert [row[0] for row in rows] == ["0.5", "0.8 (saved)", "0.95"]
-    for row, point in zip(rows, exit_curve()):
+    assert [row[0] for row in rows] == ["0.5", "0.8 (chosen)", "0.95"]
+    for row, point in zip(rows, calibration()["curve"]):
         assert float(row[1]) == pytest.approx(point["accuracy"], abs=5e-5)
         assert float(row[2]) == pytest.approx(point["mean_exit_layer"], abs=5e-3)
         assert float(row[3].rstrip("x")) == pytest.approx(point["expected_speedup"], abs=5e-3)
-    assert "`rule=max_prob`, `threshold=0.8`" in text
+    assert "used by `early_exit_predict` and by pipelines): `rule=confidence`, `threshold=0.8`." in text
+    assert "Calibration of the `confidence` rule on validation data (accuracy at\nfull depth: 0.9000)" in text
     assert f'from_pretrained("{REPO_ID}")' in text
-    assert "model.early_exit_predict(**inputs)" in text
+    assert "outputs = model.early_exit_predict(**inputs)\n" in text
 
 
 def test_card_metadata_carries_per_layer_model_index(tmp_path):
@@ -217,8 +223,9 @@ def test_card_metadata_carries_per_layer_model_index(tmp_path):
                 "stanfordnlp/sst2",
                 "validation",
             )
-    early_exit = results["Early-exit accuracy (threshold 0.8, 1.74x speed-up)"]
-    assert early_exit.metric_value == exit_curve()[1]["accuracy"]
+    chosen = calibration()["curve"][1]
+    early_exit = results[f"Early-exit accuracy (confidence 0.8, {chosen['expected_speedup']:.2f}x speed-up)"]
+    assert early_exit.metric_value == chosen["accuracy"]
     assert len(results) == 2 * NUM_LAYERS + 1  # losses and runtimes stay out of the model-index
 
 
@@ -242,15 +249,45 @@ def test_card_reads_base_model_task_and_classifier_from_config(tmp_path):
     assert "a local `vit` checkpoint (`my-base`)" in card.text
 
 
-def test_card_reads_exit_config_and_curve_from_the_model():
-    class ExitConfig:  # stands in for the library's ExitConfig: anything with `to_dict`
-        def to_dict(self):
-            return {"rule": "entropy", "threshold": 0.5, "curve": exit_curve()}
+def test_card_reads_the_exit_rule_from_the_model_and_marks_it_on_the_curve():
+    class ExitConfig:  # stands in for hf_aligned's ExitConfig: anything with `to_dict`
+        def __init__(self, **fields):
+            self.fields = fields
 
-    model = tiny_model("bert")
-    text = build_model_card(types.SimpleNamespace(config=model.config, exit_config=ExitConfig())).text
-    assert "`rule=entropy`, `threshold=0.5`" in text
-    assert [row[0] for row in table_rows(text, "Early exit")] == ["0.5 (saved)", "0.8", "0.95"]
+        def to_dict(self):
+            return exit_config(**self.fields)
+
+    config = tiny_model("bert").config
+    model = types.SimpleNamespace(config=config, exit_config=ExitConfig(threshold=0.5, min_layer=2))
+    text = build_model_card(model, AlignedModelCardData(calibration=calibration(chosen=None))).text
+    assert "`rule=confidence`, `threshold=0.5`, `min_layer=2`." in text  # unused fields (patience, ...) left out
+    assert [row[0] for row in table_rows(text, "Early exit")] == ["0.5 (chosen)", "0.8", "0.95"]
+
+    patience = exit_config(rule="patience", threshold=1.0, patience=3)
+    curve = {**calibration(thresholds=(1, 2, 3), chosen=None), "rule": "patience"}
+    text = build_model_card(config, AlignedModelCardData(exit_config=patience, calibration=curve)).text
+    assert "`rule=patience`, `patience=3`." in text
+    assert table_rows(text, "Early exit")[2][0] == "3 (chosen)"
+    assert "| Patience | Accuracy | Mean exit layer | Speed-up |" in text
+
+    # The default rule (confidence 1.0) never exits: the card says nothing about a saved rule.
+    text = build_model_card(types.SimpleNamespace(config=config, exit_config=ExitConfig(threshold=1.0))).text
+    assert "## Early exit" not in text
+    assert "outputs = model.early_exit_predict(**inputs, threshold=0.9)" in text
+
+
+def test_card_lists_a_long_calibration_curve_in_brief():
+    thresholds = [round(0.5 + index / 200, 3) for index in range(100)]
+    data = AlignedModelCardData(
+        exit_config=exit_config(threshold=thresholds[37]), calibration=calibration(thresholds, None)
+    )
+    text = build_model_card(tiny_model("bert"), data).text
+    shown = [row[0] for row in table_rows(text, "Early exit")]
+    assert len(shown) == 11  # 10 spread over the curve, first and last included, plus the chosen setting
+    assert shown[0] == f"{thresholds[0]:g}"
+    assert shown[-1] == f"{thresholds[-1]:g}"
+    assert f"{thresholds[37]:g} (chosen)" in shown
+    assert "11 of the 100 settings\ntried are listed" in text
 
 
 def test_card_rejects_data_that_contradicts_the_model():
@@ -259,11 +296,15 @@ def test_card_rejects_data_that_contradicts_the_model():
         build_model_card(model, AlignedModelCardData(eval_metrics={"eval_layer_5_accuracy": 0.9}))
     with pytest.raises(ValueError, match=r"`minimal_depth=7` is outside the model's layers 1..4"):
         build_model_card(model, AlignedModelCardData(minimal_depth=7))
-    bad_curve = [{"threshold": 0.9, "accuracy": 0.8}]
-    with pytest.raises(ValueError, match=r"`exit_curve\[0\]` lacks \['mean_exit_layer', 'expected_speedup'\]"):
-        build_model_card(model, AlignedModelCardData(exit_curve=bad_curve))
-    with pytest.raises(TypeError, match="`exit_curve` must be a list of dicts"):
-        AlignedModelCardData(exit_curve={"threshold": 0.9})
+    bad_curve = {"curve": [{"threshold": 0.9, "accuracy": 0.8}]}
+    with pytest.raises(
+        ValueError, match=r"`calibration\['curve'\]\[0\]` lacks \['mean_exit_layer', 'expected_speedup'\]"
+    ):
+        build_model_card(model, AlignedModelCardData(calibration=bad_curve))
+    with pytest.raises(TypeError, match=r"`calibration\['curve'\]` must be a list of dicts"):
+        AlignedModelCardData(calibration={"curve": {"threshold": 0.9}})
+    with pytest.raises(TypeError, match=r"`exit_config` must be a dict or have a `to_dict\(\)` method, got float"):
+        AlignedModelCardData(exit_config=0.9)
     with pytest.raises(TypeError, match="`eval_metrics` must be a dict"):
         AlignedModelCardData(eval_metrics=[0.9])
     with pytest.raises(TypeError, match="must be an aligned model or an `AlignedConfig`, got BertConfig"):
@@ -278,7 +319,7 @@ def test_write_model_card_fills_from_directory_and_never_raises(trained_dir):
     metrics = json.loads((trained_dir / "eval_results.json").read_text())
     results = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert results["Layer 2 accuracy"] == metrics["eval_layer_2_accuracy"]
-    assert [row[0] for row in table_rows(card.text, "Early exit")] == ["0.5", "0.8 (saved)", "0.95"]
+    assert [row[0] for row in table_rows(card.text, "Early exit")] == ["0.5", "0.8 (chosen)", "0.95"]
     assert "![layer accuracy](plots/layer_accuracy.png)" in card.text
 
     bad = AlignedModelCardData(eval_metrics={"eval_layer_9_accuracy": 0.5})
@@ -315,7 +356,9 @@ def test_push_aligned_model_uploads_the_saved_files_in_one_commit(hub, trained_d
     uploaded = dict(commit.files)
     card = uploaded.pop("README.md").decode()
     assert uploaded == expected
-    assert {"config.json", "model.safetensors", "exit_config.json", "tokenizer.json"} <= set(uploaded)
+    assert {"config.json", "model.safetensors", "exit_config.json", "calibration.json", "tokenizer.json"} <= set(
+        uploaded
+    )
     assert snapshot(trained_dir) == before  # the card is uploaded, not written locally
 
     metrics = json.loads(expected["eval_results.json"])
@@ -439,7 +482,7 @@ def test_push_command(hub, trained_dir, capsys):
     add_push_command(parser.add_subparsers(dest="command", required=True))
 
     args = parser.parse_args(["push", str(trained_dir), REPO_ID, "--dataset", "stanfordnlp/sst2", "--license", "mit"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     assert capsys.readouterr().out.strip() == f"{hub.endpoint}/{REPO_ID}/commit/{hub.commits[0].oid}"
     card = ModelCard(hub.files(REPO_ID)["README.md"].decode())
     assert card.data.datasets == ["stanfordnlp/sst2"]
@@ -448,7 +491,7 @@ def test_push_command(hub, trained_dir, capsys):
 
     hub.fail["commit"] = 500
     args = parser.parse_args(["push", str(trained_dir), REPO_ID, "--private"])
-    assert args.func(args) == 1
+    assert args.run(args) == 1
     assert f"error: Pushing to the Hub repository '{REPO_ID}'" in capsys.readouterr().err
 
 
