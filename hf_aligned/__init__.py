@@ -8,6 +8,8 @@ from transformers import AutoConfig, AutoModelForImageClassification, AutoModelF
 
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .exits import ExitConfig
+from .hub import HubPushError, push_aligned_model
+from .model_card import AlignedModelCardData, build_model_card, write_model_card
 from .modeling_aligned import (
     AlignedForSequenceClassification,
     AlignedPreTrainedModel,
@@ -26,10 +28,15 @@ AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassi
 __all__ = [
     "AlignedConfig",
     "AlignedForSequenceClassification",
+    "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
     "EarlyExitOutput",
     "ExitConfig",
+    "HubPushError",
+    "build_model_card",
     "pool_hidden_states",
+    "push_aligned_model",
     "resolve_layer_weights",
+    "write_model_card",
 ]

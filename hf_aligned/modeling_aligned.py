@@ -620,6 +620,52 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         mask = self.pooling_mask(input_ids, attention_mask)
         return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        processing_class=None,
+        card_data=None,
+        plots=None,
+    ):
+        """Uploads the model, its exit rule, processor, plots and hf_aligned model card to the Hub in one commit.
+
+        Takes the arguments of transformers' `push_to_hub`, whose generic card would replace ours, plus:
+
+        Args:
+            processing_class: a tokenizer, image processor or processor to upload alongside the model.
+            card_data ([`AlignedModelCardData`], *optional*): per-layer results, exit curve, dataset, license...
+            plots (`list[str]`, *optional*): image files uploaded to `plots/` and shown on the card.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the commit. A failed push raises [`HubPushError`].
+        """
+        from .hub import push_model  # cards sit downstream of the model: import only when pushing
+
+        return push_model(
+            self,
+            repo_id,
+            processing_class=processing_class,
+            card_data=card_data,
+            plots=plots,
+            tags=tags,
+            max_shard_size=max_shard_size,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            create_pr=create_pr,
+        )
+
 
 def _mark_initialized(module: nn.Module) -> None:
     """Flags a module's weights as loaded, so transformers' post-construction initialization leaves them alone."""
