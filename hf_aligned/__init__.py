@@ -7,12 +7,15 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
 from .modeling_aligned import (
     AlignedForSequenceClassification,
     AlignedPreTrainedModel,
     AlignedSequenceClassifierOutput,
     pool_hidden_states,
 )
+from .trainer import AlignedTrainer
+from .training_args import AlignedTrainingArguments
 
 __version__ = "0.1.0.dev0"
 
@@ -24,6 +27,12 @@ __all__ = [
     "AlignedForSequenceClassification",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "AlignedTrainer",
+    "AlignedTrainingArguments",
+    "LayerwiseMetrics",
+    "format_layer_table",
+    "layer_values",
+    "minimal_depth",
     "pool_hidden_states",
     "resolve_layer_weights",
 ]
