@@ -2,12 +2,14 @@
 """Aligned training of a ViT / DeiT image classifier, evaluated after every layer.
 
 Without arguments it trains a small ViT from scratch on scikit-learn's bundled 8x8 digits (no download), with the
-paper's linear layer weights. Any Hugging Face image dataset and any ViT-style checkpoint work too:
+paper's linear layer weights. Any Hugging Face image dataset and any ViT-style checkpoint work too. The training
+defaults (`DIGITS_RECIPE`: learning rate 3e-3, 50 epochs, batch 64) suit training from scratch; when fine-tuning a
+pretrained checkpoint pass your own, e.g. `--learning_rate 5e-5 --num_train_epochs 3`:
 
     python examples/run_image_classification.py --output_dir outputs/digits_aligned
     python examples/run_image_classification.py --output_dir outputs/digits_standard --layer_weights last
     python examples/run_image_classification.py --output_dir outputs/cifar --dataset_name cifar10 \
-        --model_name_or_path facebook/deit-small-patch16-224 --num_train_epochs 3
+        --model_name_or_path facebook/deit-small-patch16-224 --learning_rate 5e-5 --num_train_epochs 3
     accelerate launch --config_file examples/accelerate_config_2proc.yaml \
         examples/run_image_classification.py --output_dir outputs/digits_ddp --use_cpu true
 
@@ -18,8 +20,10 @@ metrics to `eval_results.json` there.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +37,16 @@ from hf_aligned import (
     AlignedTrainingArguments,
     format_layer_table,
 )
+
+# Training defaults for a small ViT from scratch on the digits (they replace TrainingArguments' fine-tuning defaults).
+DIGITS_RECIPE = {
+    "output_dir": "outputs/digits",
+    "learning_rate": 3e-3,
+    "num_train_epochs": 50.0,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 128,
+    "warmup_steps": 0.05,
+}
 
 
 @dataclass
@@ -57,7 +71,7 @@ class ModelArguments:
     hidden_size: int = field(default=64, metadata={"help": "From scratch only: width of the blocks."})
     num_attention_heads: int = field(default=4, metadata={"help": "From scratch only: attention heads per block."})
     intermediate_size: int = field(default=128, metadata={"help": "From scratch only: MLP width."})
-    patch_size: int = field(default=2, metadata={"help": "From scratch only: side of the square patches."})
+    patch_size: int = field(default=4, metadata={"help": "From scratch only: side of the square patches."})
     image_size: int | None = field(
         default=None, metadata={"help": "From scratch only: images are resized to this side (default: the data's)."}
     )
@@ -181,8 +195,10 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     parser = HfArgumentParser((ModelArguments, DataArguments, AlignedTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
+        values = json.loads(Path(argv[0]).read_text())
+        model_args, data_args, training_args = parser.parse_dict({**DIGITS_RECIPE, **values})
     else:
+        parser.set_defaults(**DIGITS_RECIPE)
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     # The transform below reads the `image` column, which Trainer would otherwise drop as unknown to the model.
     training_args.remove_unused_columns = False

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from datasets import Dataset
 from transformers import (
     AutoConfig,
     BertForSequenceClassification,
+    EvalPrediction,
     HfArgumentParser,
     TrainerCallback,
     TrainingArguments,
@@ -329,6 +328,28 @@ def test_per_layer_heads_baseline_trains_every_head(tmp_path):
         assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracy)
 
 
+def test_lora_wrapped_models_train_and_evaluate_layer_by_layer(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        deterministic_model(layer_weights="last"),
+        LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]),
+    )
+    frozen = {name: value.clone() for name, value in model.named_parameters() if not value.requires_grad}
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=8, layer_weights="uniform")
+    args.logging_steps = 1
+    trainer = AlignedTrainer(model, args, train_dataset=toy_dataset(), eval_dataset=toy_dataset(8, 1))
+    assert model.config.layer_weights == "uniform"
+    trainer.train()
+    assert all(f"layer_{NUM_LAYERS}_loss" in log for log in trainer.state.log_history if "loss" in log)
+    assert all(torch.equal(value, frozen[name]) for name, value in model.named_parameters() if name in frozen)
+    metrics = trainer.evaluate()
+    dataset = toy_dataset(8, 1)
+    accuracies = direct_layer_outputs(model, dataset).layer_logits.argmax(-1) == torch.tensor(dataset["labels"])
+    for layer, accuracy in enumerate(accuracies.double().mean(dim=1).tolist(), start=1):
+        assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracy)
+
+
 def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     # Dropout stays on: resuming must restore the RNG state and the data order as well as weights and optimizer.
     def run(output_dir, resume=None):
@@ -368,7 +389,7 @@ def test_layerwise_metrics_for_regression_and_multi_label_models():
     regression.config.problem_type = "regression"
     predictions = np.random.default_rng(0).normal(size=(6, NUM_LAYERS, 1)).astype(np.float32)
     targets = np.linspace(-1, 1, 6).astype(np.float32)
-    metrics = LayerwiseMetrics(regression)(EvalPredictionLike(predictions, targets))
+    metrics = LayerwiseMetrics(regression)(EvalPrediction(predictions, targets))
     assert not any("accuracy" in key for key in metrics) and "minimal_depth" not in metrics
     for layer in range(1, NUM_LAYERS + 1):
         expected = float(np.mean((predictions[:, layer - 1, 0] - targets) ** 2))
@@ -378,16 +399,10 @@ def test_layerwise_metrics_for_regression_and_multi_label_models():
     logits = np.array([[[2.0, -1.0, 1.0]] * NUM_LAYERS, [[-1.0, -1.0, 1.0]] * NUM_LAYERS], dtype=np.float32)
     logits[0, 0] = [2.0, 1.0, 1.0]  # layer 1 gets the first sample's second label wrong
     labels = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=np.float32)
-    metrics = LayerwiseMetrics(multi_label)(EvalPredictionLike(logits, labels))
+    metrics = LayerwiseMetrics(multi_label)(EvalPrediction(logits, labels))
     assert metrics["layer_1_accuracy"] == 0.5
     assert metrics["layer_2_accuracy"] == metrics["accuracy"] == 1.0
     assert metrics["minimal_depth"] == 2
-
-
-def EvalPredictionLike(predictions, labels):  # noqa: N802 - mirrors the transformers class it builds
-    from transformers import EvalPrediction
-
-    return EvalPrediction(predictions=predictions, label_ids=labels)
 
 
 def test_format_layer_table():
@@ -400,4 +415,3 @@ def test_format_layer_table():
     assert lines[1].split() == ["1", "0.5000", "0.8750"]
     assert lines[2].split() == ["2", "0.9000", "0.8800"]
     assert lines[3].split() == ["minimal", "depth", "2", "1"]
-    assert not math.isnan(runs["aligned"]["eval_layer_1_accuracy"])
