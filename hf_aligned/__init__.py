@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForImageClassification, AutoModelF
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .exits import ExitConfig
 from .hub import HubPushError, push_aligned_model
+from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
 from .model_card import AlignedModelCardData, build_model_card, write_model_card
 from .modeling_aligned import (
     AlignedForSequenceClassification,
@@ -17,6 +18,8 @@ from .modeling_aligned import (
     EarlyExitOutput,
     pool_hidden_states,
 )
+from .trainer import AlignedTrainer
+from .training_args import AlignedTrainingArguments
 
 __version__ = "0.1.0.dev0"
 
@@ -31,10 +34,16 @@ __all__ = [
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "AlignedTrainer",
+    "AlignedTrainingArguments",
     "EarlyExitOutput",
     "ExitConfig",
     "HubPushError",
+    "LayerwiseMetrics",
     "build_model_card",
+    "format_layer_table",
+    "layer_values",
+    "minimal_depth",
     "pool_hidden_states",
     "push_aligned_model",
     "resolve_layer_weights",

@@ -1,0 +1,150 @@
+"""Layer-wise evaluation: per-layer accuracy, loss and user metrics, the minimal depth, and their table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import EvalPrediction
+
+
+class LayerLossModel(Protocol):
+    """What layer-wise evaluation needs from a model: its per-layer loss and its config (for `problem_type`)."""
+
+    config: object
+
+    def layer_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+
+def minimal_depth(accuracies: Sequence[float], tolerance: float = 0.01) -> int:
+    """The first 1-based layer whose accuracy is at most `tolerance` below the last layer's.
+
+    Args:
+        accuracies: accuracy after every layer, layer 1 first.
+        tolerance: the accepted absolute drop, e.g. 0.01 for one point.
+
+    Raises:
+        ValueError: when `accuracies` is empty.
+    """
+    if len(accuracies) == 0:
+        raise ValueError("`accuracies` is empty; give one accuracy per layer.")
+    target = accuracies[-1] - tolerance
+    # A tiny slack so that an accuracy that equals the target up to float rounding counts as reaching it.
+    return next(layer for layer, accuracy in enumerate(accuracies, start=1) if accuracy >= target - 1e-12)
+
+
+class LayerwiseMetrics:
+    """A `compute_metrics` for [`~transformers.Trainer`] that evaluates the classifier after every layer.
+
+    It reads predictions of shape `(num_samples, num_layers, num_labels)` (per-layer logits, batch first, as
+    [`AlignedTrainer`] produces them) or `(num_samples, num_layers)` (class ids, when `preprocess_logits_for_metrics`
+    took the argmax) and returns, for every 1-based layer `l`:
+
+    - `layer_{l}_loss`: the model's own loss of that layer's logits over the whole evaluation set;
+    - `layer_{l}_accuracy`: the fraction of samples classified right (all labels right, for multi-label problems);
+      not reported for regression;
+    - `layer_{l}_{name}` for every `name` the user's `compute_metrics` returns when given that layer's predictions;
+
+    plus the last layer's values except the loss without the `layer_{l}_` prefix (so `accuracy` is the model's usual
+    accuracy; `loss` is left to Trainer, whose `eval_loss` is the aligned loss) and `minimal_depth`, the first layer whose accuracy is within `tolerance` of the last layer's.
+
+    Args:
+        model: the model whose `layer_losses` scores the logits; `None` skips the per-layer losses.
+        compute_metrics: a user's `compute_metrics`, applied to each layer's predictions in turn.
+        tolerance: the accuracy drop `minimal_depth` accepts.
+    """
+
+    def __init__(
+        self,
+        model: LayerLossModel | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
+        tolerance: float = 0.01,
+    ):
+        self.model = model
+        self.compute_metrics = compute_metrics
+        self.tolerance = tolerance
+
+    def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        predictions = np.asarray(eval_pred.predictions)
+        labels = np.asarray(eval_pred.label_ids)
+        if predictions.ndim not in (2, 3):
+            raise ValueError(
+                f"Layer-wise metrics expect predictions of shape (samples, layers, labels) or (samples, layers), got "
+                f"{predictions.shape}; `preprocess_logits_for_metrics` must keep the layer dimension (dim 1)."
+            )
+        num_layers = predictions.shape[1]
+        per_layer: list[dict[str, float]] = [{} for _ in range(num_layers)]
+        is_logits = predictions.ndim == 3
+        if is_logits and self.model is not None:
+            layer_logits = torch.from_numpy(predictions).float().transpose(0, 1)
+            losses = self.model.layer_losses(layer_logits, torch.from_numpy(labels))
+            for metrics, loss in zip(per_layer, losses.tolist()):
+                metrics["loss"] = loss
+        problem_type = getattr(getattr(self.model, "config", None), "problem_type", None)
+        if problem_type != "regression" and not (is_logits and predictions.shape[2] == 1):
+            for metrics, accuracy in zip(per_layer, _layer_accuracies(predictions, labels, problem_type)):
+                metrics["accuracy"] = accuracy
+        if self.compute_metrics is not None:
+            for layer, metrics in enumerate(per_layer):
+                layer_pred = EvalPrediction(
+                    predictions=predictions[:, layer],
+                    label_ids=labels,
+                    inputs=eval_pred.inputs,
+                    losses=eval_pred.losses,
+                )
+                metrics.update(self.compute_metrics(layer_pred))
+        result = {
+            f"layer_{layer}_{name}": value
+            for layer, metrics in enumerate(per_layer, start=1)
+            for name, value in metrics.items()
+        }
+        # `loss` stays Trainer's own `eval_loss` (the aligned loss), so only the other last-layer values are copied.
+        result.update({name: value for name, value in per_layer[-1].items() if name != "loss"})
+        if "accuracy" in per_layer[-1]:
+            result["minimal_depth"] = minimal_depth([metrics["accuracy"] for metrics in per_layer], self.tolerance)
+        return result
+
+
+def _layer_accuracies(predictions: np.ndarray, labels: np.ndarray, problem_type: str | None) -> list[float]:
+    """Accuracy of every layer's predictions, `(samples, layers[, labels])` against `labels`."""
+    if problem_type == "multi_label_classification":
+        # Subset accuracy: a sample counts when every label's decision (logit > 0) is right.
+        correct = ((predictions > 0) == (labels[:, None] > 0.5)).all(axis=2)
+        return correct.mean(axis=0).tolist()
+    predicted = predictions.argmax(axis=2) if predictions.ndim == 3 else predictions
+    labels = labels.reshape(-1)
+    counted = labels != -100
+    correct = predicted[counted] == labels[counted, None]
+    return correct.mean(axis=0).tolist() if counted.any() else [float("nan")] * predictions.shape[1]
+
+
+def layer_values(metrics: Mapping[str, float], name: str = "accuracy", prefix: str = "eval") -> list[float]:
+    """The per-layer values `{prefix}_layer_{l}_{name}` of a metrics dict, layer 1 first."""
+    values = []
+    while (key := f"{prefix}_layer_{len(values) + 1}_{name}") in metrics:
+        values.append(metrics[key])
+    return values
+
+
+def format_layer_table(
+    metrics_by_run: Mapping[str, Mapping[str, float]], name: str = "accuracy", prefix: str = "eval"
+) -> str:
+    """A plain-text table of one per-layer metric for several runs side by side, with each run's minimal depth.
+
+    Args:
+        metrics_by_run: run name -> the metrics `trainer.evaluate()` returned for it.
+        name: the per-layer metric to show.
+        prefix: the metric key prefix used at evaluation.
+    """
+    columns = {run: layer_values(metrics, name, prefix) for run, metrics in metrics_by_run.items()}
+    num_layers = max((len(values) for values in columns.values()), default=0)
+    width = max([12, *(len(run) for run in columns)])
+    lines = ["layer".ljust(13) + "".join(run.rjust(width + 2) for run in columns)]
+    for layer in range(1, num_layers + 1):
+        cells = [f"{values[layer - 1]:.4f}" if layer <= len(values) else "-" for values in columns.values()]
+        lines.append(str(layer).ljust(13) + "".join(cell.rjust(width + 2) for cell in cells))
+    depths = [str(metrics.get(f"{prefix}_minimal_depth", "-")) for metrics in metrics_by_run.values()]
+    lines.append("minimal depth".ljust(13) + "".join(depth.rjust(width + 2) for depth in depths))
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""`AlignedTrainer`: transformers' `Trainer` for aligned models, with per-layer loss logging and layer-wise evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .metrics import LayerwiseMetrics
+from .modeling_aligned import AlignedSequenceClassifierOutput
+from .training_args import AlignedTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+# Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
+_NON_PREDICTION_OUTPUTS = [
+    item.name for item in dataclasses.fields(AlignedSequenceClassifierOutput) if item.name != "layer_logits"
+]
+
+
+class AlignedTrainer(Trainer):
+    r"""[`~transformers.Trainer`] for [`AlignedForSequenceClassification`] models.
+
+    It trains with the model's aligned loss (the per-layer losses combined with the layer weights) and adds:
+
+    - **per-layer training losses** `layer_{l}_loss` in every training log, averaged over the micro-batches since the
+      last log and over all processes, so every `report_to` integration (TensorBoard, trackio, ...) records them;
+    - **layer-wise evaluation**: `evaluate()` returns `eval_layer_{l}_accuracy`, `eval_layer_{l}_loss` and, for a
+      user's `compute_metrics`, `eval_layer_{l}_{name}` for every layer, the last layer's values without the layer
+      prefix (`eval_accuracy`, ...) and `eval_minimal_depth`, the first layer within `minimal_depth_tolerance` of the
+      last layer's accuracy;
+    - **overrides** of the model config's `layer_weights` / `aligned_layers` from [`AlignedTrainingArguments`],
+      written into `model.config` so saved checkpoints record what they were trained with.
+
+    Standard fine-tuning (`layer_weights="last"`) and the standard multi-exit baseline with one classifier per layer
+    (a model built with `classifier_sharing="per_layer"`) train and evaluate through the same calls.
+
+    `predict()` returns per-layer logits of shape `(num_samples, num_layers, num_labels)`, batch first;
+    `preprocess_logits_for_metrics` receives them batch first too, `(batch, num_layers, num_labels)`.
+
+    Args:
+        model ([`AlignedForSequenceClassification`], *optional*): the model to train (possibly wrapped by peft).
+        args ([`AlignedTrainingArguments`] or [`~transformers.TrainingArguments`], *optional*): plain
+            `TrainingArguments` are upgraded to `AlignedTrainingArguments` with the aligned fields at their defaults.
+        compute_metrics (`Callable[[EvalPrediction], dict]`, *optional*): metrics of one layer's predictions; it is
+            called once per layer with `predictions` of shape `(num_samples, num_labels)`.
+        kwargs: the other [`~transformers.Trainer`] arguments (`train_dataset`, `eval_dataset`, `data_collator`,
+            `processing_class`, `model_init`, `callbacks`, ...).
+
+    Example:
+
+    ```python
+    >>> from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments
+
+    >>> model = AlignedForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2)
+    >>> args = AlignedTrainingArguments("out", layer_weights="linear", eval_strategy="epoch")
+    >>> trainer = AlignedTrainer(model, args, train_dataset=train, eval_dataset=dev, processing_class=tokenizer)
+    >>> trainer.train()
+    >>> trainer.evaluate()["eval_layer_1_accuracy"]
+    ```
+    """
+
+    # The model returns a per-batch mean loss: Trainer divides it by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+    _tag_names = ("hf_aligned", "aligned-training", "early-exit")
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = AlignedTrainingArguments(output_dir="tmp_trainer")
+        elif not isinstance(args, AlignedTrainingArguments):
+            args = AlignedTrainingArguments.from_training_arguments(args)
+        if args.label_smoothing_factor > 0:
+            raise ValueError(
+                "`label_smoothing_factor` is not supported by AlignedTrainer: the model computes the aligned loss "
+                "over every layer itself. Set it to 0."
+            )
+        if args.batch_eval_metrics:
+            raise ValueError(
+                "`batch_eval_metrics=True` is not supported by AlignedTrainer: layer-wise metrics need the whole "
+                "evaluation set. Use `eval_accumulation_steps` to move predictions to the CPU while evaluating."
+            )
+        if model is not None:
+            self._prepare_aligned_model(model, args)
+        self._layer_loss_sum: torch.Tensor | None = None
+        self._layer_loss_batches = 0
+        super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
+        self.compute_metrics = LayerwiseMetrics(
+            self.accelerator.unwrap_model(self.model), compute_metrics, args.minimal_depth_tolerance
+        )
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(list(self._tag_names))
+
+    @staticmethod
+    def _prepare_aligned_model(model: nn.Module, args: AlignedTrainingArguments) -> None:
+        """Checks that `model` is an aligned model and writes the arguments' loss settings into its config."""
+        config = getattr(model, "config", None)
+        if not isinstance(config, AlignedConfig):
+            raise TypeError(
+                f"AlignedTrainer trains aligned models, got {type(model).__name__}. Wrap the base model with "
+                "`AlignedForSequenceClassification.from_pretrained(...)` (use `layer_weights='last'` for standard "
+                "fine-tuning)."
+            )
+        layer_weights = config.layer_weights if args.layer_weights is None else args.layer_weights
+        aligned_layers = config.aligned_layers if args.aligned_layers is None else args.aligned_layers
+        # Validate against the model before touching its config, so a bad override leaves the model unchanged.
+        resolve_layer_weights(layer_weights, config.num_layers, aligned_layers)
+        if args.layer_weights is not None or args.aligned_layers is not None:
+            logger.info(f"Training with layer_weights={layer_weights!r}, aligned_layers={aligned_layers!r}.")
+        config.layer_weights = layer_weights
+        config.aligned_layers = None if aligned_layers is None else sorted(set(aligned_layers))
+
+    def call_model_init(self, trial=None) -> nn.Module:
+        model = super().call_model_init(trial)
+        self._prepare_aligned_model(model, self.args)
+        if getattr(self, "compute_metrics", None) is not None:
+            self.compute_metrics.model = model
+        return model
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The model's aligned loss; in training, also records the per-layer losses for the next log."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        layer_losses = outputs.get("layer_losses") if isinstance(outputs, dict) else None
+        if model.training and layer_losses is not None:
+            layer_losses = layer_losses.detach().float()
+            self._layer_loss_sum = (
+                layer_losses if self._layer_loss_sum is None else self._layer_loss_sum + layer_losses
+            )
+            self._layer_loss_batches += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean per-layer training losses since the last log to training logs, then logs as usual."""
+        if "loss" in logs and self._layer_loss_sum is not None:
+            # One collective per log, on every process alike: Trainer calls `log` on all of them.
+            local = torch.cat([self._layer_loss_sum, self._layer_loss_sum.new_tensor([self._layer_loss_batches])])
+            total = self.accelerator.gather(local[None]).sum(dim=0)
+            means = (total[:-1] / total[-1]).tolist()
+            logs = {**logs, **{f"layer_{layer}_loss": mean for layer, mean in enumerate(means, start=1)}}
+            self._layer_loss_sum = None
+            self._layer_loss_batches = 0
+        super().log(logs, start_time)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Trainer's evaluation step, with the per-layer logits, batch first `(batch, num_layers, num_labels)`, as the
+        predictions (Trainer gathers and concatenates predictions along dim 0)."""
+        loss, layer_logits, labels = super().prediction_step(
+            model, inputs, prediction_loss_only, ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS]
+        )
+        if layer_logits is not None:
+            layer_logits = layer_logits.transpose(0, 1).contiguous()
+        return loss, layer_logits, labels
