@@ -71,14 +71,16 @@ def load_digits_dataset(seed: int = 0, test_size: float = 0.2) -> dict[str, Data
     return {"train": split["train"], "test": split["test"]}
 
 
-def best_time(function: Callable[[], object], repeats: int = 3) -> float:
-    """The fastest of `repeats` wall-clock runs (seconds): the least disturbed by other load on the machine."""
-    times = []
+def best_times(functions: Sequence[Callable[[], object]], repeats: int = 5) -> list[float]:
+    """The fastest of `repeats` wall-clock runs (seconds) of each function, run in turn so that drifting load on the
+    machine affects them alike; the minimum is the run least disturbed by other work."""
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for elapsed, function in zip(times, functions):
+            start = time.perf_counter()
+            function()
+            elapsed.append(time.perf_counter() - start)
+    return [min(elapsed) for elapsed in times]
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

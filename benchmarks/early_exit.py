@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, ViTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     OUTPUTS,
-    best_time,
+    best_times,
     load_ag_news,
     load_digits_dataset,
     load_sst2,
@@ -39,8 +39,8 @@ from common import (
     write_json,
 )
 
-from hf_aligned import AlignedConfig, AlignedForSequenceClassification
-from hf_aligned.calibration import calibrate_exits
+from hf_aligned import AlignedConfig, AlignedForSequenceClassification, ExitConfig
+from hf_aligned.calibration import calibrate_exits, simulate_exits
 
 THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 MAX_LENGTH = 64
@@ -135,13 +135,18 @@ def collate(task: Task, rows: list[dict]) -> tuple[dict[str, torch.Tensor], torc
 
 
 @torch.no_grad()
-def measure(task: Task, kind: str, thresholds, batch_one_samples: int):
+def measure(task: Task, kind: str, thresholds, timed_samples: int, batch_one_samples: int):
+    """Accuracy and exits on the whole test set (one full pass, exits replayed exactly as online), and wall-clock
+    speedups of `early_exit_predict` over the full forward on a fixed subset, timed alternately per threshold."""
     model = task.models[kind].eval()
     batches = [collate(task, task.test_rows[start : start + 32]) for start in range(0, len(task.test_rows), 32)]
-    singles = [collate(task, [row]) for row in task.test_rows[:: max(1, len(task.test_rows) // batch_one_samples)]]
     labels = torch.cat([batch_labels for _, batch_labels in batches])
-    full_predictions = torch.cat([model(**inputs, early_exit=False).logits.argmax(-1) for inputs, _ in batches])
-    full_accuracy = (full_predictions == labels).float().mean().item()
+    layer_logits = torch.cat([model(**inputs, early_exit=False).layer_logits for inputs, _ in batches], dim=1)
+    full_accuracy = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
+    step = max(1, len(task.test_rows) // timed_samples)
+    timed_rows = task.test_rows[::step][:timed_samples]  # spread over lengths, still sorted by length
+    timed = {32: [collate(task, timed_rows[i : i + 32]) for i in range(0, len(timed_rows), 32)]}
+    timed[1] = [collate(task, [row]) for row in timed_rows[:: max(1, len(timed_rows) // batch_one_samples)]]
 
     def run_full(groups):
         return lambda: [model(**inputs, early_exit=False) for inputs, _ in groups]
@@ -149,29 +154,23 @@ def measure(task: Task, kind: str, thresholds, batch_one_samples: int):
     def run_exit(groups, threshold):
         return lambda: [model.early_exit_predict(**inputs, threshold=threshold) for inputs, _ in groups]
 
-    full_time = {32: best_time(run_full(batches)), 1: best_time(run_full(singles))}
     results = []
     for threshold in thresholds:
-        outputs = [model.early_exit_predict(**inputs, threshold=threshold) for inputs, _ in batches]
-        predictions = torch.cat([output.predictions for output in outputs])
-        exit_layers = torch.cat([output.exit_layers for output in outputs]).float()
-        ideal = model.num_layers / exit_layers.mean().item()
-        measured = {
-            size: full_time[size] / best_time(run_exit(groups, threshold))
-            for size, groups in ((32, batches), (1, singles))
+        logits, exit_layers = simulate_exits(layer_logits, ExitConfig(threshold=threshold))
+        result = {
+            "threshold": threshold,
+            "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+            "full_accuracy": full_accuracy,
+            "mean_exit_layer": exit_layers.float().mean().item(),
+            "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-        results.append(
-            {
-                "threshold": threshold,
-                "accuracy": (predictions == labels).float().mean().item(),
-                "full_accuracy": full_accuracy,
-                "mean_exit_layer": exit_layers.mean().item(),
-                "ideal_speedup": ideal,
-                "measured_speedup_batch1": measured[1],
-                "measured_speedup_batch32": measured[32],
-                "measured_over_ideal_batch32": measured[32] / ideal,
-            }
-        )
+        for size, groups in timed.items():
+            outputs = [model.early_exit_predict(**inputs, threshold=threshold) for inputs, _ in groups]
+            ideal = model.num_layers / torch.cat([output.exit_layers for output in outputs]).float().mean().item()
+            full_time, exit_time = best_times([run_full(groups), run_exit(groups, threshold)])
+            result[f"measured_speedup_batch{size}"] = full_time / exit_time
+            result[f"measured_over_ideal_batch{size}"] = full_time / exit_time / ideal
+        results.append(result)
     return results
 
 
@@ -184,7 +183,8 @@ def main():
     parser.add_argument("--sst2-per-layer", help="a per-layer-heads SST-2 checkpoint (skips training it)")
     parser.add_argument("--train-size", type=int, default=4000, help="training examples per text task")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs for the text models")
-    parser.add_argument("--batch-one-samples", type=int, default=200, help="samples timed at batch size 1")
+    parser.add_argument("--timed-samples", type=int, default=384, help="test samples timed at batch size 32")
+    parser.add_argument("--batch-one-samples", type=int, default=64, help="test samples timed at batch size 1")
     parser.add_argument("--output", type=Path, default=OUTPUTS / "early_exit.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def main():
         for kind, model in task.models.items():
             calibration = calibrate_exits(model, task.validation, max_accuracy_drop=0.01, collate_fn=task.collate_fn)
             thresholds = sorted({*THRESHOLDS, round(calibration.chosen, 6)})
-            results = measure(task, kind, thresholds, args.batch_one_samples)
+            results = measure(task, kind, thresholds, args.timed_samples, args.batch_one_samples)
             for result in results:
                 result["calibrated"] = result["threshold"] == round(calibration.chosen, 6)
             report[f"{task.name}/{kind}"] = {"calibration": calibration.to_dict(), "sweep": results}

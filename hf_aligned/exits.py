@@ -154,8 +154,8 @@ class ExitDecider:
 
     def classifies_at(self, layer: int) -> bool:
         """Whether the classifier must run after this layer (below `min_layer` nobody may leave)."""
-        if self.config.rule == "fixed":
-            return layer == self.last_layer
+        if self.config.rule == "fixed" or (self.config.rule == "confidence" and self.config.threshold >= 1.0):
+            return layer == self.last_layer  # nobody can leave earlier: classify only where everyone leaves
         return layer >= self.config.min_layer
 
     def leaves(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
