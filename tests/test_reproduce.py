@@ -20,7 +20,7 @@ EXIT_ENTRIES = ("sst2-minilm/aligned", "sst2-minilm/per_layer", "digits-vit/alig
 def load_reproduce():
     spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reproduce", module)
+    sys.modules["reproduce"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
