@@ -166,9 +166,15 @@ class AlignedTrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Trainer's evaluation step, with the per-layer logits, batch first `(batch, num_layers, num_labels)`, as the
-        predictions (Trainer gathers and concatenates predictions along dim 0)."""
+        predictions (Trainer gathers and concatenates predictions along dim 0).
+
+        The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
+        """
         loss, layer_logits, labels = super().prediction_step(
-            model, inputs, prediction_loss_only, ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS]
+            model,
+            {**inputs, "early_exit": False},
+            prediction_loss_only,
+            ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS],
         )
         if layer_logits is not None:
             layer_logits = layer_logits.transpose(0, 1).contiguous()
