@@ -50,8 +50,8 @@ class AlignedTrainer(Trainer):
             `TrainingArguments` are upgraded to `AlignedTrainingArguments` with the aligned fields at their defaults.
         compute_metrics (`Callable[[EvalPrediction], dict]`, *optional*): metrics of one layer's predictions; it is
             called once per layer with `predictions` of shape `(num_samples, num_labels)`.
-        kwargs: the other [`~transformers.Trainer`] arguments (`train_dataset`, `eval_dataset`, `data_collator`,
-            `processing_class`, `model_init`, `callbacks`, ...).
+        kwargs: the other [`~transformers.Trainer`] arguments, by keyword (`train_dataset`, `eval_dataset`,
+            `data_collator`, `processing_class`, `model_init`, `callbacks`, ...).
 
     Example:
 
@@ -74,6 +74,7 @@ class AlignedTrainer(Trainer):
         self,
         model: PreTrainedModel | nn.Module | None = None,
         args: TrainingArguments | None = None,
+        *,
         compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
         **kwargs: Any,
     ):
