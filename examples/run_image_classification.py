@@ -223,6 +223,7 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: the log history with the per-layer training losses
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)
     return trainer, metrics

@@ -50,8 +50,8 @@ class AlignedTrainer(Trainer):
             `TrainingArguments` are upgraded to `AlignedTrainingArguments` with the aligned fields at their defaults.
         compute_metrics (`Callable[[EvalPrediction], dict]`, *optional*): metrics of one layer's predictions; it is
             called once per layer with `predictions` of shape `(num_samples, num_labels)`.
-        kwargs: the other [`~transformers.Trainer`] arguments (`train_dataset`, `eval_dataset`, `data_collator`,
-            `processing_class`, `model_init`, `callbacks`, ...).
+        kwargs: the other [`~transformers.Trainer`] arguments, by keyword (`train_dataset`, `eval_dataset`,
+            `data_collator`, `processing_class`, `model_init`, `callbacks`, ...).
 
     Example:
 
@@ -74,6 +74,7 @@ class AlignedTrainer(Trainer):
         self,
         model: PreTrainedModel | nn.Module | None = None,
         args: TrainingArguments | None = None,
+        *,
         compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
         **kwargs: Any,
     ):
@@ -166,9 +167,15 @@ class AlignedTrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Trainer's evaluation step, with the per-layer logits, batch first `(batch, num_layers, num_labels)`, as the
-        predictions (Trainer gathers and concatenates predictions along dim 0)."""
+        predictions (Trainer gathers and concatenates predictions along dim 0).
+
+        The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
+        """
         loss, layer_logits, labels = super().prediction_step(
-            model, inputs, prediction_loss_only, ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS]
+            model,
+            {**inputs, "early_exit": False},
+            prediction_loss_only,
+            ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS],
         )
         if layer_logits is not None:
             layer_logits = layer_logits.transpose(0, 1).contiguous()

@@ -20,6 +20,7 @@ from hf_aligned import (
     AlignedForSequenceClassification,
     AlignedTrainer,
     AlignedTrainingArguments,
+    ExitConfig,
     LayerwiseMetrics,
     format_layer_table,
     minimal_depth,
@@ -75,6 +76,17 @@ def direct_layer_outputs(model, dataset):
     model.eval()
     with torch.no_grad():
         return model(**as_batch(dataset))
+
+
+def direct_layer_accuracies(model, dataset) -> list[float]:
+    predictions = direct_layer_outputs(model, dataset).layer_logits.argmax(-1)
+    return (predictions == torch.tensor(dataset["labels"])).double().mean(dim=1).tolist()
+
+
+def assert_layer_accuracies(metrics, model, dataset) -> None:
+    """`evaluate()`'s per-layer accuracies equal those of a direct forward pass over the whole data set."""
+    for layer, accuracy in enumerate(direct_layer_accuracies(model, dataset), start=1):
+        assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracy), layer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,11 +188,10 @@ def test_evaluate_reports_every_layer_like_a_direct_computation(tmp_path):
     trainer = AlignedTrainer(model, args, eval_dataset=dataset, compute_metrics=mean_top_score)
     metrics = trainer.evaluate()
 
+    assert_layer_accuracies(metrics, model, dataset)
+    accuracies = direct_layer_accuracies(model, dataset)
     outputs = direct_layer_outputs(model, dataset)
-    labels = torch.tensor(dataset["labels"])
-    accuracies = (outputs.layer_logits.argmax(-1) == labels).double().mean(dim=1).tolist()
     for layer in range(1, NUM_LAYERS + 1):
-        assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracies[layer - 1])
         assert metrics[f"eval_layer_{layer}_loss"] == pytest.approx(outputs.layer_losses[layer - 1].item(), rel=1e-5)
         top = outputs.layer_logits[layer - 1].max(dim=-1).values.mean().item()
         assert metrics[f"eval_layer_{layer}_mean_top_score"] == pytest.approx(top, rel=1e-5)
@@ -212,6 +223,18 @@ def test_predict_returns_per_layer_logits_batch_first(tmp_path):
     np.testing.assert_array_equal(prediction.label_ids, dataset["labels"])
 
 
+def test_predict_runs_every_layer_even_when_the_model_would_exit_early(tmp_path):
+    dataset = toy_dataset(10).remove_columns("labels")
+    model = deterministic_model()
+    model.exit_config = ExitConfig(rule="fixed", exit_layer=1)  # every sample would leave after layer 1
+    prediction = AlignedTrainer(model, training_args(tmp_path)).predict(dataset)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**as_batch(dataset), early_exit=False).layer_logits.transpose(0, 1).numpy()
+    assert prediction.label_ids is None
+    np.testing.assert_allclose(prediction.predictions, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_preprocess_logits_for_metrics_sees_layers_and_may_keep_only_class_ids(tmp_path):
     dataset = toy_dataset(10)
     model = deterministic_model(seed=2)
@@ -225,9 +248,7 @@ def test_preprocess_logits_for_metrics_sees_layers_and_may_keep_only_class_ids(t
     trainer = AlignedTrainer(model, args, eval_dataset=dataset, preprocess_logits_for_metrics=keep_argmax)
     metrics = trainer.evaluate()
     assert shapes == [(4, NUM_LAYERS, 3), (4, NUM_LAYERS, 3), (2, NUM_LAYERS, 3)]
-    accuracies = direct_layer_outputs(model, dataset).layer_logits.argmax(-1) == torch.tensor(dataset["labels"])
-    for layer, accuracy in enumerate(accuracies.double().mean(dim=1).tolist(), start=1):
-        assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracy)
+    assert_layer_accuracies(metrics, model, dataset)
     assert not any(key.startswith("eval_layer_") and key.endswith("_loss") for key in metrics)
 
 
@@ -322,10 +343,7 @@ def test_per_layer_heads_baseline_trains_every_head(tmp_path):
         name = f"heads.{layer}.out_proj.weight"
         assert not torch.equal(model.classifier.get_parameter(name), initial[name]), name
     metrics = trainer.evaluate()
-    dataset = toy_dataset(8, 1)
-    accuracies = direct_layer_outputs(model, dataset).layer_logits.argmax(-1) == torch.tensor(dataset["labels"])
-    for layer, accuracy in enumerate(accuracies.double().mean(dim=1).tolist(), start=1):
-        assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracy)
+    assert_layer_accuracies(metrics, model, toy_dataset(8, 1))
 
 
 def test_lora_wrapped_models_train_and_evaluate_layer_by_layer(tmp_path):
@@ -344,10 +362,7 @@ def test_lora_wrapped_models_train_and_evaluate_layer_by_layer(tmp_path):
     assert all(f"layer_{NUM_LAYERS}_loss" in log for log in trainer.state.log_history if "loss" in log)
     assert all(torch.equal(value, frozen[name]) for name, value in model.named_parameters() if name in frozen)
     metrics = trainer.evaluate()
-    dataset = toy_dataset(8, 1)
-    accuracies = direct_layer_outputs(model, dataset).layer_logits.argmax(-1) == torch.tensor(dataset["labels"])
-    for layer, accuracy in enumerate(accuracies.double().mean(dim=1).tolist(), start=1):
-        assert metrics[f"eval_layer_{layer}_accuracy"] == pytest.approx(accuracy)
+    assert_layer_accuracies(metrics, model, toy_dataset(8, 1))
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):

@@ -1,0 +1,170 @@
+"""The example scripts end to end: run as a user runs them (`python ...`, `accelerate launch ...`), offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
+
+import hf_aligned  # noqa: F401 - registers the aligned model type with the Auto classes
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+# A small ViT (2 blocks, width 16) on 128 digits, 4 optimizer steps of 16 images: seconds, yet every part runs.
+TINY_VIT = [
+    "--num_hidden_layers", "2", "--hidden_size", "16", "--num_attention_heads", "2", "--intermediate_size", "32",
+    "--max_train_samples", "128", "--max_eval_samples", "50", "--max_steps", "4", "--logging_steps", "2", "--learning_rate", "3e-3",
+    "--per_device_eval_batch_size", "8", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def run_script(command: list[str], timeout: int = 240) -> str:
+    """Runs a command from the repository root with this interpreter's environment; returns stdout."""
+    # One thread per process: these models are tiny, and spinning threads crawl when other jobs share the cores.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, f"{' '.join(command)} failed:\n{completed.stdout}\n{completed.stderr[-4000:]}"
+    return completed.stdout
+
+
+def layer_accuracies(metrics: dict) -> list[float]:
+    return [metrics[key] for key in sorted(key for key in metrics if key.endswith("_accuracy") and "layer_" in key)]
+
+
+def test_image_example_trains_evaluates_and_saves(tmp_path):
+    output = tmp_path / "vit"
+    stdout = run_script(
+        [sys.executable, "examples/run_image_classification.py", "--output_dir", str(output), "--layer_weights",
+         "uniform", *TINY_VIT]
+    )  # fmt: skip
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert sorted(key for key in metrics if key.endswith("_accuracy")) == [
+        "eval_accuracy",
+        "eval_layer_1_accuracy",
+        "eval_layer_2_accuracy",
+    ]
+    assert stdout.splitlines()[-1].split() == ["minimal", "depth", str(metrics["eval_minimal_depth"])]
+    assert f"{metrics['eval_layer_1_accuracy']:.4f}" in stdout
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert model.config.layer_weights == "uniform"
+    assert model.config.id2label[3] == "3"
+    assert (output / "preprocessor_config.json").exists()
+
+
+def tiny_text_checkpoint(path: Path) -> Path:
+    """A random 2-block BERT with a real WordPiece tokenizer over a tiny vocabulary."""
+    words = ["good", "great", "fine", "bad", "awful", "dull", "movie", "plot", "a", "very", "the", "was"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_text_example_on_local_csv_with_string_labels(tmp_path):
+    checkpoint = tiny_text_checkpoint(tmp_path / "bert")
+    rows = [("a very good movie", "positive"), ("the plot was dull", "negative"), ("great", "positive")] * 8
+    for name, subset in (("train.csv", rows), ("dev.csv", rows[:7])):
+        lines = ["review,sentiment", *(f"{text},{label}" for text, label in subset)]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out"
+    stdout = run_script(
+        [sys.executable, "examples/run_text_classification.py", "--model_name_or_path", str(checkpoint),
+         "--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "dev.csv"),
+         "--text_columns", "review", "--label_column", "sentiment", "--output_dir", str(output),
+         "--classifier_sharing", "per_layer", "--max_steps", "3", "--per_device_train_batch_size", "8",
+         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert "pooling: cls" in stdout
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert len(layer_accuracies(metrics)) == 2
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert model.config.classifier_sharing == "per_layer"
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_matches_one_process(tmp_path):
+    # Two processes with 8 images each per step against one process with 16: accelerate deals batch 2k to rank 0 and
+    # batch 2k+1 to rank 1 from the same shuffled order, and DDP averages the two gradients, so both runs see the same
+    # global batches and gradients. Only the order of floating-point sums differs, hence the small tolerances.
+    single, distributed = tmp_path / "single", tmp_path / "ddp"
+    run_script(
+        [sys.executable, "examples/run_image_classification.py", "--output_dir", str(single), "--use_cpu", "true",
+         "--per_device_train_batch_size", "16", *TINY_VIT]
+    )  # fmt: skip
+    stdout = run_script(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         "examples/accelerate_config_2proc.yaml", "--main_process_port", str(free_port()),
+         "examples/run_image_classification.py", "--output_dir", str(distributed), "--use_cpu", "true",
+         "--per_device_train_batch_size", "8", *TINY_VIT]
+    )  # fmt: skip
+    assert stdout.count("minimal depth") == 1, "only the main process prints the table"
+    single_metrics = json.loads((single / "eval_results.json").read_text())
+    ddp_metrics = json.loads((distributed / "eval_results.json").read_text())
+    assert layer_accuracies(ddp_metrics) == layer_accuracies(single_metrics)
+    assert ddp_metrics["eval_minimal_depth"] == single_metrics["eval_minimal_depth"]
+    # Per-layer losses are computed over the gathered predictions, so they match; Trainer's own `eval_loss` is a mean
+    # of per-batch means and depends on how the 50 samples were split into batches.
+    for key in ("eval_layer_1_loss", "eval_layer_2_loss"):
+        assert ddp_metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
+    # Training logs: per-layer losses gathered from both processes equal the single process's over the same batches.
+    single_logs, ddp_logs = (
+        [log for log in json.loads((path / "trainer_state.json").read_text())["log_history"] if "loss" in log]
+        for path in (single, distributed)
+    )
+    assert len(ddp_logs) == len(single_logs) == 2
+    for ddp_log, single_log in zip(ddp_logs, single_logs):
+        for key in ("loss", "layer_1_loss", "layer_2_loss"):
+            assert ddp_log[key] == pytest.approx(single_log[key], rel=1e-5), key
+    single_weights = load_file(single / "model.safetensors")
+    ddp_weights = load_file(distributed / "model.safetensors")
+    assert single_weights.keys() == ddp_weights.keys()
+    for name, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert AutoConfig.from_pretrained(distributed).num_layers == 2
+
+
+@pytest.mark.slow
+def test_demo_prints_one_table_for_the_three_trainings_and_saves_a_plot(tmp_path):
+    stdout = run_script([sys.executable, "examples/demo.py", "--output_dir", str(tmp_path), "--num_train_epochs", "1"])
+    table = stdout[re.search(r"^layer +standard", stdout, flags=re.MULTILINE).start() :].splitlines()
+    assert table[0].split() == ["layer", "standard", "aligned", "per-layer", "heads"]
+    assert [line.split()[0] for line in table[1:9]] == [str(layer) for layer in range(1, 9)]
+    assert table[9].startswith("minimal depth")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics) == ["standard", "aligned", "per-layer heads"]
+    assert (tmp_path / "accuracy_vs_layer.png").stat().st_size > 10_000
+    for folder, weights, sharing in (
+        ("standard", "last", "shared"),
+        ("aligned", "linear", "shared"),
+        ("per_layer_heads", "linear", "per_layer"),
+    ):
+        config = AutoConfig.from_pretrained(tmp_path / folder)
+        assert (config.layer_weights, config.classifier_sharing) == (weights, sharing)
