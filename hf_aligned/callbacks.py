@@ -24,7 +24,7 @@ class RepresentationDynamicsCallback(TrainerCallback):
     every block) are read and compared, layer by layer, with linear CKA against those at the previous evaluation and
     at the start (Sharon & Dar, 2024); the shared classifier's accuracy after every block (and, optionally, a linear
     probe's accuracy per layer) is measured too. The records are written as JSON into the output directory after
-    every evaluation, and drawn as layer × step heatmaps when training ends. Works with any `Trainer` whose model
+    every evaluation, and drawn as layer-by-step heatmaps when training ends. Works with any `Trainer` whose model
     has `pooled_layer_states` (an [`AlignedForSequenceClassification`]).
 
     Every process computes the measurements (the model may be sharded); only the main process writes files.

@@ -26,7 +26,7 @@ def plot_similarity_heatmaps(
     first_layer: int = 0,
     title: str | None = None,
 ) -> Figure:
-    """Layer × layer similarity heatmaps side by side, on one color scale.
+    """Layer-by-layer similarity heatmaps side by side, on one color scale.
 
     Args:
         matrices: `{"COS": cos, "CKA": cka}` for one row of panels, or `{"standard": {"COS": ..., "CKA": ...},
@@ -102,7 +102,7 @@ def plot_dynamics(
     path: str | os.PathLike | None = None,
     keys: Sequence[str] = ("cka_to_initial", "cka_to_previous", "classifier_accuracy"),
 ) -> Figure:
-    """Layer × training-step heatmaps of per-layer quantities recorded during training.
+    """Layer-by-training-step heatmaps of per-layer quantities recorded during training.
 
     Args:
         records: the `records` written by [`RepresentationDynamicsCallback`]: dicts with a `step` and, for each
