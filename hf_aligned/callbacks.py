@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from .probes import classifier_layer_accuracy, linear_probe_accuracy
-from .similarity import layer_representations, layerwise_cka, to_json_list
+from .similarity import json_safe, layer_representations, layerwise_cka
 
 logger = logging.get_logger(__name__)
 
@@ -113,8 +113,8 @@ class RepresentationDynamicsCallback(TrainerCallback):
         record: dict[str, Any] = {
             "step": state.global_step,
             "epoch": state.epoch,
-            "cka_to_initial": to_json_list(layerwise_cka(self._initial, reps)),
-            "cka_to_previous": None if self._previous is None else to_json_list(layerwise_cka(self._previous, reps)),
+            "cka_to_initial": layerwise_cka(self._initial, reps),
+            "cka_to_previous": None if self._previous is None else layerwise_cka(self._previous, reps),
             "classifier_accuracy": None,
         }
         self._previous = reps
@@ -138,4 +138,4 @@ class RepresentationDynamicsCallback(TrainerCallback):
             "records": self.records,
         }
         with open(os.path.join(args.output_dir, f"{self.file_name}.json"), "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=2)
+            json.dump(json_safe(content), handle, indent=2, allow_nan=False)

@@ -99,11 +99,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .similarity import (
         cka_matrix,
         cosine_similarity_matrix,
+        json_safe,
         layer_representations,
         off_diagonal_mean,
         similarity_agreement,
         similarity_by_distance,
-        to_json_list,
     )
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +122,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        processed = _tokenize(dataset, tokenizer, args, has_labels, model.config.label2id)
+        # transformers 5 may leave `label2id` unset when only `id2label` was given: invert the latter.
+        label2id = {name: int(index) for index, name in (model.config.id2label or {}).items()}
+        processed = _tokenize(dataset, tokenizer, args, has_labels, label2id)
         collate_fn = DataCollatorWithPadding(tokenizer)
 
     reps, labels = layer_representations(
@@ -141,8 +143,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         "num_samples": reps.shape[1],
         "pooling": args.pooling or model.config.pooling,
         "layers": "rows and columns: embedding output (0) and blocks 1..L",
-        "cos": to_json_list(cos),
-        "cka": to_json_list(cka),
+        "cos": cos,
+        "cka": cka,
         "agreement": similarity_agreement(cos, cka),
         "off_diagonal_mean": {"cos": off_diagonal_mean(cos), "cka": off_diagonal_mean(cka)},
         "by_distance": {"cos": similarity_by_distance(cos), "cka": similarity_by_distance(cka)},
@@ -163,7 +165,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     with open(output / "similarity.json", "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+        json.dump(json_safe(results), handle, indent=2, allow_nan=False)
     plot_similarity_heatmaps({"COS": cos, "CKA": cka}, output / "similarity.png", title=str(args.model_dir))
     if curves:
         plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))

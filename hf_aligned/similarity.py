@@ -209,17 +209,19 @@ def _batches(
                 "batch, pass `[batch]`."
             )
         return data
-    column_names = getattr(data, "column_names", None)
-    if column_names is not None:
-        if max_samples is not None and max_samples < len(data):
-            data = data.select(range(max_samples))
-        unused = [name for name in column_names if name not in input_names and name not in LABEL_KEYS]
-        data = data.remove_columns(unused)
+    if max_samples is not None and hasattr(data, "select") and max_samples < len(data):
+        data = data.select(range(max_samples))
     if collate_fn is None:
         from transformers import default_data_collator
 
         collate_fn = _explain_collate_errors(default_data_collator)
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    kept = input_names | set(LABEL_KEYS)
+
+    def collate(samples: list[Mapping[str, Any]]) -> Mapping[str, Any]:
+        # Columns the model does not read (raw text, ids) would trip the collator: leave them out first.
+        return collate_fn([{key: value for key, value in sample.items() if key in kept} for sample in samples])
+
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
 def _is_map_style(data: Any) -> bool:
@@ -491,22 +493,34 @@ def similarity_agreement(first: torch.Tensor | np.ndarray, second: torch.Tensor 
 def off_diagonal_mean(matrix: torch.Tensor | np.ndarray) -> float:
     """Mean of the off-diagonal entries of a similarity matrix, ignoring NaN."""
     values = _as_numpy_matrix(matrix, "matrix")
-    mask = ~np.eye(values.shape[0], dtype=bool)
-    return float(np.nanmean(values[mask]))
+    return _nan_mean(values[~np.eye(values.shape[0], dtype=bool)])
 
 
 def similarity_by_distance(matrix: torch.Tensor | np.ndarray) -> list[float]:
-    """Mean similarity of layer pairs `k` apart, for k = 1..K-1 (shows similarity falling with layer distance)."""
+    """Mean similarity of layer pairs `k` apart, for k = 1..K-1 (shows similarity falling with layer distance).
+
+    NaN entries are ignored; a distance with no defined entry gives NaN.
+    """
     values = _as_numpy_matrix(matrix, "matrix")
-    return [float(np.nanmean(np.diagonal(values, offset=k))) for k in range(1, values.shape[0])]
+    return [_nan_mean(np.diagonal(values, offset=k)) for k in range(1, values.shape[0])]
 
 
-def to_json_list(values: torch.Tensor | np.ndarray | Sequence) -> list:
-    """Nested Python lists of floats for JSON, with NaN written as `None` (JSON has no NaN)."""
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
-    return (
-        [to_json_list(row) for row in array] if array.ndim > 1 else [None if np.isnan(v) else float(v) for v in array]
-    )
+def _nan_mean(values: np.ndarray) -> float:
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else math.nan
+
+
+def json_safe(value: Any) -> Any:
+    """`value` ready for strict JSON: tensors and arrays become lists, NumPy scalars Python ones, NaN `None`."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def _as_numpy_matrix(matrix: torch.Tensor | np.ndarray, name: str) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 import datasets
 import numpy as np
@@ -24,6 +25,8 @@ from hf_aligned import (
     linear_cka,
     minibatch_cka,
     off_diagonal_mean,
+    plot_layer_accuracy,
+    plot_similarity_heatmaps,
     pool_hidden_states,
     sample_cosine,
     similarity_agreement,
@@ -387,3 +390,37 @@ def test_layer_representations_errors():
         layer_representations(model, _ragged_dataset(), batch_size=0)
     with pytest.raises(ValueError, match="no samples"):
         layer_representations(model, [])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_plot_similarity_heatmaps(tmp_path):
+    reps = residual_stream(4, 30, 6)
+    cos, cka = cosine_similarity_matrix(reps), cka_matrix(reps)
+    figure = plot_similarity_heatmaps({"COS": cos, "CKA": cka}, tmp_path / "one_row.png")
+    panels = [axis for axis in figure.axes if axis.get_images()]
+    assert [axis.get_title() for axis in panels] == ["COS", "CKA"]
+    np.testing.assert_allclose(panels[1].get_images()[0].get_array(), cka.numpy())
+    assert (tmp_path / "one_row.png").stat().st_size > 0
+    grid = plot_similarity_heatmaps({"standard": {"COS": cos, "CKA": cka}, "aligned": {"COS": cos}}, first_layer=1)
+    titles = [axis.get_title() for axis in grid.axes if axis.get_images()]
+    assert titles == ["standard: COS", "standard: CKA", "aligned: COS"]
+    with pytest.raises(ValueError, match="mixes matrices and mappings"):
+        plot_similarity_heatmaps({"COS": cos, "aligned": {"CKA": cka}})
+    with pytest.raises(ValueError, match="square"):
+        plot_similarity_heatmaps({"COS": cos[:2]})
+
+
+def test_plot_layer_accuracy(tmp_path, monkeypatch):
+    curves = {"standard": [0.5, 0.6, 0.9], "aligned": [0.8, 0.85, 0.9]}
+    figure = plot_layer_accuracy(curves, tmp_path / "accuracy.png", chance=0.5)
+    lines = figure.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["standard", "aligned", "chance"]
+    assert lines[1].get_xdata().tolist() == [1, 2, 3] and lines[1].get_ydata().tolist() == curves["aligned"]
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"hf-aligned\[plots\]"):
+        plot_layer_accuracy(curves)
