@@ -100,7 +100,7 @@ def plot_layer_accuracy(
 def plot_dynamics(
     records: Sequence[Mapping[str, Any]],
     path: str | os.PathLike | None = None,
-    keys: Sequence[str] = ("cka_to_initial", "cka_to_previous", "classifier_accuracy"),
+    keys: Sequence[str] = ("cka_to_initial", "cka_to_previous", "classifier_accuracy", "probe_accuracy"),
 ) -> Figure:
     """Layer-by-training-step heatmaps of per-layer quantities recorded during training.
 

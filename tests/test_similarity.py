@@ -129,6 +129,18 @@ def test_cka_matrix_matches_numpy(num_samples, dim):
     assert linear_cka(reps[0], reps[3]) == pytest.approx(expected[0, 3], abs=1e-6)
 
 
+@pytest.mark.parametrize(("num_samples", "dim"), [(300, 10), (12, 40)], ids=["feature-space", "gram-space"])
+def test_cka_of_float32_representations(num_samples, dim, monkeypatch):
+    reps = residual_stream(4, num_samples, dim, seed=12)
+    expected = np.array([[numpy_cka_gram(a, b) for b in reps] for a in reps])
+    single = torch.tensor(reps, dtype=torch.float32)
+    # float32 products over chunks of 64 samples, partial sums in float64.
+    np.testing.assert_allclose(cka_matrix(single, chunk_size=64).numpy(), expected, atol=1e-6)
+    # Where float32 matmuls may run as TF32 / bfloat16, the products are float64 instead.
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert torch.equal(cka_matrix(single, chunk_size=64), cka_matrix(single.double()))
+
+
 def test_cka_compares_layers_of_different_widths():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(50, 7)), rng.normal(size=(50, 19))
