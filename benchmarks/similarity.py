@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from hf_aligned import (
     AlignedForSequenceClassification,
@@ -118,7 +119,7 @@ def run_synthetic(args: argparse.Namespace) -> dict:
         "num_samples": reps.shape[1],
         "hidden_size": reps.shape[2],
         "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        "threads": {"torch": torch.get_num_threads(), "numpy_blas": args.threads or "library default"},
         "seconds": {
             "hf_aligned_cos": ours_cos_s,
             "hf_aligned_cka": ours_cka_s,
@@ -297,6 +298,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--hidden-size", type=int, default=768)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch and numpy's BLAS (default: the libraries')."
+    )
     parser.add_argument("--standard", type=Path, default=TRAINED_DEFAULTS / "standard")
     parser.add_argument("--aligned", type=Path, default=TRAINED_DEFAULTS / "aligned")
     parser.add_argument("--per-layer", type=Path, default=TRAINED_DEFAULTS / "per_layer")
@@ -309,12 +313,15 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "benchmarks" / "similarity")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    if args.part in ("synthetic", "all"):
-        results = run_synthetic(args)
-        (args.output / "synthetic.json").write_text(json.dumps(json_safe(results), indent=2))
-    if args.part in ("minilm", "all"):
-        results = run_minilm(args)
-        (args.output / "minilm_sst2.json").write_text(json.dumps(json_safe(results), indent=2))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=args.threads):
+        if args.part in ("synthetic", "all"):
+            results = run_synthetic(args)
+            (args.output / "synthetic.json").write_text(json.dumps(json_safe(results), indent=2))
+        if args.part in ("minilm", "all"):
+            results = run_minilm(args)
+            (args.output / "minilm_sst2.json").write_text(json.dumps(json_safe(results), indent=2))
     print(f"\nResults written to {args.output}")
 
 
