@@ -8,6 +8,7 @@ Every statistic is accumulated in float64, on the device the representations liv
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -316,17 +317,19 @@ def cka_matrix(reps: Representations, chunk_size: int = 4096) -> torch.Tensor:
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
     layers = as_layer_list(reps)
-    dtype = _product_dtype(layers)
-    centered, constant = [], []
-    for layer in layers:
-        values = _center(layer)
+    widths = [layer.shape[1] for layer in layers]
+    # All layers side by side, each centered in float64 and stored in the product precision.
+    stacked = torch.empty(layers[0].shape[0], sum(widths), dtype=_product_dtype(layers), device=layers[0].device)
+    constant = []
+    for layer, start in zip(layers, itertools.accumulate([0, *widths])):
+        centered = _center(layer)
         scale = torch.linalg.vector_norm(layer.to(torch.float64))
-        constant.append(bool(torch.linalg.vector_norm(values) <= CONSTANT_TOLERANCE * scale))
-        centered.append(values.to(dtype))
-    hsic = _linear_hsic_matrix(centered, chunk_size)
+        constant.append(torch.linalg.vector_norm(centered) <= CONSTANT_TOLERANCE * scale)
+        stacked[:, start : start + layer.shape[1]] = centered
+    hsic = _linear_hsic_matrix(stacked, widths, chunk_size)
     norms = hsic.diagonal().sqrt()
     cka = hsic / (norms[:, None] * norms[None, :])
-    constant = torch.tensor(constant, device=cka.device)
+    constant = torch.stack(constant)
     cka[constant, :] = math.nan
     cka[:, constant] = math.nan
     return cka
@@ -348,29 +351,33 @@ def layerwise_cka(first: Representations, second: Representations) -> list[float
     return [linear_cka(x, y.to(x.device)) for x, y in zip(a, b)]
 
 
-def _linear_hsic_matrix(centered: list[torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Unnormalized biased linear HSIC tr(Kᵢ H Kⱼ H) = ||X̄ⱼᵀ X̄ᵢ||_F² for every pair of centered layers."""
-    num_samples = centered[0].shape[0]
-    if num_samples < max(layer.shape[1] for layer in centered):
+def _linear_hsic_matrix(stacked: torch.Tensor, widths: list[int], chunk_size: int) -> torch.Tensor:
+    """Unnormalized biased linear HSIC ||X̄ⱼᵀ X̄ᵢ||_F² for every pair of layers, from `[N, ΣD]` centered layers."""
+    count = len(widths)
+    offsets = list(itertools.accumulate([0, *widths]))
+    if stacked.shape[0] < max(widths):
         # Gram space is smaller here; the Gram matrices take no more memory than the layers themselves.
-        grams = torch.stack([layer.double() @ layer.double().T for layer in centered]).flatten(1)
+        blocks = [stacked[:, offsets[i] : offsets[i + 1]].double() for i in range(count)]
+        grams = torch.stack([block @ block.T for block in blocks]).flatten(1)
         return grams @ grams.T
-    count = len(centered)
-    hsic = torch.zeros(count, count, dtype=torch.float64, device=centered[0].device)
+    device = stacked.device
+    layer_of_column = torch.repeat_interleave(torch.arange(count, device=device), torch.tensor(widths, device=device))
+    hsic = torch.zeros(count, count, dtype=torch.float64, device=device)
     for i in range(count):
-        for j in range(i, count):
-            hsic[i, j] = hsic[j, i] = _cross_square_norm(centered[i], centered[j], chunk_size)
-    return hsic
+        # One product per layer against itself and every later layer: each unordered pair is computed once.
+        cross = _cross_product(stacked[:, offsets[i] : offsets[i + 1]], stacked[:, offsets[i] :], chunk_size)
+        hsic[i, i:].index_add_(0, layer_of_column[offsets[i] :] - i, cross.square().sum(dim=0))
+    return hsic.triu() + hsic.triu(diagonal=1).T
 
 
-def _cross_square_norm(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """||yᵀ x||_F², with products in the inputs' precision and partial sums over sample chunks in float64."""
+def _cross_product(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """xᵀ y in float64: float32 products over chunks of samples with float64 partial sums, or one float64 product."""
     if x.dtype == torch.float64:
-        return (y.T @ x).square().sum()
-    cross = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        return x.T @ y
+    cross = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
-        cross += y[start : start + chunk_size].T @ x[start : start + chunk_size]
-    return cross.square().sum()
+        cross += x[start : start + chunk_size].T @ y[start : start + chunk_size]
+    return cross
 
 
 def _product_dtype(layers: list[torch.Tensor]) -> torch.dtype:
