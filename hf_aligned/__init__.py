@@ -6,6 +6,7 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .exits import ExitConfig
 from .hub import HubPushError, push_aligned_model
@@ -17,6 +18,23 @@ from .modeling_aligned import (
     AlignedSequenceClassifierOutput,
     EarlyExitOutput,
     pool_hidden_states,
+)
+from .plotting import plot_dynamics, plot_layer_accuracy, plot_similarity_heatmaps
+from .probes import ProbeResults, classifier_layer_accuracy, linear_probe_accuracy
+from .similarity import (
+    MinibatchCKA,
+    cka_matrix,
+    cosine_similarity_matrix,
+    iter_layer_representations,
+    layer_representations,
+    layerwise_cka,
+    linear_cka,
+    minibatch_cka,
+    off_diagonal_mean,
+    sample_cosine,
+    similarity_agreement,
+    similarity_by_distance,
+    unbiased_hsic_matrix,
 )
 from .trainer import AlignedTrainer
 from .training_args import AlignedTrainingArguments
@@ -40,12 +58,32 @@ __all__ = [
     "ExitConfig",
     "HubPushError",
     "LayerwiseMetrics",
+    "MinibatchCKA",
+    "ProbeResults",
+    "RepresentationDynamicsCallback",
     "build_model_card",
+    "cka_matrix",
+    "classifier_layer_accuracy",
+    "cosine_similarity_matrix",
     "format_layer_table",
+    "iter_layer_representations",
+    "layer_representations",
     "layer_values",
+    "layerwise_cka",
+    "linear_cka",
+    "linear_probe_accuracy",
+    "minibatch_cka",
     "minimal_depth",
+    "off_diagonal_mean",
+    "plot_dynamics",
+    "plot_layer_accuracy",
+    "plot_similarity_heatmaps",
     "pool_hidden_states",
     "push_aligned_model",
     "resolve_layer_weights",
+    "sample_cosine",
+    "similarity_agreement",
+    "similarity_by_distance",
+    "unbiased_hsic_matrix",
     "write_model_card",
 ]

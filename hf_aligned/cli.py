@@ -1,0 +1,281 @@
+"""The `hf-aligned` command line: one subcommand per task (`hf-aligned --help` lists them)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("hf_aligned.cli")
+
+# Local data files `--dataset` accepts, and the `datasets` builder that reads each.
+DATA_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Text columns tried, in order, when `--text-column` is not given.
+TEXT_COLUMN_CANDIDATES = ("text", "sentence", "content", "question", "document")
+# Splits tried, in order, when `--split` is not given.
+SPLIT_CANDIDATES = ("validation", "test", "train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-aligned` parser; each subcommand registers itself with one `add_*_command(subparsers)` function."""
+    parser = argparse.ArgumentParser(
+        prog="hf-aligned",
+        description="Layer-aligned training and single-classifier multi-exit inference for Hugging Face Transformers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_analyze_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hf-aligned` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.run(args) or 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hf-aligned analyze
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_analyze_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="Layer-wise representation similarity (COS, CKA) and per-layer accuracy of a model on a data set.",
+        description=(
+            "Reads the pooled representation after every layer of MODEL_DIR on a data set and writes the COS and "
+            "CKA matrices, their agreement, per-layer accuracy of the shared classifier (and optionally of linear "
+            "probes) as similarity.json, with heatmaps and an accuracy plot as PNG."
+        ),
+    )
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="An aligned checkpoint (or a plain base checkpoint) folder or Hub id."
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="A local .csv/.tsv/.json/.jsonl/.parquet file, a folder written by `Dataset.save_to_disk`, or a Hub "
+        "dataset name.",
+    )
+    parser.add_argument("--dataset-config", default=None, help="The Hub dataset's configuration name (e.g. 'sst2').")
+    parser.add_argument(
+        "--split", default=None, help="The split to read; defaults to the first of validation, test, train."
+    )
+    parser.add_argument(
+        "--text-column", default=None, help=f"Text column; defaults to the first of {TEXT_COLUMN_CANDIDATES}."
+    )
+    parser.add_argument("--text-pair-column", default=None, help="Second text column, for sentence-pair tasks.")
+    parser.add_argument("--image-column", default="image", help="Image column, for image models.")
+    parser.add_argument(
+        "--label-column", default="label", help="Label column; without it only the similarities are computed."
+    )
+    parser.add_argument("--max-samples", type=_positive_int, default=None, help="Read at most this many samples.")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="Samples per forward pass.")
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="Truncate texts to this many tokens.")
+    parser.add_argument(
+        "--pooling", choices=("cls", "last", "mean"), default=None, help="Pooling; defaults to the model's."
+    )
+    parser.add_argument("--probes", action="store_true", help="Also train a linear probe per layer (scikit-learn).")
+    parser.add_argument("--device", default=None, help="Where to run the model; defaults to cuda when available.")
+    parser.add_argument("--output", required=True, help="Folder for similarity.json and the plots.")
+    parser.set_defaults(run=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Runs `hf-aligned analyze` (see `hf-aligned analyze --help`)."""
+    import torch
+    from transformers import AutoConfig, DataCollatorWithPadding, default_data_collator
+
+    from .configuration_aligned import AlignedConfig
+    from .modeling_aligned import AlignedForSequenceClassification
+    from .plotting import plot_layer_accuracy, plot_similarity_heatmaps
+    from .probes import classifier_layer_accuracy, linear_probe_accuracy
+    from .similarity import (
+        cka_matrix,
+        cosine_similarity_matrix,
+        json_safe,
+        layer_representations,
+        off_diagonal_mean,
+        similarity_agreement,
+        similarity_by_distance,
+    )
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AlignedForSequenceClassification.from_pretrained(args.model_dir).to(device).eval()
+    trained_classifier = isinstance(AutoConfig.from_pretrained(args.model_dir), AlignedConfig)
+    dataset = _load_split(args.dataset, args.dataset_config, args.split)
+    if args.max_samples is not None and args.max_samples < len(dataset):
+        dataset = dataset.select(range(args.max_samples))
+    has_labels = args.label_column in dataset.column_names
+    if not has_labels:
+        logger.info(f"No column {args.label_column!r}: skipping per-layer accuracy.")
+    if model.base_model.main_input_name == "pixel_values":
+        processed = _process_images(dataset, args, has_labels)
+        collate_fn = default_data_collator
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        # transformers 5 may leave `label2id` unset when only `id2label` was given: invert the latter.
+        label2id = {name: int(index) for index, name in (model.config.id2label or {}).items()}
+        processed = _tokenize(dataset, tokenizer, args, has_labels, label2id)
+        collate_fn = DataCollatorWithPadding(tokenizer)
+
+    reps, labels = layer_representations(
+        model,
+        processed,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        collate_fn=collate_fn,
+        return_labels=True,
+    )
+    cos, cka = cosine_similarity_matrix(reps), cka_matrix(reps)
+    results: dict[str, Any] = {
+        "model": str(args.model_dir),
+        "dataset": str(args.dataset),
+        "split": str(dataset.split) if dataset.split is not None else args.split,
+        "num_samples": reps.shape[1],
+        "pooling": args.pooling or model.config.pooling,
+        "layers": "rows and columns: embedding output (0) and blocks 1..L",
+        "cos": cos,
+        "cka": cka,
+        "agreement": similarity_agreement(cos, cka),
+        "off_diagonal_mean": {"cos": off_diagonal_mean(cos), "cka": off_diagonal_mean(cka)},
+        "by_distance": {"cos": similarity_by_distance(cos), "cka": similarity_by_distance(cka)},
+    }
+    curves = {}
+    if labels is not None and trained_classifier:
+        results["classifier_accuracy"] = classifier_layer_accuracy(
+            model, processed, batch_size=args.batch_size, collate_fn=collate_fn
+        )
+        curves["shared classifier"] = results["classifier_accuracy"]
+    elif labels is not None:
+        logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
+    if labels is not None and args.probes:
+        probes = linear_probe_accuracy(reps, labels)
+        results["probe_accuracy"] = probes.to_dict()
+        curves["linear probe"] = probes.test_accuracy[1:]
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "similarity.json", "w", encoding="utf-8") as handle:
+        json.dump(json_safe(results), handle, indent=2, allow_nan=False)
+    plot_similarity_heatmaps({"COS": cos, "CKA": cka}, output / "similarity.png", title=str(args.model_dir))
+    if curves:
+        plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))
+    agreement = results["agreement"]
+    print(
+        f"{reps.shape[1]} samples, {reps.shape[0]} layers: mean off-diagonal COS "
+        f"{results['off_diagonal_mean']['cos']:.4f}, CKA {results['off_diagonal_mean']['cka']:.4f}; "
+        f"agreement Spearman {agreement['spearman']:.4f}, Pearson {agreement['pearson']:.4f}. "
+        f"Written to {output}."
+    )
+    return 0
+
+
+def _load_split(name: str, config_name: str | None, split: str | None):
+    """One split of a local data file, a `save_to_disk` folder or a Hub dataset."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"`--dataset {name}`: unsupported file type {path.suffix!r}; use one of "
+                f"{sorted(DATA_FILE_BUILDERS)} or a Hub dataset name."
+            )
+        # Tab-separated text is read without quote handling: sentences may contain quote characters.
+        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix.lower() == ".tsv" else {}
+        loaded = datasets.load_dataset(builder, data_files={"train": str(path)}, **options)
+        if split not in (None, "train"):
+            raise ValueError(f"`--split {split}`: a single data file has only the split 'train'.")
+    elif path.suffix.lower() in DATA_FILE_BUILDERS:
+        raise ValueError(f"`--dataset {name}`: no such file.")
+    else:
+        loaded = datasets.load_dataset(name, config_name)
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split is None:
+        split = next((candidate for candidate in SPLIT_CANDIDATES if candidate in loaded), None)
+        if split is None:
+            split = next(iter(loaded))
+    if split not in loaded:
+        raise ValueError(f"`--split {split}`: the dataset has the splits {sorted(loaded)}.")
+    return loaded[split]
+
+
+def _tokenize(dataset, tokenizer, args: argparse.Namespace, has_labels: bool, label2id: dict[str, int]):
+    text_column = args.text_column or next((c for c in TEXT_COLUMN_CANDIDATES if c in dataset.column_names), None)
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"`--text-column {text_column}` is not a column of the dataset; pass one of {dataset.column_names}."
+        )
+    if args.text_pair_column is not None and args.text_pair_column not in dataset.column_names:
+        raise ValueError(
+            f"`--text-pair-column {args.text_pair_column}` is not a column of the dataset; pass one of "
+            f"{dataset.column_names}."
+        )
+    label_of = _label_mapping(dataset, args.label_column, label2id) if has_labels else None
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        pair = batch[args.text_pair_column] if args.text_pair_column else None
+        encoded = dict(tokenizer(batch[text_column], pair, truncation=True, max_length=args.max_length))
+        if label_of is not None:
+            encoded["labels"] = [label_of(label) for label in batch[args.label_column]]
+        return encoded
+
+    return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+
+
+def _process_images(dataset, args: argparse.Namespace, has_labels: bool):
+    from transformers import AutoImageProcessor
+
+    if args.image_column not in dataset.column_names:
+        raise ValueError(
+            f"`--image-column {args.image_column}` is not a column of the dataset; its columns are "
+            f"{dataset.column_names}."
+        )
+    processor = AutoImageProcessor.from_pretrained(args.model_dir)
+
+    def process(batch: dict[str, list]) -> dict[str, Any]:
+        processed = {"pixel_values": processor(images=batch[args.image_column], return_tensors="pt")["pixel_values"]}
+        if has_labels:
+            processed["labels"] = batch[args.label_column]
+        return processed
+
+    return dataset.with_transform(process)
+
+
+def _label_mapping(dataset, column: str, label2id: dict[str, int]):
+    """Maps label values to class ids: integers as they are, names through the model's `label2id`."""
+    values = dataset.unique(column)
+    names = [value for value in values if isinstance(value, str)]
+    if not names:
+        return int
+    unknown = sorted(set(names) - set(label2id))
+    if unknown:
+        raise ValueError(
+            f"Labels {unknown[:5]} of column {column!r} are not in the model's label2id {label2id}; map them to "
+            "class ids first or pass the right `--label-column`."
+        )
+    return lambda value: label2id[value] if isinstance(value, str) else int(value)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Figures of layer-wise analyses: similarity heatmaps, accuracy per layer, representation dynamics over training.
+
+Every function returns a matplotlib `Figure` built without pyplot (no global state, no display needed) and, given
+`path`, saves it as PNG. matplotlib is the `plots` extra: `pip install 'hf-aligned[plots]'`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Matrix = torch.Tensor | np.ndarray | Sequence[Sequence[float]]
+
+
+def plot_similarity_heatmaps(
+    matrices: Mapping[str, Matrix] | Mapping[str, Mapping[str, Matrix]],
+    path: str | os.PathLike | None = None,
+    first_layer: int = 0,
+    title: str | None = None,
+) -> Figure:
+    """Layer-by-layer similarity heatmaps side by side, on one color scale.
+
+    Args:
+        matrices: `{"COS": cos, "CKA": cka}` for one row of panels, or `{"standard": {"COS": ..., "CKA": ...},
+            "aligned": {...}}` for one row per model.
+        path: where to save the PNG.
+        first_layer: the layer index of the first row/column (0 when the embedding output is included).
+        title: the figure's title.
+    """
+    rows = _as_rows(matrices)
+    num_rows, num_cols = len(rows), max(len(panels) for panels in rows.values())
+    figure = _figure(figsize=(4.2 * num_cols + 0.8, 3.8 * num_rows))
+    axes = figure.subplots(num_rows, num_cols, squeeze=False)
+    low = min(0.0, *(np.nanmin(_matrix(m)) for panels in rows.values() for m in panels.values()))
+    image = None
+    for row, (row_name, panels) in enumerate(rows.items()):
+        for col in range(num_cols):
+            axis = axes[row][col]
+            if col >= len(panels):
+                axis.set_visible(False)
+                continue
+            name, matrix = list(panels.items())[col]
+            values = _matrix(matrix)
+            image = axis.imshow(values, vmin=low, vmax=1.0, cmap="viridis", origin="lower")
+            ticks = _layer_ticks(values.shape[0])
+            axis.set_xticks(ticks, [str(first_layer + tick) for tick in ticks])
+            axis.set_yticks(ticks, [str(first_layer + tick) for tick in ticks])
+            axis.set_xlabel("layer")
+            axis.set_ylabel("layer")
+            axis.set_title(name if row_name == "" else f"{row_name}: {name}")
+    figure.colorbar(image, ax=axes, shrink=0.85, label="similarity")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_layer_accuracy(
+    curves: Mapping[str, Sequence[float]],
+    path: str | os.PathLike | None = None,
+    first_layer: int = 1,
+    ylabel: str = "accuracy",
+    title: str | None = None,
+    chance: float | None = None,
+) -> Figure:
+    """Accuracy (or any score) against layer, one line per model, on one axis.
+
+    Args:
+        curves: `{"standard": [acc after block 1, ...], "aligned": [...], "per-layer heads": [...]}`.
+        path: where to save the PNG.
+        first_layer: the layer index of each curve's first value (1 for per-block accuracies, 0 for probes that
+            include the embedding output).
+        ylabel: the y-axis label.
+        title: the axis title.
+        chance: draws a dashed line at chance level when given.
+    """
+    figure = _figure(figsize=(6.0, 4.0))
+    axis = figure.subplots()
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=np.float64)
+        axis.plot(np.arange(first_layer, first_layer + len(values)), values, marker="o", label=name)
+    if chance is not None:
+        axis.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    axis.set_xlabel("layer")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    if title:
+        axis.set_title(title)
+    return _save(figure, path)
+
+
+def plot_dynamics(
+    records: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+    keys: Sequence[str] = ("cka_to_initial", "cka_to_previous", "classifier_accuracy", "probe_accuracy"),
+) -> Figure:
+    """Layer-by-training-step heatmaps of per-layer quantities recorded during training.
+
+    Args:
+        records: the `records` written by [`RepresentationDynamicsCallback`]: dicts with a `step` and, for each
+            key, one value per layer (or `None` where it was not measured).
+        path: where to save the PNG.
+        keys: the per-layer quantities to draw, one panel each (keys missing from every record are skipped).
+    """
+    if not records:
+        raise ValueError("`records` is empty: there is nothing to plot.")
+    keys = [key for key in keys if any(record.get(key) is not None for record in records)]
+    steps = [record["step"] for record in records]
+    figure = _figure(figsize=(4.5 * len(keys) + 0.5, 3.8))
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for axis, key in zip(axes, keys):
+        width = max(len(record[key]) for record in records if record.get(key) is not None)
+        first_layer = 1 if key == "classifier_accuracy" else 0
+        grid = np.full((width, len(records)), np.nan)
+        for column, record in enumerate(records):
+            if record.get(key) is not None:
+                grid[:, column] = [math.nan if value is None else value for value in record[key]]
+        image = axis.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0)
+        ticks = _layer_ticks(len(steps))
+        axis.set_xticks(ticks, [str(steps[tick]) for tick in ticks])
+        layer_ticks = _layer_ticks(width)
+        axis.set_yticks(layer_ticks, [str(first_layer + tick) for tick in layer_ticks])
+        axis.set_xlabel("step")
+        axis.set_ylabel("layer")
+        axis.set_title(key.replace("_", " "))
+        figure.colorbar(image, ax=axis, shrink=0.85)
+    return _save(figure, path)
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "Plots need matplotlib: `pip install 'hf-aligned[plots]'` (or `pip install matplotlib`)."
+        ) from error
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _save(figure: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def _as_rows(matrices: Mapping) -> dict[str, dict[str, Matrix]]:
+    if not matrices:
+        raise ValueError("`matrices` is empty: give at least one named matrix.")
+    nested = [isinstance(value, Mapping) for value in matrices.values()]
+    if all(nested):
+        return {str(name): dict(panels) for name, panels in matrices.items()}
+    if any(nested):
+        raise ValueError("`matrices` mixes matrices and mappings; give {name: matrix} or {row: {name: matrix}}.")
+    return {"": dict(matrices)}
+
+
+def _matrix(matrix: Matrix) -> np.ndarray:
+    values = matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, dtype=float)
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"A similarity matrix must be square [K, K], got shape {values.shape}.")
+    return values.astype(np.float64)
+
+
+def _layer_ticks(count: int, most: int = 13) -> list[int]:
+    step = max(1, math.ceil(count / most))
+    return list(range(0, count, step))
