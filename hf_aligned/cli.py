@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .hub import add_push_command
+
 logger = logging.getLogger("hf_aligned.cli")
 
 # Local data files `--dataset` accepts, and the `datasets` builder that reads each.
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_analyze_command(subparsers)
+    add_push_command(subparsers)
     return parser
 
 

@@ -159,6 +159,40 @@ class AlignedTrainer(Trainer):
             self._layer_loss_batches = 0
         super().log(logs, start_time)
 
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Writes hf_aligned's model card (per-layer accuracy, minimal depth, exit trade-off) into `output_dir`.
+
+        `Trainer.push_to_hub` calls this before uploading, so pushed checkpoints carry the same card as
+        `model.push_to_hub`. A failing card step logs a warning and never stops training or saving.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .model_card import AlignedModelCardData, latest_eval_metrics, write_model_card
+
+        data = AlignedModelCardData(
+            model_id=self.args.hub_model_id or model_name,
+            base_model=finetuned_from,
+            datasets=[dataset_tags] if isinstance(dataset_tags, str) else dataset_tags,
+            dataset_name=dataset if isinstance(dataset, str) else None,
+            language=language,
+            license=license,
+            tags=[tags] if isinstance(tags, str) else tags,
+            eval_metrics=latest_eval_metrics(self.state.log_history) or None,
+            training_args=self.args.to_dict(),
+        )
+        write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model), data)
+
     def prediction_step(
         self,
         model: nn.Module,
