@@ -87,7 +87,7 @@ def test_console_script_entry_point():
 def test_subcommands_are_one_subparser_each():
     parser = build_parser()
     subparsers = next(action for action in parser._actions if action.dest == "command")
-    assert set(subparsers.choices) == {"analyze"}
+    assert set(subparsers.choices) == {"analyze", "push"}
     with pytest.raises(SystemExit):
         parser.parse_args([])  # a command is required
 
