@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .data import model_batches
+from .data import iter_model_batches
 from .exits import ExitConfig, ExitDecider, exit_scores
 
 CALIBRATION_RULES = ("confidence", "entropy", "patience")
@@ -106,11 +106,10 @@ def collect_layer_logits(
     """Every layer's logits `(num_layers, N, num_labels)` and the labels `(N,)` of a labelled dataset."""
     model.eval()
     logits, labels = [], []
-    for batch in model_batches(model, data, batch_size=batch_size, collate_fn=collate_fn):
-        if "labels" not in batch:
+    for inputs, batch_labels in iter_model_batches(model, data, batch_size=batch_size, collate_fn=collate_fn):
+        if batch_labels is None:
             raise ValueError("calibration needs labelled data: the dataset has no `labels` or `label` column.")
-        batch_labels = batch.pop("labels")
-        logits.append(model(**batch, early_exit=False).layer_logits.float().cpu())
+        logits.append(model(**inputs, early_exit=False).layer_logits.float().cpu())
         labels.append(batch_labels.cpu())
     return torch.cat(logits, dim=1), torch.cat(labels)
 

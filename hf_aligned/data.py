@@ -1,4 +1,5 @@
-"""Streaming a dataset through a model in batches: one place for what every analysis loop needs."""
+"""Streaming a dataset through a model in batches: the one loop every analysis (similarity, probes, calibration)
+shares."""
 
 from __future__ import annotations
 
@@ -7,44 +8,130 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, default_data_collator
+from torch import nn
 
-LABEL_COLUMNS = ("labels", "label")
+# Batch keys that hold the targets of a batch, in the order they are looked up.
+LABEL_KEYS = ("labels", "label", "label_ids")
 
 
-def model_batches(
-    model: PreTrainedModel,
+def iter_model_batches(
+    model: nn.Module,
     data: Any,
     batch_size: int = 32,
-    collate_fn: Callable[[list[dict]], dict] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yields batches of model inputs (and `labels`, when the data has them) on the model's device.
+    collate_fn: Callable[[list[dict]], Mapping[str, Any]] | None = None,
+    max_samples: int | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """Streams `data` as `(model inputs on the model's device, labels or None)` batches.
 
     Args:
-        model: the model the batches are for; only columns its `forward` accepts are kept.
-        data: a `datasets.Dataset` (already tokenized or processed; a `label` column is renamed `labels`), a
-            `DataLoader`, or any iterable of dict batches.
-        batch_size: batch size when `data` is a dataset.
-        collate_fn: how to batch dataset rows, e.g. `DataCollatorWithPadding(tokenizer)` for unpadded token ids;
-            defaults to stacking equal-length rows.
+        model: the model the inputs are for; batch keys that its base model's `forward` does not take (text
+            columns, ids, labels) are left out of the inputs.
+        data: a `datasets.Dataset` or any map-style dataset of already tokenized / processed samples, batched here
+            with `collate_fn`; or an iterable of dict batches (a `DataLoader`, a list of dicts).
+        batch_size: samples per batch, when `data` is a dataset.
+        collate_fn: turns a list of samples into a batch of tensors, when `data` is a dataset. Defaults to
+            `transformers.default_data_collator`, which needs equal-length samples; pass
+            `DataCollatorWithPadding(tokenizer)` for ragged token lists.
+        max_samples: stop after this many samples.
 
     Raises:
-        TypeError: if `data` is not a dataset or an iterable of dict batches.
+        ValueError: for a non-positive `batch_size` or `max_samples`, or a dataset that cannot be batched.
+        TypeError: for data that is neither a dataset nor an iterable of dict batches.
     """
-    accepted = set(inspect.signature(model.forward).parameters) | set(LABEL_COLUMNS)
-    if hasattr(data, "column_names") and hasattr(data, "__getitem__"):
-        columns = [name for name in data.column_names if name in accepted]
-        data = DataLoader(
-            data.with_format("torch", columns=columns) if hasattr(data, "with_format") else data,
-            batch_size=batch_size,
-            collate_fn=collate_fn or default_data_collator,
-        )
-    elif not isinstance(data, Iterable):
-        raise TypeError(f"`data` must be a datasets.Dataset, a DataLoader or an iterable of dicts, got {type(data)}.")
-    device = model.device
-    for batch in data:
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"`max_samples` must be a positive integer or None, got {max_samples}.")
+    input_names = _model_input_names(model)
+    device = _model_device(model)
+    seen = 0
+    for batch in _batches(data, batch_size, collate_fn, input_names, max_samples):
         if not isinstance(batch, Mapping):
-            raise TypeError(f"batches must be mappings of tensors, got {type(batch).__name__}.")
-        batch = {("labels" if name == "label" else name): value for name, value in batch.items() if name in accepted}
-        yield {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+            raise TypeError(
+                f"Expected dict batches (input name -> tensor), got {type(batch).__name__}. Pass a tokenized "
+                "`datasets.Dataset` or a DataLoader whose collate function returns dicts."
+            )
+        inputs = {
+            name: torch.as_tensor(value).to(device)
+            for name, value in batch.items()
+            if name in input_names and value is not None
+        }
+        if not inputs:
+            raise ValueError(
+                f"A batch holds none of the model's inputs {sorted(input_names)} (it has {sorted(batch)}); "
+                "tokenize / process the data first."
+            )
+        labels = next((torch.as_tensor(batch[key]) for key in LABEL_KEYS if batch.get(key) is not None), None)
+        size = len(next(iter(inputs.values())))
+        if max_samples is not None and seen + size > max_samples:
+            keep = max_samples - seen
+            inputs = {name: value[:keep] for name, value in inputs.items()}
+            labels = labels[:keep] if labels is not None else None
+            size = keep
+        yield inputs, labels
+        seen += size
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
+def _model_input_names(model: nn.Module) -> set[str]:
+    """Named inputs of the base model's `forward`, less `labels` (for wrappers, those of the model itself)."""
+    base = getattr(model, "base_model", model)
+    parameters = inspect.signature(base.forward).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named - {"labels", "return_dict", "output_hidden_states", "output_attentions", "use_cache"}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _batches(
+    data: Any,
+    batch_size: int,
+    collate_fn: Callable | None,
+    input_names: set[str],
+    max_samples: int | None,
+) -> Iterable[Mapping[str, Any]]:
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader) or not _is_map_style(data):
+        if not isinstance(data, Iterable) or isinstance(data, (str, bytes, Mapping)):
+            raise TypeError(
+                f"`data` must be a dataset or an iterable of dict batches, got {type(data).__name__}. For a single "
+                "batch, pass `[batch]`."
+            )
+        return data
+    if max_samples is not None and hasattr(data, "select") and max_samples < len(data):
+        data = data.select(range(max_samples))
+    if collate_fn is None:
+        from transformers import default_data_collator
+
+        collate_fn = _explain_collate_errors(default_data_collator)
+    kept = input_names | set(LABEL_KEYS)
+
+    def collate(samples: list[Mapping[str, Any]]) -> Mapping[str, Any]:
+        # Columns the model does not read (raw text, ids) would trip the collator: leave them out first.
+        return collate_fn([{key: value for key, value in sample.items() if key in kept} for sample in samples])
+
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def _is_map_style(data: Any) -> bool:
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple))
+
+
+def _explain_collate_errors(collate_fn: Callable) -> Callable:
+    def collate(samples: list[dict]) -> Mapping[str, Any]:
+        try:
+            return collate_fn(samples)
+        except (ValueError, RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"Could not batch the dataset's samples ({error}). Samples of different lengths need padding: pass "
+                "`collate_fn=DataCollatorWithPadding(tokenizer)`, or tokenize with `padding='max_length'`."
+            ) from error
+
+    return collate

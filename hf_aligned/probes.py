@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .similarity import as_layer_list, eval_mode, iter_model_batches
+from .data import iter_model_batches
+from .similarity import as_layer_list, eval_mode
 
 
 @dataclass
