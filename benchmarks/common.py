@@ -71,7 +71,7 @@ def load_digits_dataset(seed: int = 0, test_size: float = 0.2) -> dict[str, Data
     return {"train": split["train"], "test": split["test"]}
 
 
-def best_times(functions: Sequence[Callable[[], object]], repeats: int = 5) -> list[float]:
+def best_times(functions: Sequence[Callable[[], object]], repeats: int = 3) -> list[float]:
     """The fastest of `repeats` wall-clock runs (seconds) of each function, run in turn so that drifting load on the
     machine affects them alike; the minimum is the run least disturbed by other work."""
     times = [[] for _ in functions]

@@ -42,7 +42,7 @@ from common import (
 from hf_aligned import AlignedConfig, AlignedForSequenceClassification, ExitConfig
 from hf_aligned.calibration import calibrate_exits, simulate_exits
 
-THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+THRESHOLDS = (0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 MAX_LENGTH = 64
 
 
@@ -55,6 +55,14 @@ class Task:
     validation: object
     collate_fn: object
     test_rows: list[dict]
+
+
+RETRAIN = False
+
+
+def saved_model(directory: Path) -> Path | None:
+    """A model this benchmark trained and saved before (reused unless --retrain)."""
+    return directory if not RETRAIN and (directory / "config.json").exists() else None
 
 
 def text_task(name, splits, checkpoints, output_dir, epochs, train_size):
@@ -73,8 +81,9 @@ def text_task(name, splits, checkpoints, output_dir, epochs, train_size):
     num_labels = splits["train"].features["label"].num_classes
     models = {}
     for kind, sharing in (("aligned", "shared"), ("per_layer", "per_layer")):
-        if checkpoints.get(kind):
-            models[kind] = AlignedForSequenceClassification.from_pretrained(checkpoints[kind])
+        checkpoint = checkpoints.get(kind) or saved_model(output_dir / name / kind)
+        if checkpoint:
+            models[kind] = AlignedForSequenceClassification.from_pretrained(checkpoint)
             continue
         model = AlignedForSequenceClassification.from_pretrained(
             minilm_path(), num_labels=num_labels, layer_weights="linear", classifier_sharing=sharing
@@ -109,6 +118,9 @@ def digits_task(output_dir, epochs):
     )
     models = {}
     for kind, sharing in (("aligned", "shared"), ("per_layer", "per_layer")):
+        if checkpoint := saved_model(output_dir / "digits" / kind):
+            models[kind] = AlignedForSequenceClassification.from_pretrained(checkpoint)
+            continue
         torch.manual_seed(0)
         model = AlignedForSequenceClassification(
             AlignedConfig(base_config=base, num_labels=10, layer_weights="linear", classifier_sharing=sharing)
@@ -183,10 +195,13 @@ def main():
     parser.add_argument("--sst2-per-layer", help="a per-layer-heads SST-2 checkpoint (skips training it)")
     parser.add_argument("--train-size", type=int, default=4000, help="training examples per text task")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs for the text models")
-    parser.add_argument("--timed-samples", type=int, default=384, help="test samples timed at batch size 32")
-    parser.add_argument("--batch-one-samples", type=int, default=64, help="test samples timed at batch size 1")
+    parser.add_argument("--timed-samples", type=int, default=256, help="test samples timed at batch size 32")
+    parser.add_argument("--batch-one-samples", type=int, default=32, help="test samples timed at batch size 1")
     parser.add_argument("--output", type=Path, default=OUTPUTS / "early_exit.json")
+    parser.add_argument("--retrain", action="store_true", help="train every model again instead of reusing saved ones")
     args = parser.parse_args()
+    global RETRAIN
+    RETRAIN = args.retrain
     torch.manual_seed(0)
     work = OUTPUTS / "early_exit_models"
 
