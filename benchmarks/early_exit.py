@@ -260,6 +260,8 @@ def main():
                     rows,
                 )
             )
+            # Written after every model, so an interrupted run keeps what it measured.
+            write_json(args.output, {"torch_threads": torch.get_num_threads(), "results": report, "tables": tables})
     headline = []
     for name, entry in report.items():
         within = [result for result in entry["sweep"] if result["accuracy"] >= result["full_accuracy"] - 0.01]
