@@ -49,6 +49,7 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
+@pytest.mark.slow
 def test_dynamics_recorded_through_a_trainer(tmp_path):
     model = tiny_model("bert", layer_weights="uniform")
     initial_model = copy.deepcopy(model)
