@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 POOLING_CHOICES = ("auto", "cls", "last", "mean")
 LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
 CLASSIFIER_SHARING_CHOICES = ("shared", "per_layer")
+CLASSIFIER_UPDATE_CHOICES = ("all", "last")
 
 
 def num_hidden_layers(config: PreTrainedConfig) -> int:
@@ -81,6 +82,36 @@ def resolve_layer_weights(
     return [weight / total for weight in kept]
 
 
+def validate_training_options(
+    classifier_update: str, distillation_weight: float, distillation_temperature: float, classifier_sharing: str
+) -> None:
+    """Checks the options that change how the aligned loss trains the model (shared by config and arguments).
+
+    Raises:
+        ValueError: naming the option that is out of range or does not fit the classifier sharing.
+    """
+    if classifier_update not in CLASSIFIER_UPDATE_CHOICES:
+        raise ValueError(
+            f"`classifier_update={classifier_update!r}` is not supported; use one of {CLASSIFIER_UPDATE_CHOICES}."
+        )
+    if classifier_update == "last" and classifier_sharing != "shared":
+        raise ValueError(
+            "`classifier_update='last'` trains the one shared classifier from the last layer only; with "
+            "`classifier_sharing='per_layer'` every layer has its own classifier, so use `classifier_update='all'`."
+        )
+    if not _is_number(distillation_weight) or not 0.0 <= distillation_weight <= 1.0:
+        raise ValueError(
+            f"`distillation_weight={distillation_weight!r}` must lie in [0, 1]: each earlier layer's loss is "
+            "(1 - weight) * cross-entropy + weight * distillation (0 turns distillation off)."
+        )
+    if not _is_number(distillation_temperature) or not 0.0 < distillation_temperature < float("inf"):
+        raise ValueError(f"`distillation_temperature={distillation_temperature!r}` must be a positive number.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _validate_aligned_layers(aligned_layers: Sequence[int] | None, num_layers: int) -> set[int]:
     if aligned_layers is None:
         return set(range(1, num_layers + 1))
@@ -126,6 +157,16 @@ class AlignedConfig(PreTrainedConfig):
         classifier_dropout (`float`, *optional*):
             Dropout before the classification layer. Defaults to the base config's `classifier_dropout`, then its
             `hidden_dropout_prob`, then 0.
+        classifier_update (`str`, *optional*, defaults to `"all"`):
+            Which losses train the shared classifier (final norm, pooler, classification layer): `"all"` (the paper:
+            every layer's loss) or `"last"` (only the last layer's loss; the earlier layers' losses train the
+            backbone to fit the classifier). Needs `classifier_sharing="shared"`.
+        distillation_weight (`float`, *optional*, defaults to 0.0):
+            Self-distillation: every layer but the last is trained on `(1 - w) * cross-entropy + w * KL`, where KL is
+            the divergence of its softened prediction from the last layer's (detached), times T². 0 turns it off (the
+            paper's loss). Single-label classification only.
+        distillation_temperature (`float`, *optional*, defaults to 2.0):
+            The softmax temperature T of self-distillation.
         kwargs:
             `num_labels`, `id2label`, `label2id`, `problem_type` and the other [`PreTrainedConfig`] arguments.
 
@@ -153,6 +194,9 @@ class AlignedConfig(PreTrainedConfig):
     aligned_layers: list[int] | None = None
     classifier_sharing: Literal["shared", "per_layer"] = "shared"
     classifier_dropout: float | None = None
+    classifier_update: Literal["all", "last"] = "all"
+    distillation_weight: float = 0.0
+    distillation_temperature: float = 2.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.base_config, PreTrainedConfig) and "attn_implementation" not in kwargs:
@@ -169,6 +213,11 @@ class AlignedConfig(PreTrainedConfig):
                 f"`classifier_sharing={self.classifier_sharing!r}` is not supported; use one of "
                 f"{CLASSIFIER_SHARING_CHOICES}."
             )
+        validate_training_options(
+            self.classifier_update, self.distillation_weight, self.distillation_temperature, self.classifier_sharing
+        )
+        self.distillation_weight = float(self.distillation_weight)
+        self.distillation_temperature = float(self.distillation_temperature)
         if self.aligned_layers is not None:
             self.aligned_layers = sorted(_validate_aligned_layers(self.aligned_layers, self.num_layers))
         if not isinstance(self.layer_weights, str):

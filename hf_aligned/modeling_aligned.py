@@ -28,6 +28,9 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revis
 # Keyword arguments that configure the aligned model rather than the base model it wraps.
 ALIGNED_KWARGS = (
     "pooling",
+    "classifier_update",
+    "distillation_weight",
+    "distillation_temperature",
     "use_pooler",
     "layer_weights",
     "aligned_layers",
@@ -59,6 +62,9 @@ class AlignedSequenceClassifierOutput(ModelOutput):
             The classifier's scores after every block, block 1 first.
         layer_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*, returned when `labels` is provided):
             The loss of every block's scores, before weighting.
+        layer_distillation_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*):
+            With `config.distillation_weight > 0` and labels: every block's self-distillation loss (KL divergence
+            of its softened prediction from the last block's, times T²; 0 for the last block), before weighting.
         hidden_states (`tuple(torch.Tensor)`, *optional*):
             The base model's hidden states, when `output_hidden_states=True`.
         attentions (`tuple(torch.Tensor)`, *optional*):
@@ -72,6 +78,7 @@ class AlignedSequenceClassifierOutput(ModelOutput):
     logits: torch.Tensor | None = None
     layer_logits: torch.Tensor | None = None
     layer_losses: torch.Tensor | None = None
+    layer_distillation_losses: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     exit_layers: torch.Tensor | None = None
@@ -183,14 +190,66 @@ class AlignedClassifier(nn.Module):
         layer_hidden_states: Sequence[torch.Tensor],
         attention_mask: torch.Tensor | None,
         layers: Sequence[int],
+        frozen_layers: frozenset[int] = frozenset(),
     ) -> torch.Tensor:
-        """Scores `(len(layers), batch, num_labels)` for the hidden states of the given 1-based blocks."""
-        pooled = torch.stack(
-            [self.head(layer).represent(hidden, attention_mask) for layer, hidden in zip(layers, layer_hidden_states)]
-        )
-        if self.shared:
-            return self.heads[0].project(pooled)
-        return torch.stack([self.head(layer).project(vectors) for layer, vectors in zip(layers, pooled)])
+        """Scores `(len(layers), batch, num_labels)` for the hidden states of the given 1-based blocks.
+
+        Args:
+            frozen_layers: blocks whose scores give the shared head's parameters no gradient (gradient still flows
+                into the hidden states): the `classifier_update="last"` option.
+        """
+        if not frozen_layers:
+            pooled = torch.stack(
+                [
+                    self.head(layer).represent(hidden, attention_mask)
+                    for layer, hidden in zip(layers, layer_hidden_states)
+                ]
+            )
+            if self.shared:
+                return self.heads[0].project(pooled)
+            return torch.stack([self.head(layer).project(vectors) for layer, vectors in zip(layers, pooled)])
+        if not self.shared:
+            raise ValueError("`frozen_layers` needs the shared classifier; per-layer heads each train on their own.")
+        head = self.heads[0]
+        scores = []
+        for layer, hidden in zip(layers, layer_hidden_states):
+            if layer in frozen_layers:
+                pooled = _InputGradientOnly.apply(hidden, lambda states: head.represent(states, attention_mask))
+                scores.append(
+                    F.linear(head.dropout(pooled), head.out_proj.weight.detach(), _detach(head.out_proj.bias))
+                )
+            else:
+                scores.append(head(hidden, attention_mask))
+        return torch.stack(scores)
+
+
+class _InputGradientOnly(torch.autograd.Function):
+    """Applies `function` (a module's forward) so that gradient reaches its input but not the module's parameters.
+
+    The forward runs without recording a graph; the backward recomputes `function` on the saved input and takes the
+    gradient with respect to the input alone, so the parameters' `.grad` never receives this use. No copy of the
+    parameters is made and no module state changes, so concurrent calls are safe. `function` must be deterministic
+    (no dropout): the norm, pooling and pooler of a head are.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, function) -> torch.Tensor:
+        ctx.function = function
+        ctx.save_for_backward(hidden)
+        return function(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (hidden,) = ctx.saved_tensors
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_()
+            output = ctx.function(hidden)
+        (grad_hidden,) = torch.autograd.grad(output, hidden, grad_output)
+        return grad_hidden, None
+
+
+def _detach(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
 
 
 class AlignedPreTrainedModel(PreTrainedModel):
@@ -459,17 +518,29 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         with self.capture_block_outputs() as block_outputs:
             base_outputs = self.backbone(**model_inputs)
         layers = range(1, self.num_layers + 1)
-        layer_logits = self.classifier(block_outputs, self.pooling_mask(input_ids, attention_mask), layers)
-        loss = layer_losses = None
+        frozen_layers = frozenset()
+        if self.config.classifier_update == "last" and torch.is_grad_enabled():
+            frozen_layers = frozenset(layers[:-1])
+        layer_logits = self.classifier(
+            block_outputs, self.pooling_mask(input_ids, attention_mask), layers, frozen_layers=frozen_layers
+        )
+        loss = layer_losses = distillation_losses = None
         if labels is not None:
             layer_losses = self.layer_losses(layer_logits, labels)
+            weighted = layer_losses
+            if self.config.distillation_weight > 0:
+                distillation_losses = self.layer_distillation_losses(layer_logits, labels)
+                alpha = self.config.distillation_weight
+                mixed = (1.0 - alpha) * layer_losses + alpha * distillation_losses
+                weighted = torch.cat([mixed[:-1], layer_losses[-1:]])
             weights = torch.tensor(self.config.resolved_layer_weights, device=layer_losses.device)
-            loss = (weights.to(layer_losses.dtype) * layer_losses).sum()
+            loss = (weights.to(weighted.dtype) * weighted).sum()
         return AlignedSequenceClassifierOutput(
             loss=loss,
             logits=layer_logits[-1],
             layer_logits=layer_logits,
             layer_losses=layer_losses,
+            layer_distillation_losses=distillation_losses,
             hidden_states=getattr(base_outputs, "hidden_states", None),
             attentions=getattr(base_outputs, "attentions", None),
         )
@@ -508,6 +579,28 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             scores = layer_logits.reshape(num_layers, batch_size, -1)
             return F.mse_loss(scores, targets, reduction="none").flatten(1).mean(dim=1)
         return F.binary_cross_entropy_with_logits(layer_logits, targets, reduction="none").flatten(1).mean(dim=1)
+
+    def layer_distillation_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Self-distillation loss of each layer, `(num_layers,)`: T² · KL(softmax(z_L / T) ‖ softmax(z_l / T)).
+
+        The last layer's scores z_L are the (detached) teacher, so its own entry is 0; samples labelled -100 are left
+        out, as in the cross-entropy.
+
+        Raises:
+            ValueError: when the model is not a single-label classifier.
+        """
+        if self.config.problem_type != "single_label_classification":
+            raise ValueError(
+                f"`distillation_weight` needs single-label classification, but this model's problem_type is "
+                f"{self.config.problem_type!r}; set `distillation_weight=0`."
+            )
+        temperature = self.config.distillation_temperature
+        student = F.log_softmax(layer_logits.float() / temperature, dim=-1)
+        teacher = F.log_softmax(layer_logits[-1].detach().float() / temperature, dim=-1).expand_as(student)
+        divergence = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1)
+        counted = (labels.to(layer_logits.device).view(-1) != -100).to(divergence.dtype)
+        losses = (divergence * counted).sum(dim=1) / counted.sum().clamp(min=1.0)
+        return (losses * temperature**2).to(layer_logits.dtype)
 
     @torch.no_grad()
     def early_exit_predict(

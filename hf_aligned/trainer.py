@@ -11,12 +11,21 @@ from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
 from .metrics import LayerwiseMetrics
 from .modeling_aligned import AlignedSequenceClassifierOutput
 from .training_args import AlignedTrainingArguments
 
 logger = logging.get_logger(__name__)
+
+# Training-argument fields that, when set, override the model config's field of the same name.
+_CONFIG_OVERRIDES = (
+    "layer_weights",
+    "aligned_layers",
+    "classifier_update",
+    "distillation_weight",
+    "distillation_temperature",
+)
 
 # Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
 _NON_PREDICTION_OUTPUTS = [
@@ -95,6 +104,7 @@ class AlignedTrainer(Trainer):
         if model is not None:
             self._prepare_aligned_model(model, args)
         self._layer_loss_sum: torch.Tensor | None = None
+        self._layer_loss_names: list[str] = []
         self._layer_loss_batches = 0
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
         self.compute_metrics = LayerwiseMetrics(
@@ -113,14 +123,26 @@ class AlignedTrainer(Trainer):
                 "`AlignedForSequenceClassification.from_pretrained(...)` (use `layer_weights='last'` for standard "
                 "fine-tuning)."
             )
-        layer_weights = config.layer_weights if args.layer_weights is None else args.layer_weights
-        aligned_layers = config.aligned_layers if args.aligned_layers is None else args.aligned_layers
+        overrides = {
+            name: getattr(args, name)
+            for name in _CONFIG_OVERRIDES
+            if getattr(args, name) is not None and getattr(args, name) != getattr(config, name)
+        }
+        values = {name: overrides.get(name, getattr(config, name)) for name in _CONFIG_OVERRIDES}
         # Validate against the model before touching its config, so a bad override leaves the model unchanged.
-        resolve_layer_weights(layer_weights, config.num_layers, aligned_layers)
-        if args.layer_weights is not None or args.aligned_layers is not None:
-            logger.info(f"Training with layer_weights={layer_weights!r}, aligned_layers={aligned_layers!r}.")
-        config.layer_weights = layer_weights
-        config.aligned_layers = None if aligned_layers is None else sorted(set(aligned_layers))
+        resolve_layer_weights(values["layer_weights"], config.num_layers, values["aligned_layers"])
+        validate_training_options(
+            values["classifier_update"],
+            values["distillation_weight"],
+            values["distillation_temperature"],
+            config.classifier_sharing,
+        )
+        if overrides:
+            logger.info(f"Training with {overrides} (from the training arguments).")
+        if values["aligned_layers"] is not None:
+            values["aligned_layers"] = sorted(set(values["aligned_layers"]))
+        for name, value in values.items():
+            setattr(config, name, value)
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -140,12 +162,37 @@ class AlignedTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         layer_losses = outputs.get("layer_losses") if isinstance(outputs, dict) else None
         if model.training and layer_losses is not None:
-            layer_losses = layer_losses.detach().float()
-            self._layer_loss_sum = (
-                layer_losses if self._layer_loss_sum is None else self._layer_loss_sum + layer_losses
-            )
+            recorded = [layer_losses]
+            self._layer_loss_names = [f"layer_{layer}_loss" for layer in range(1, len(layer_losses) + 1)]
+            if outputs.get("layer_distillation_losses") is not None:
+                recorded.append(outputs["layer_distillation_losses"][:-1])
+                self._layer_loss_names += [f"layer_{layer}_distillation_loss" for layer in range(1, len(layer_losses))]
+            recorded = torch.cat(recorded).detach().float()
+            self._layer_loss_sum = recorded if self._layer_loss_sum is None else self._layer_loss_sum + recorded
             self._layer_loss_batches += 1
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with the new classification layers in their own parameter groups at
+        `classifier_lr_ratio * learning_rate` (the schedule scales every group alike)."""
+        already_built = self.optimizer is not None  # by an earlier call, or given by the user: left as it is
+        optimizer = super().create_optimizer(model)
+        ratio = self.args.classifier_lr_ratio
+        if ratio == 1.0 or already_built:
+            return optimizer
+        classifier = {
+            id(parameter)
+            for name, parameter in (model or self.model).named_parameters()
+            if _is_new_classifier_parameter(name)
+        }
+        for group in list(optimizer.param_groups):
+            moved = [parameter for parameter in group["params"] if id(parameter) in classifier]
+            if not moved:
+                continue
+            group["params"] = [parameter for parameter in group["params"] if id(parameter) not in classifier]
+            optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * ratio})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean per-layer training losses since the last log to training logs, then logs as usual."""
@@ -154,7 +201,7 @@ class AlignedTrainer(Trainer):
             local = torch.cat([self._layer_loss_sum, self._layer_loss_sum.new_tensor([self._layer_loss_batches])])
             total = self.accelerator.gather(local[None]).sum(dim=0)
             means = (total[:-1] / total[-1]).tolist()
-            logs = {**logs, **{f"layer_{layer}_loss": mean for layer, mean in enumerate(means, start=1)}}
+            logs = {**logs, **dict(zip(self._layer_loss_names, means))}
             self._layer_loss_sum = None
             self._layer_loss_batches = 0
         super().log(logs, start_time)
@@ -214,3 +261,8 @@ class AlignedTrainer(Trainer):
         if layer_logits is not None:
             layer_logits = layer_logits.transpose(0, 1).contiguous()
         return loss, layer_logits, labels
+
+
+def _is_new_classifier_parameter(name: str) -> bool:
+    """Whether a parameter (by its name in a possibly peft-wrapped model) belongs to a new classification layer."""
+    return "classifier.heads." in name and ".out_proj." in name

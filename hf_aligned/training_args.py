@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .configuration_aligned import LAYER_WEIGHT_SCHEMES
+from .configuration_aligned import CLASSIFIER_UPDATE_CHOICES, LAYER_WEIGHT_SCHEMES
 
 
 @dataclass
@@ -30,6 +30,18 @@ class AlignedTrainingArguments(TrainingArguments):
         aligned_layers (`list[int]`, *optional*):
             1-based layers that receive a loss, overriding the model config's `aligned_layers`; the other layers get
             weight 0. `None` keeps the model's own (by default every layer).
+        classifier_update (`str`, *optional*):
+            Overrides the model config's `classifier_update`: `"all"` (every layer's loss trains the shared
+            classifier, the paper) or `"last"` (only the last layer's loss does). `None` keeps the model's own.
+        distillation_weight (`float`, *optional*):
+            Overrides the model config's `distillation_weight` (self-distillation of every earlier layer towards
+            the last one; 0 turns it off). `None` keeps the model's own.
+        distillation_temperature (`float`, *optional*):
+            Overrides the model config's `distillation_temperature`. `None` keeps the model's own.
+        classifier_lr_ratio (`float`, *optional*, defaults to 1.0):
+            The new classification layer(s) of the classifier (`out_proj`, which starts from random weights) train
+            at `classifier_lr_ratio * learning_rate`, in their own optimizer parameter groups; the pretrained
+            backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike.
 
         > Layer-wise evaluation
 
@@ -53,6 +65,32 @@ class AlignedTrainingArguments(TrainingArguments):
             "Leave unset to keep the model config's."
         },
     )
+    classifier_update: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which losses train the shared classifier: 'all' (every layer's, the paper) or 'last' (the last "
+            "layer's only). Leave unset to keep the model config's.",
+            "choices": list(CLASSIFIER_UPDATE_CHOICES),
+        },
+    )
+    distillation_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight w of self-distillation: earlier layers train on (1 - w) * CE + w * T^2 * KL to the "
+            "last layer's softened prediction (0: off). Leave unset to keep the model config's."
+        },
+    )
+    distillation_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Softmax temperature T of self-distillation. Leave unset to keep the model config's."},
+    )
+    classifier_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "The new classification layer trains at this multiple of learning_rate (its own parameter "
+            "group); the pretrained parts keep learning_rate."
+        },
+    )
     minimal_depth_tolerance: float = field(
         default=0.01,
         metadata={
@@ -66,6 +104,10 @@ class AlignedTrainingArguments(TrainingArguments):
         self.layer_weights = parse_layer_weights(self.layer_weights)
         if self.aligned_layers is not None:
             self.aligned_layers = [int(layer) for layer in self.aligned_layers]
+        if not self.classifier_lr_ratio > 0.0:
+            raise ValueError(
+                f"`classifier_lr_ratio={self.classifier_lr_ratio}` must be positive (1.0: one learning rate)."
+            )
         if not 0.0 <= self.minimal_depth_tolerance < 1.0:
             raise ValueError(
                 f"`minimal_depth_tolerance={self.minimal_depth_tolerance}` must lie in [0, 1): it is an absolute "
