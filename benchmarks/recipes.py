@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -97,7 +97,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
 
     from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments, layer_values
-    from hf_aligned.calibration import calibrate_exits, collect_layer_logits, simulate_exits
+    from hf_aligned.calibration import calibrate_exits, simulate_exits
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -146,10 +146,13 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     rss_before = _rss_bytes()
     trainer.train()
     peak = _peak_rss_bytes()
-    metrics = trainer.evaluate()
+    # One pass over the evaluation split gives every layer's logits: the metrics and the exits are read from it.
+    prediction = trainer.predict(evaluation)
+    layer_logits = torch.from_numpy(prediction.predictions).transpose(0, 1)
+    labels = torch.from_numpy(prediction.label_ids)
     result = {
-        "layer_accuracy": layer_values(metrics),
-        "minimal_depth": metrics["eval_minimal_depth"],
+        "layer_accuracy": layer_values(prediction.metrics, prefix="test"),
+        "minimal_depth": prediction.metrics["test_minimal_depth"],
         "median_step_time_s": statistics.median(timer.times[SKIPPED_STEPS:]),
         "peak_rss_bytes": peak,
         "training_memory_bytes": peak - rss_before,
@@ -166,7 +169,6 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     if variant in EXIT_VARIANTS:
         model.eval()
         calibrated = calibrate_exits(model, calibration, max_accuracy_drop=0.01, batch_size=64, collate_fn=collator)
-        layer_logits, labels = collect_layer_logits(model, evaluation, batch_size=64, collate_fn=collator)
         logits, exit_layers = simulate_exits(layer_logits, model.exit_config)
         full = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
         accuracy = (logits.argmax(-1) == labels).float().mean().item()
@@ -260,24 +262,32 @@ def provenance(command: list[str]) -> dict:
 
 
 def train_phase(options: argparse.Namespace, results: dict) -> None:
+    """Trains every missing (task, variant, seed), `--workers` at a time, each in a fresh process; the JSON is
+    written after every run, so an interrupted benchmark resumes where it stopped."""
+    pending = []
     for seed in options.seeds:
         for task in options.tasks:
-            defaults = TASK_DEFAULTS[task]
-            train_samples = options.train_samples or defaults["train_samples"]
+            train_samples = options.train_samples or TASK_DEFAULTS[task]["train_samples"]
             for variant in options.variants or TASK_VARIANTS[task]:
-                if variant not in TASK_VARIANTS[task]:
-                    continue
                 key = f"{task}/{variant}/{seed}"
-                if key in results["runs"]:
-                    continue
-                print(f"=== {key}", flush=True)
-                record = isolated(run_one, task, variant, seed, train_samples, defaults["max_length"], True)
-                record.update({"task": task, "variant": variant, "seed": seed, "train_samples": train_samples})
-                record["provenance"] = provenance(sys.argv)
-                results["runs"][key] = record
-                write_json(options.results, results)
-                print(f"    layers {[round(value, 3) for value in record['layer_accuracy']]} "
-                      f"({record['wall_time_s']} s)", flush=True)  # fmt: skip
+                if variant in TASK_VARIANTS[task] and key not in results["runs"]:
+                    pending.append((key, task, variant, seed, train_samples))
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(run_one, task, variant, seed, samples, TASK_DEFAULTS[task]["max_length"], True): (
+                key,
+                {"task": task, "variant": variant, "seed": seed, "train_samples": samples},
+            )
+            for key, task, variant, seed, samples in pending
+        }
+        for future in as_completed(futures):
+            key, identity = futures[future]
+            record = {**future.result(), **identity, "workers": options.workers, "provenance": provenance(sys.argv)}
+            results["runs"][key] = record
+            write_json(options.results, results)
+            accuracies = [round(value, 3) for value in record["layer_accuracy"]]
+            print(f"=== {key}: layers {accuracies} ({record['wall_time_s']} s)", flush=True)
 
 
 def speed_phase(options: argparse.Namespace, results: dict) -> None:
@@ -385,7 +395,9 @@ def print_summary(summary: dict) -> None:
             [variant, len(entry["seeds"]), *(cell(value) for value in entry["layer_accuracy"])]
             for variant, entry in variants.items()
         ]
-        print_table(f"{task}: accuracy after every layer", ["variant", "seeds", *map(str, range(1, num_layers + 1))], rows)
+        print_table(
+            f"{task}: accuracy after every layer", ["variant", "seeds", *map(str, range(1, num_layers + 1))], rows
+        )
         rows = []
         for variant, entry in variants.items():
             exits = entry.get("early_exit", {})
@@ -411,6 +423,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-samples", type=int, help="training examples per task (default: per task)")
     parser.add_argument("--timed-samples", type=int, default=512, help="evaluation samples timed in the speed phase")
+    parser.add_argument("--workers", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file read, extended and written")
     options = parser.parse_args()
     results = load_results(options.results)

@@ -267,6 +267,7 @@ def build_model_card(
         "pooling": config.pooling,
         "use_pooler": config.use_pooler,
         "layer_weights_description": _layer_weights_description(config),
+        "training_options_description": _training_options_description(config),
         "base_model_markdown": _base_model_markdown(base_model_name, base_model_id, config),
         "dataset_markdown": _dataset_markdown(data.datasets, dataset_name),
         "eval_split": data.eval_split,
@@ -453,6 +454,22 @@ def _layer_weights_description(config: AlignedConfig) -> str:
     if config.aligned_layers is not None:
         aligned = f" on layers {', '.join(str(layer) for layer in config.aligned_layers)}"
     return f"{description}{aligned} ({weights})"
+
+
+def _training_options_description(config: AlignedConfig) -> str:
+    """How the classifier was trained, beyond the layer weights: classifier updates and self-distillation."""
+    if config.classifier_sharing != "shared":
+        updates = "each layer's classifier trained by its own layer's loss"
+    elif config.classifier_update == "last":
+        updates = "shared classifier updated by the last layer's loss only (`classifier_update='last'`)"
+    else:
+        updates = "shared classifier updated by every layer's loss (`classifier_update='all'`)"
+    if config.distillation_weight > 0:
+        return (
+            f"{updates}; self-distillation towards the last layer with weight {config.distillation_weight:g} at "
+            f"temperature {config.distillation_temperature:g}"
+        )
+    return f"{updates}; no self-distillation"
 
 
 def _hub_model_id(name: str | None) -> str | None:

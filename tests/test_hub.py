@@ -238,6 +238,7 @@ def test_card_reads_base_model_task_and_classifier_from_config(tmp_path):
     assert "AutoImageProcessor.from_pretrained" in card.text
     assert "standard multi-exit baseline: one classifier per layer" in card.text
     assert "uniform on layers 2, 4 (0.000, 0.500, 0.000, 0.500)" in card.text
+    assert "each layer's classifier trained by its own layer's loss; no self-distillation" in card.text
     assert card.data.eval_results is None
     assert "model_name" not in card.data.to_dict()
 
@@ -247,6 +248,18 @@ def test_card_reads_base_model_task_and_classifier_from_config(tmp_path):
     card = build_model_card(model.config)
     assert card.data.base_model is None
     assert "a local `vit` checkpoint (`my-base`)" in card.text
+
+
+def test_card_records_the_training_options():
+    model = tiny_model("bert", classifier_update="last", distillation_weight=0.25, distillation_temperature=3.0)
+    text = build_model_card(model).text
+    assert (
+        "**Training options:** shared classifier updated by the last layer's loss only (`classifier_update='last'`); "
+        "self-distillation towards the last layer with weight 0.25 at temperature 3" in text
+    )
+    assert "updated by every layer's loss (`classifier_update='all'`); no self-distillation" in (
+        build_model_card(tiny_model("bert", classifier_update="all", distillation_weight=0.0)).text
+    )
 
 
 def test_card_reads_the_exit_rule_from_the_model_and_marks_it_on_the_curve():

@@ -111,7 +111,7 @@ def test_classifier_update_last_leaves_inference_unchanged():
 
 
 def test_classifier_update_last_needs_the_shared_classifier():
-    with pytest.raises(ValueError, match="classifier_update='last'.*per_layer"):
+    with pytest.raises(ValueError, match=r"classifier_update='last'.*per_layer"):
         AlignedConfig(base_config=tiny_base_config("bert"), classifier_sharing="per_layer", classifier_update="last")
     with pytest.raises(ValueError, match="classifier_update='every'"):
         AlignedConfig(base_config=tiny_base_config("bert"), classifier_update="every")
@@ -175,7 +175,7 @@ def test_bad_distillation_settings_name_the_field(kwargs, message):
 def test_distillation_refuses_regression():
     model = dropout_free_model(num_labels=1, distillation_weight=0.5)
     inputs = tiny_inputs("bert")
-    with pytest.raises(ValueError, match="distillation_weight.*single-label"):
+    with pytest.raises(ValueError, match=r"distillation_weight.*single-label"):
         model(**inputs, labels=torch.randn(3))
 
 
