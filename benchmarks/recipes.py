@@ -41,7 +41,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, REPO, best_times, load_ag_news, load_sst2, minilm_path, print_table, write_json
+from common import OUTPUTS, REPO, best_times, load_ag_news, load_sst2, minilm_path, write_json
 
 RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
 CHECKPOINTS = OUTPUTS / "recipes"
@@ -385,39 +385,129 @@ def targets(summary: dict, variant: str = "recommended") -> dict[str, dict]:
     return checks
 
 
-def print_summary(summary: dict) -> None:
-    def cell(pair) -> str:
-        return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+VARIANT_LABELS = {
+    "standard": "standard fine-tuning",
+    "paper": "aligned, paper's loss",
+    "classifier_lr": f"paper + classifier lr x{CLASSIFIER_LR_RATIO:g}",
+    "update_last": "paper + classifier updated by the last layer",
+    "distillation": "paper + self-distillation",
+    "recommended": "**aligned, library default**",
+    "per_layer": "per-layer heads",
+}
+TASK_LABELS = {"sst2": "SST-2 (872 dev sentences)", "ag_news": "AG News (1,600 test items)"}
+# Documents holding rendered blocks, relative to the repository root.
+RENDERED_DOCUMENTS = ("README.md", "docs/training.md", "docs/results.md")
 
-    for task, variants in summary.items():
-        num_layers = len(next(iter(variants.values()))["layer_accuracy"])
-        rows = [
-            [variant, len(entry["seeds"]), *(cell(value) for value in entry["layer_accuracy"])]
-            for variant, entry in variants.items()
+
+def _cell(pair: list[float] | tuple[float, float], points: bool = True) -> str:
+    """`mean ± std`, accuracies in percentage points."""
+    scale, digits = (100, 1) if points else (1, 2)
+    return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
+
+
+def accuracy_table(summary: dict, task: str) -> str:
+    """Markdown: accuracy after every layer, mean ± std over seeds, one row per variant."""
+    variants = summary[task]
+    num_layers = len(next(iter(variants.values()))["layer_accuracy"])
+    lines = [
+        f"| {TASK_LABELS[task]} | seeds | "
+        + " | ".join(f"layer {layer}" for layer in range(1, num_layers + 1))
+        + " |",
+        "|---|---|" + "---|" * num_layers,
+    ]
+    for variant in VARIANTS:
+        if variant in variants:
+            entry = variants[variant]
+            cells = " | ".join(_cell(value) for value in entry["layer_accuracy"])
+            lines.append(f"| {VARIANT_LABELS[variant]} | {len(entry['seeds'])} | {cells} |")
+    return "\n".join(lines)
+
+
+def exit_table(summary: dict, task: str) -> str:
+    """Markdown: calibrated early exit and training cost per variant, mean ± std over seeds."""
+    lines = [
+        f"| {TASK_LABELS[task]} | last layer vs standard (pt) | accuracy drop at exit (pt) | mean exit layer | "
+        "measured speed-up, batch 32 | step time vs standard | peak memory vs standard |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        entry = summary[task].get(variant)
+        if entry is None or variant == "standard":
+            continue
+        exits = entry.get("early_exit", {})
+        cells = [
+            _cell(entry["last_layer_vs_standard"]) if "last_layer_vs_standard" in entry else "",
+            _cell(exits["accuracy_drop"]) if exits else "",
+            _cell(exits["mean_exit_layer"], points=False) if exits else "",
+            f"{_cell(exits['measured_speedup_batch32'], points=False)}x"
+            if "measured_speedup_batch32" in exits
+            else "",
+            _cell(entry["step_time_vs_standard"], points=False) if "step_time_vs_standard" in entry else "",
+            _cell(entry["peak_rss_vs_standard"], points=False) if "peak_rss_vs_standard" in entry else "",
         ]
-        print_table(
-            f"{task}: accuracy after every layer", ["variant", "seeds", *map(str, range(1, num_layers + 1))], rows
-        )
-        rows = []
-        for variant, entry in variants.items():
-            exits = entry.get("early_exit", {})
-            rows.append(
-                [
-                    variant,
-                    cell(exits["accuracy_drop"]) if exits else "",
-                    cell(exits["mean_exit_layer"]) if exits else "",
-                    cell(exits["measured_speedup_batch32"]) if "measured_speedup_batch32" in exits else "",
-                    cell(entry["step_time_vs_standard"]) if "step_time_vs_standard" in entry else "",
-                    cell(entry["peak_rss_vs_standard"]) if "peak_rss_vs_standard" in entry else "",
-                ]
-            )
-        headers = ["variant", "exit drop", "mean exit layer", "speed-up b32", "step time vs std", "peak RSS vs std"]
-        print_table(f"{task}: early exit and cost", headers, rows)
+        lines.append(f"| {VARIANT_LABELS[variant]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(checks: dict) -> str:
+    """Markdown: the targets of the recommended recipe, per task, met or missed, with the measured values."""
+    lines = ["| task | target | measured | met |", "|---|---|---|---|"]
+    for task, task_checks in checks.items():
+        for name, check in task_checks.items():
+            value = check["value"]
+            shown = f"{value * 100:+.1f} pt" if "pt" in name and "early" not in name else f"{value:.2f}"
+            if "early" in name:
+                shown = f"{value:.2f}x at {check['drop'] * 100:.1f} pt drop"
+            lines.append(f"| {task} | {name} | {shown} | {'yes' if check['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def render_blocks(results: dict) -> dict[str, str]:
+    """Every rendered block, by name: `<!-- BEGIN name -->` ... `<!-- END name -->` in the documents."""
+    summary, checks = results["summary"], results["targets"]
+    blocks = {"recipes-targets": targets_table(checks)}
+    for task in summary:
+        blocks[f"recipes-accuracy-{task}"] = accuracy_table(summary, task)
+        blocks[f"recipes-exits-{task}"] = exit_table(summary, task)
+    return blocks
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """`text` with the body of every marked block it holds replaced by the rendered one."""
+    for name, body in blocks.items():
+        begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+        while begin in text:
+            head, _, rest = text.partition(begin)
+            _, found, tail = rest.partition(end)
+            if not found:
+                raise ValueError(f"{begin} has no {end}")
+            text = f"{head}\0{name}\0{tail}"
+        text = text.replace(f"\0{name}\0", f"{begin}\n{body}\n{end}")
+    return text
+
+
+def render_documents(results: dict, root: Path = REPO) -> list[Path]:
+    """Rewrites the rendered blocks of README and docs from `results`; returns the files changed."""
+    blocks = render_blocks(results)
+    changed = []
+    for name in RENDERED_DOCUMENTS:
+        path = root / name
+        text = path.read_text(encoding="utf-8")
+        rendered = replace_blocks(text, blocks)
+        if rendered != text:
+            path.write_text(rendered, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
+def print_summary(summary: dict) -> None:
+    for task in summary:
+        print(f"\n{accuracy_table(summary, task)}\n\n{exit_table(summary, task)}\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["train", "speed", "summary"], default="train")
+    parser.add_argument("--phase", choices=["train", "speed", "summary", "render"], default="train")
     parser.add_argument("--tasks", nargs="+", choices=list(TASK_VARIANTS), default=list(TASK_VARIANTS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -435,7 +525,11 @@ def main() -> None:
     results["summary"] = summary
     results["targets"] = targets(summary)
     print_summary(summary)
+    print(targets_table(results["targets"]))
     write_json(options.results, results)
+    if options.phase == "render":
+        for path in render_documents(results):
+            print(f"rendered {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""benchmarks/recipes.py: its summary is the runs' mean ± std, its targets follow the numbers, and every table rendered
+into README and docs equals a fresh rendering of the committed JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
+
+
+def load_recipes():
+    spec = importlib.util.spec_from_file_location("recipes", REPO / "benchmarks" / "recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["recipes"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+recipes = load_recipes()
+
+
+def fake_run(rng: random.Random, task: str, variant: str, seed: int, layers: int = 6) -> dict:
+    run = {
+        "task": task,
+        "variant": variant,
+        "seed": seed,
+        "layer_accuracy": sorted(rng.uniform(0.5, 0.95) for _ in range(layers)),
+        "median_step_time_s": rng.uniform(0.5, 1.5),
+        "peak_rss_bytes": rng.randint(10**9, 2 * 10**9),
+        "options": {"layer_weights": "linear"},
+    }
+    if variant != "standard":
+        run["early_exit"] = {
+            "accuracy_drop": rng.uniform(-0.01, 0.02),
+            "mean_exit_layer": rng.uniform(1, layers),
+            "ideal_speedup": rng.uniform(1, 3),
+        }
+        run["speed"] = {"measured_speedup_batch32": rng.uniform(1, 3)}
+    return run
+
+
+def fake_results(seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    runs = {
+        f"{task}/{variant}/{run_seed}": fake_run(rng, task, variant, run_seed)
+        for task in ("sst2", "ag_news")
+        for variant in ("standard", "paper", "recommended")
+        for run_seed in range(3)
+    }
+    return {"runs": runs}
+
+
+def test_summary_is_mean_and_std_over_seeds_and_costs_are_paired_by_seed():
+    results = fake_results()
+    summary = recipes.summarize(results)
+    runs = [results["runs"][f"sst2/recommended/{seed}"] for seed in range(3)]
+    standard = [results["runs"][f"sst2/standard/{seed}"] for seed in range(3)]
+    entry = summary["sst2"]["recommended"]
+    for layer in range(6):
+        values = [run["layer_accuracy"][layer] for run in runs]
+        assert entry["layer_accuracy"][layer] == pytest.approx((statistics.mean(values), statistics.stdev(values)))
+    ratios = [run["median_step_time_s"] / base["median_step_time_s"] for run, base in zip(runs, standard)]
+    assert entry["step_time_vs_standard"] == pytest.approx((statistics.mean(ratios), statistics.stdev(ratios)))
+    gaps = [run["layer_accuracy"][-1] - base["layer_accuracy"][-1] for run, base in zip(runs, standard)]
+    assert entry["last_layer_vs_standard"][0] == pytest.approx(statistics.mean(gaps))
+    speeds = [run["speed"]["measured_speedup_batch32"] for run in runs]
+    assert entry["early_exit"]["measured_speedup_batch32"][0] == pytest.approx(statistics.mean(speeds))
+    assert "early_exit" not in summary["sst2"]["standard"]
+
+
+def test_targets_follow_the_numbers():
+    results = fake_results()
+    summary = recipes.summarize(results)
+    entry = summary["sst2"]["recommended"]
+    entry["last_layer_vs_standard"] = (-0.002, 0.0)
+    entry["layer_accuracy"] = [(0.8, 0.0)] * 2 + [(0.85, 0.0), (0.86, 0.0), (0.87, 0.0), (0.88, 0.0)]
+    entry["step_time_vs_standard"] = (1.2, 0.0)
+    entry["early_exit"].update(measured_speedup_batch32=(2.1, 0.0), accuracy_drop=(0.011, 0.0))
+    checks = recipes.targets(summary)["sst2"]
+    assert checks["last layer >= standard - 0.3 pt"]["met"]
+    assert not checks["layer 3 within 2 pt of layer 6"]["met"]  # 0.88 - 0.85 = 3 points
+    assert checks["layer 3 within 2 pt of layer 6"]["value"] == pytest.approx(0.03)
+    assert not checks["step time <= 1.10x standard"]["met"]
+    assert not checks["early exit >= 2.0x at <= 1 pt drop"]["met"]  # fast enough, but 1.1 points lost
+
+
+def test_blocks_are_replaced_in_place_and_unbalanced_markers_are_errors():
+    text = "a\n<!-- BEGIN x -->\nold\n<!-- END x -->\nb\n<!-- BEGIN x -->\n<!-- END x -->\n"
+    assert recipes.replace_blocks(text, {"x": "new"}) == (
+        "a\n<!-- BEGIN x -->\nnew\n<!-- END x -->\nb\n<!-- BEGIN x -->\nnew\n<!-- END x -->\n"
+    )
+    assert recipes.replace_blocks("no markers", {"x": "new"}) == "no markers"
+    with pytest.raises(ValueError, match="<!-- BEGIN x --> has no <!-- END x -->"):
+        recipes.replace_blocks("<!-- BEGIN x -->", {"x": "new"})
+
+
+def test_rendered_tables_show_the_summary_numbers():
+    results = fake_results()
+    results["summary"] = recipes.summarize(results)
+    results["targets"] = recipes.targets(results["summary"])
+    table = recipes.render_blocks(results)["recipes-accuracy-ag_news"]
+    mean, std = results["summary"]["ag_news"]["paper"]["layer_accuracy"][2]
+    row = next(line for line in table.splitlines() if line.startswith("| aligned, paper's loss"))
+    assert row.split(" | ")[4] == f"{mean * 100:.1f} ± {std * 100:.1f}"
+
+
+def test_committed_documents_match_the_committed_results():
+    """A number typed into README or docs by hand, or JSON changed without re-rendering, fails here."""
+    if not RESULTS.exists():
+        pytest.skip("benchmarks/results/recipes.json is not committed yet")
+    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    blocks = recipes.render_blocks(results)
+    found = 0
+    for name in recipes.RENDERED_DOCUMENTS:
+        text = (REPO / name).read_text(encoding="utf-8")
+        assert recipes.replace_blocks(text, blocks) == text, f"{name} is out of date: run --phase render"
+        found += sum(f"<!-- BEGIN {block} -->" in text for block in blocks)
+    assert found >= len(blocks)
+    # The summary stored in the JSON is the one its runs give.
+    assert json.loads(json.dumps(recipes.summarize(results))) == results["summary"]
