@@ -60,10 +60,14 @@ VARIANTS: dict[str, dict] = {
                     "classifier_lr_ratio": 1.0},
     "distillation": {"layer_weights": "linear", "classifier_update": "all", **DISTILLATION,
                      "classifier_lr_ratio": 1.0},
+    "classifier_lr_distillation": {"layer_weights": "linear", "classifier_update": "all", **DISTILLATION,
+                                   "classifier_lr_ratio": CLASSIFIER_LR_RATIO},
+    "classifier_lr_uniform": {"layer_weights": "uniform", "classifier_update": "all", "distillation_weight": 0.0,
+                              "classifier_lr_ratio": CLASSIFIER_LR_RATIO},
     "recommended": {},
     "per_layer": {"classifier_sharing": "per_layer", "classifier_update": "all"},
 }  # fmt: skip
-EXIT_VARIANTS = ("paper", "recommended", "per_layer", "classifier_lr", "update_last", "distillation")
+EXIT_VARIANTS = tuple(name for name in VARIANTS if name != "standard")
 TASK_VARIANTS = {
     "sst2": tuple(VARIANTS),
     "ag_news": ("standard", "paper", "recommended", "per_layer"),
@@ -391,6 +395,8 @@ VARIANT_LABELS = {
     "classifier_lr": f"paper + classifier lr x{CLASSIFIER_LR_RATIO:g}",
     "update_last": "paper + classifier updated by the last layer",
     "distillation": "paper + self-distillation",
+    "classifier_lr_distillation": "paper + classifier lr + self-distillation",
+    "classifier_lr_uniform": "uniform weights + classifier lr",
     "recommended": "**aligned, library default**",
     "per_layer": "per-layer heads",
 }
