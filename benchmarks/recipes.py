@@ -185,8 +185,8 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-        if keep_checkpoint:
-            trainer.save_model(str(checkpoint_dir(task, variant, seed)))
+    if keep_checkpoint:
+        trainer.save_model(str(checkpoint_dir(task, variant, seed)))
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 
