@@ -9,6 +9,18 @@ from transformers import TrainingArguments
 
 from .configuration_aligned import CLASSIFIER_UPDATE_CHOICES, LAYER_WEIGHT_SCHEMES
 
+# The classifier's learning-rate multiple when neither the arguments nor a recipe set one (see docs/training.md).
+DEFAULT_CLASSIFIER_LR_RATIO = 1.0
+# Named recipes: values for the aligned-training options a run leaves unset. "paper" is the paper's exact loss.
+TRAINING_RECIPES = {
+    "paper": {
+        "layer_weights": "linear",
+        "classifier_update": "all",
+        "distillation_weight": 0.0,
+        "classifier_lr_ratio": 1.0,
+    },
+}
+
 
 @dataclass
 class AlignedTrainingArguments(TrainingArguments):
@@ -38,10 +50,15 @@ class AlignedTrainingArguments(TrainingArguments):
             the last one; 0 turns it off). `None` keeps the model's own.
         distillation_temperature (`float`, *optional*):
             Overrides the model config's `distillation_temperature`. `None` keeps the model's own.
-        classifier_lr_ratio (`float`, *optional*, defaults to 1.0):
+        classifier_lr_ratio (`float`, *optional*):
             The new classification layer(s) of the classifier (`out_proj`, which starts from random weights) train
             at `classifier_lr_ratio * learning_rate`, in their own optimizer parameter groups; the pretrained
-            backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike.
+            backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike. Defaults
+            to the recipe's value, else to the library default (`DEFAULT_CLASSIFIER_LR_RATIO`).
+        recipe (`str`, *optional*):
+            A named set of values for the options above that are left unset: `"paper"` trains exactly the paper's
+            loss (linear weights, every layer's loss updates the classifier, no distillation, one learning rate),
+            whatever the model config says. `None` keeps the model config's options and the library defaults.
 
         > Layer-wise evaluation
 
@@ -84,11 +101,18 @@ class AlignedTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Softmax temperature T of self-distillation. Leave unset to keep the model config's."},
     )
-    classifier_lr_ratio: float = field(
-        default=1.0,
+    classifier_lr_ratio: float | None = field(
+        default=None,
         metadata={
             "help": "The new classification layer trains at this multiple of learning_rate (its own parameter "
-            "group); the pretrained parts keep learning_rate."
+            "group); the pretrained parts keep learning_rate. Defaults to the recipe's or the library default."
+        },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fill the unset aligned-training options from a named recipe: 'paper' is the paper's exact loss.",
+            "choices": list(TRAINING_RECIPES),
         },
     )
     minimal_depth_tolerance: float = field(
@@ -104,6 +128,16 @@ class AlignedTrainingArguments(TrainingArguments):
         self.layer_weights = parse_layer_weights(self.layer_weights)
         if self.aligned_layers is not None:
             self.aligned_layers = [int(layer) for layer in self.aligned_layers]
+        if self.recipe is not None:
+            if self.recipe not in TRAINING_RECIPES:
+                raise ValueError(
+                    f"`recipe={self.recipe!r}` is not a known recipe; use one of {list(TRAINING_RECIPES)}."
+                )
+            for name, value in TRAINING_RECIPES[self.recipe].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        if self.classifier_lr_ratio is None:
+            self.classifier_lr_ratio = DEFAULT_CLASSIFIER_LR_RATIO
         if not self.classifier_lr_ratio > 0.0:
             raise ValueError(
                 f"`classifier_lr_ratio={self.classifier_lr_ratio}` must be positive (1.0: one learning rate)."

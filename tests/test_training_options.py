@@ -272,3 +272,25 @@ def test_classifier_lr_ratio_gives_the_new_classification_layer_its_own_paramete
 def test_classifier_lr_ratio_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="classifier_lr_ratio=0"):
         aligned_args(tmp_path, classifier_lr_ratio=0)
+
+
+def test_paper_recipe_fills_every_unset_option_and_explicit_arguments_win(tmp_path):
+    model = dropout_free_model(layer_weights="uniform", classifier_update="last", distillation_weight=0.5)
+    args = aligned_args(tmp_path, recipe="paper", classifier_lr_ratio=3.0, max_steps=1)
+    assert (args.layer_weights, args.classifier_update, args.distillation_weight) == ("linear", "all", 0.0)
+    assert args.classifier_lr_ratio == 3.0  # given explicitly
+    AlignedTrainer(model, args, train_dataset=tiny_dataset())
+    assert (model.config.layer_weights, model.config.classifier_update, model.config.distillation_weight) == (
+        "linear",
+        "all",
+        0.0,
+    )
+    assert aligned_args(tmp_path, recipe="paper").classifier_lr_ratio == 1.0
+    with pytest.raises(ValueError, match=r"`recipe='papers'` is not a known recipe; use one of \['paper'\]"):
+        aligned_args(tmp_path, recipe="papers")
+
+
+def test_without_a_recipe_the_model_config_keeps_its_options(tmp_path):
+    model = dropout_free_model(classifier_update="last", distillation_weight=0.5)
+    AlignedTrainer(model, aligned_args(tmp_path, max_steps=1), train_dataset=tiny_dataset())
+    assert (model.config.classifier_update, model.config.distillation_weight) == ("last", 0.5)
