@@ -6,9 +6,10 @@ no warm-up, no weight decay), batch 32, one epoch, once per variant and seed:
 
 - `standard`: ordinary fine-tuning (`layer_weights="last"`);
 - `paper`: the paper's aligned loss (one shared classifier, linear λ, every layer's loss updates the classifier);
-- `paper` plus one option each: `classifier_lr` (`classifier_lr_ratio`), `update_last` (`classifier_update="last"`),
-  `distillation` (`distillation_weight=0.5`, T = 2);
-- `recommended`: the library's default recipe (what `AlignedTrainer` does without arguments);
+- `paper` plus one option each: `update_last` (`classifier_update="last"`), `distillation` (`distillation_weight=0.5`,
+  T = 2), and `recommended`, the library's default (what `AlignedTrainer` does without arguments): the paper's loss
+  with the new classification layer at `classifier_lr_ratio=100` times the learning rate;
+- two combinations explored on one seed: the classifier rate with self-distillation, and with uniform weights;
 - `per_layer`: one classifier per layer (DeeBERT / SDN baseline) trained with the recommended settings.
 
 Every layer is scored on the evaluation split (SST-2: the 872 dev sentences; AG News: a 1,600-item stratified test
@@ -54,8 +55,6 @@ VARIANTS: dict[str, dict] = {
                  "classifier_lr_ratio": 1.0},
     "paper": {"layer_weights": "linear", "classifier_update": "all", "distillation_weight": 0.0,
               "classifier_lr_ratio": 1.0},
-    "classifier_lr": {"layer_weights": "linear", "classifier_update": "all", "distillation_weight": 0.0,
-                      "classifier_lr_ratio": CLASSIFIER_LR_RATIO},
     "update_last": {"layer_weights": "linear", "classifier_update": "last", "distillation_weight": 0.0,
                     "classifier_lr_ratio": 1.0},
     "distillation": {"layer_weights": "linear", "classifier_update": "all", **DISTILLATION,
@@ -69,7 +68,7 @@ VARIANTS: dict[str, dict] = {
 }  # fmt: skip
 EXIT_VARIANTS = tuple(name for name in VARIANTS if name != "standard")
 TASK_VARIANTS = {
-    "sst2": tuple(VARIANTS),
+    "sst2": ("standard", "paper", "update_last", "distillation", "recommended", "per_layer"),
     "ag_news": ("standard", "paper", "recommended", "per_layer"),
 }
 TASK_DEFAULTS = {
@@ -274,7 +273,7 @@ def train_phase(options: argparse.Namespace, results: dict) -> None:
             train_samples = options.train_samples or TASK_DEFAULTS[task]["train_samples"]
             for variant in options.variants or TASK_VARIANTS[task]:
                 key = f"{task}/{variant}/{seed}"
-                if variant in TASK_VARIANTS[task] and key not in results["runs"]:
+                if key not in results["runs"]:
                     pending.append((key, task, variant, seed, train_samples))
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=options.workers, mp_context=context, max_tasks_per_child=1) as pool:
@@ -392,12 +391,11 @@ def targets(summary: dict, variant: str = "recommended") -> dict[str, dict]:
 VARIANT_LABELS = {
     "standard": "standard fine-tuning",
     "paper": "aligned, paper's loss",
-    "classifier_lr": f"paper + classifier lr x{CLASSIFIER_LR_RATIO:g}",
     "update_last": "paper + classifier updated by the last layer",
     "distillation": "paper + self-distillation",
-    "classifier_lr_distillation": "paper + classifier lr + self-distillation",
-    "classifier_lr_uniform": "uniform weights + classifier lr",
-    "recommended": "**aligned, library default**",
+    "classifier_lr_distillation": "library default + self-distillation",
+    "classifier_lr_uniform": "library default with uniform weights",
+    "recommended": f"**aligned, library default** (paper + classifier lr x{CLASSIFIER_LR_RATIO:g})",
     "per_layer": "per-layer heads",
 }
 TASK_LABELS = {"sst2": "SST-2 (872 dev sentences)", "ag_news": "AG News (1,600 test items)"}

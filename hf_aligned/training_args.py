@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from .configuration_aligned import CLASSIFIER_UPDATE_CHOICES, LAYER_WEIGHT_SCHEMES
 
 # The classifier's learning-rate multiple when neither the arguments nor a recipe set one (see docs/training.md).
-DEFAULT_CLASSIFIER_LR_RATIO = 1.0
+DEFAULT_CLASSIFIER_LR_RATIO = 100.0
 # Named recipes: values for the aligned-training options a run leaves unset. "paper" is the paper's exact loss.
 TRAINING_RECIPES = {
     "paper": {
