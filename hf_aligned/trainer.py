@@ -14,7 +14,7 @@ from transformers.utils import logging
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
 from .metrics import LayerwiseMetrics
 from .modeling_aligned import AlignedSequenceClassifierOutput
-from .training_args import AlignedTrainingArguments
+from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -143,6 +143,9 @@ class AlignedTrainer(Trainer):
             values["aligned_layers"] = sorted(set(values["aligned_layers"]))
         for name, value in values.items():
             setattr(config, name, value)
+        if args.classifier_lr_ratio is None:
+            # Only the classification layer is new on a pretrained backbone; from a config, everything is.
+            args.classifier_lr_ratio = PRETRAINED_CLASSIFIER_LR_RATIO if config.name_or_path else 1.0
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)

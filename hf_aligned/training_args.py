@@ -9,8 +9,10 @@ from transformers import TrainingArguments
 
 from .configuration_aligned import CLASSIFIER_UPDATE_CHOICES, LAYER_WEIGHT_SCHEMES
 
-# The classifier's learning-rate multiple when neither the arguments nor a recipe set one (see docs/training.md).
-DEFAULT_CLASSIFIER_LR_RATIO = 100.0
+# The new classification layer's learning-rate multiple on a pretrained backbone when neither the arguments nor a
+# recipe set one (measured in benchmarks/recipes.py; see docs/training.md). A model built from a config alone trains
+# every part from scratch and uses one rate.
+PRETRAINED_CLASSIFIER_LR_RATIO = 100.0
 # Named recipes: values for the aligned-training options a run leaves unset. "paper" is the paper's exact loss.
 TRAINING_RECIPES = {
     "paper": {
@@ -54,7 +56,9 @@ class AlignedTrainingArguments(TrainingArguments):
             The new classification layer(s) of the classifier (`out_proj`, which starts from random weights) train
             at `classifier_lr_ratio * learning_rate`, in their own optimizer parameter groups; the pretrained
             backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike. Defaults
-            to the recipe's value, else to the library default (`DEFAULT_CLASSIFIER_LR_RATIO`).
+            to the recipe's value, else to 100 for a model whose backbone was loaded pretrained (`from_pretrained`)
+            and 1 for a model built from a config (every part trains from scratch); the trainer writes the value it
+            used here.
         recipe (`str`, *optional*):
             A named set of values for the options above that are left unset: `"paper"` trains exactly the paper's
             loss (linear weights, every layer's loss updates the classifier, no distillation, one learning rate),
@@ -105,7 +109,8 @@ class AlignedTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "The new classification layer trains at this multiple of learning_rate (its own parameter "
-            "group); the pretrained parts keep learning_rate. Defaults to the recipe's or the library default."
+            "group); the pretrained parts keep learning_rate. Defaults to the recipe's, else 100 for a pretrained "
+            "backbone and 1 for a model built from a config."
         },
     )
     recipe: str | None = field(
@@ -136,9 +141,7 @@ class AlignedTrainingArguments(TrainingArguments):
             for name, value in TRAINING_RECIPES[self.recipe].items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
-        if self.classifier_lr_ratio is None:
-            self.classifier_lr_ratio = DEFAULT_CLASSIFIER_LR_RATIO
-        if not self.classifier_lr_ratio > 0.0:
+        if self.classifier_lr_ratio is not None and not self.classifier_lr_ratio > 0.0:
             raise ValueError(
                 f"`classifier_lr_ratio={self.classifier_lr_ratio}` must be positive (1.0: one learning rate)."
             )

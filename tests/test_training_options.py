@@ -294,3 +294,28 @@ def test_without_a_recipe_the_model_config_keeps_its_options(tmp_path):
     model = dropout_free_model(classifier_update="last", distillation_weight=0.5)
     AlignedTrainer(model, aligned_args(tmp_path, max_steps=1), train_dataset=tiny_dataset())
     assert (model.config.classifier_update, model.config.distillation_weight) == ("last", 0.5)
+
+
+def test_default_classifier_rate_is_100x_on_a_pretrained_backbone_and_1x_from_a_config(tmp_path):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    BertModel(tiny_base_config("bert")).save_pretrained(tmp_path / "base")
+    pretrained = AlignedForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    args = aligned_args(tmp_path / "a", learning_rate=1e-4, max_steps=1)
+    assert args.classifier_lr_ratio is None
+    trainer = AlignedTrainer(pretrained, args, train_dataset=tiny_dataset())
+    assert trainer.args.classifier_lr_ratio == 100.0
+    rates = {
+        name: group["lr"]
+        for group in trainer.create_optimizer().param_groups
+        for name, parameter in pretrained.named_parameters()
+        if any(parameter is member for member in group["params"])
+    }
+    assert rates["classifier.heads.0.out_proj.weight"] == pytest.approx(1e-2)
+    assert rates["backbone.encoder.layer.0.attention.self.query.weight"] == pytest.approx(1e-4)
+
+    from_config = dropout_free_model()
+    trainer = AlignedTrainer(from_config, aligned_args(tmp_path / "b", max_steps=1), train_dataset=tiny_dataset())
+    assert trainer.args.classifier_lr_ratio == 1.0
+    assert len(trainer.create_optimizer().param_groups) == 2
