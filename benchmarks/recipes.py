@@ -42,9 +42,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 from common import OUTPUTS, REPO, best_times, load_ag_news, load_sst2, minilm_path, write_json
 
 RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
+FIGURE = REPO / "docs" / "figures" / "recipes_layers.png"
 CHECKPOINTS = OUTPUTS / "recipes"
 CLASSIFIER_LR_RATIO = 100.0
 DISTILLATION = {"distillation_weight": 0.5, "distillation_temperature": 2.0}
@@ -466,10 +468,62 @@ def targets_table(checks: dict) -> str:
     return "\n".join(lines)
 
 
+HEADLINE_VARIANTS = ("standard", "paper", "recommended", "per_layer")
+
+
+def headline_table(summary: dict) -> str:
+    """Markdown for the README: middle and last layer, and calibrated early exit, per task and main variant."""
+    lines = [
+        "| task | training | middle layer | last layer | early exit: speed-up (accuracy drop) |",
+        "|---|---|---|---|---|",
+    ]
+    for task, variants in summary.items():
+        for variant in HEADLINE_VARIANTS:
+            if variant not in variants:
+                continue
+            entry = variants[variant]
+            layers = entry["layer_accuracy"]
+            exits = entry.get("early_exit", {})
+            exit_cell = ""
+            if "measured_speedup_batch32" in exits:
+                exit_cell = f"{exits['measured_speedup_batch32'][0]:.2f}x ({exits['accuracy_drop'][0] * 100:.1f} pt)"
+            lines.append(
+                f"| {TASK_LABELS[task]} | {VARIANT_LABELS[variant]} | layer {len(layers) // 2}: "
+                f"{_cell(layers[len(layers) // 2 - 1])} | {_cell(layers[-1])} | {exit_cell} |"
+            )
+    return "\n".join(lines)
+
+
+def draw_layers(summary: dict, path: Path) -> None:
+    """Accuracy after every layer, mean line and ± std band over seeds, one panel per task."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.6))
+    axes = figure.subplots(1, len(summary), squeeze=False)[0]
+    colors = {"standard": "tab:gray", "paper": "tab:green", "recommended": "tab:blue", "per_layer": "tab:orange"}
+    for axis, (task, variants) in zip(axes, summary.items()):
+        for variant, color in colors.items():
+            if variant not in variants:
+                continue
+            means, stds = (np.array(values) for values in zip(*variants[variant]["layer_accuracy"]))
+            layers = np.arange(1, len(means) + 1)
+            label = VARIANT_LABELS[variant].replace("**", "")
+            axis.plot(layers, means, marker="o", color=color, label=label)
+            axis.fill_between(layers, means - stds, means + stds, color=color, alpha=0.2)
+        axis.set_title(TASK_LABELS[task])
+        axis.set_xlabel("layer")
+        axis.set_ylabel("accuracy")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 def render_blocks(results: dict) -> dict[str, str]:
     """Every rendered block, by name: `<!-- BEGIN name -->` ... `<!-- END name -->` in the documents."""
     summary, checks = results["summary"], results["targets"]
-    blocks = {"recipes-targets": targets_table(checks)}
+    blocks = {"recipes-targets": targets_table(checks), "recipes-headline": headline_table(summary)}
     for task in summary:
         blocks[f"recipes-accuracy-{task}"] = accuracy_table(summary, task)
         blocks[f"recipes-exits-{task}"] = exit_table(summary, task)
@@ -532,6 +586,7 @@ def main() -> None:
     print(targets_table(results["targets"]))
     write_json(options.results, results)
     if options.phase == "render":
+        draw_layers(summary, FIGURE)
         for path in render_documents(results):
             print(f"rendered {path.relative_to(REPO)}")
 

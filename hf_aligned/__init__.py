@@ -6,6 +6,7 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .exits import ExitConfig
@@ -54,6 +55,7 @@ __all__ = [
     "AlignedSequenceClassifierOutput",
     "AlignedTrainer",
     "AlignedTrainingArguments",
+    "CalibrationResult",
     "EarlyExitOutput",
     "ExitConfig",
     "HubPushError",
@@ -62,6 +64,7 @@ __all__ = [
     "ProbeResults",
     "RepresentationDynamicsCallback",
     "build_model_card",
+    "calibrate_exits",
     "cka_matrix",
     "classifier_layer_accuracy",
     "cosine_similarity_matrix",
