@@ -36,6 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUTPUTS, REPO, print_table, write_json
+from recipes import FIGURE as RECIPES_FIGURE
+from recipes import RESULTS as RECIPES_RESULTS
+from recipes import draw_layers, render_blocks, replace_blocks
 
 from hf_aligned import layer_values
 
@@ -296,6 +299,38 @@ def _layer_table(title: str, metrics_by_kind: Mapping[str, Mapping[str, float]])
     rows = [[layer, *(values[layer - 1] for values in columns.values())] for layer in range(1, num_layers + 1)]
     rows.append(["minimal depth", *(metrics.get("eval_minimal_depth", "-") for metrics in metrics_by_kind.values())])
     return print_table(title, ["layer", *(KINDS[kind] for kind in columns)], rows)
+
+
+RECIPES_BLOCKS = (
+    "recipes-accuracy-sst2",
+    "recipes-accuracy-ag_news",
+    "recipes-exits-sst2",
+    "recipes-exits-ag_news",
+    "recipes-targets",
+)
+
+
+def recipes_section(figures: Path) -> str:
+    """Section 0: the recipes benchmark over seeds, rendered from its committed JSON (benchmarks/results/)."""
+    text = _intro(
+        "0. Aligned training over seeds: which recipe",
+        "aligned training keeps the last layer as accurate as standard fine-tuning while making the middle layers "
+        "usable, so that one classifier serves early exit. MiniLM with transformers' default optimization, one "
+        "short epoch, three seeds per variant (mean ± std, accuracy in points); exits calibrated on held-out "
+        "training data with one point of tolerated drop.",
+    )
+    text.append(
+        "Command: `python benchmarks/recipes.py`, then `--phase speed` and `--phase render` "
+        f"(JSON: `{RECIPES_RESULTS.relative_to(REPO)}`, committed).\n"
+    )
+    if not RECIPES_RESULTS.exists():
+        return "\n".join([*text, "Not run yet.\n"])
+    text += [f"<!-- BEGIN {name} -->\n<!-- END {name} -->\n" for name in RECIPES_BLOCKS]
+    text.append(f"![Accuracy after every layer, mean ± std over seeds](figures/{RECIPES_FIGURE.name})\n")
+    results = json.loads(RECIPES_RESULTS.read_text(encoding="utf-8"))
+    draw_layers(results["summary"], figures / RECIPES_FIGURE.name)
+    body = "\n".join(text)
+    return replace_blocks(body, render_blocks(results))
 
 
 def layerwise_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
@@ -609,6 +644,7 @@ def render(outputs: Path = OUTPUTS, docs: Path = DOCS, allow_missing: bool = Fal
     if draw_headline(results, figures / "headline.png"):
         text.append("![Headline: layer-wise accuracy and early-exit trade-off](figures/headline.png)\n")
     text += [
+        recipes_section(figures),
         layerwise_section(results, outputs, figures, manifest),
         similarity_section(results, outputs, figures, manifest),
         early_exit_section(results, outputs, figures, manifest),
