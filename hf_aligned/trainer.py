@@ -268,4 +268,7 @@ class AlignedTrainer(Trainer):
 
 def _is_new_classifier_parameter(name: str) -> bool:
     """Whether a parameter (by its name in a possibly peft-wrapped model) belongs to a new classification layer."""
-    return "classifier.heads." in name and ".out_proj." in name
+    parts = name.split(".")
+    # peft wraps the classifier (`classifier.modules_to_save.default.heads.0.out_proj.weight`); the backbone's own
+    # modules never sit under `classifier`.
+    return "classifier" in parts and "out_proj" in parts

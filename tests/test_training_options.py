@@ -319,3 +319,22 @@ def test_default_classifier_rate_is_100x_on_a_pretrained_backbone_and_1x_from_a_
     trainer = AlignedTrainer(from_config, aligned_args(tmp_path / "b", max_steps=1), train_dataset=tiny_dataset())
     assert trainer.args.classifier_lr_ratio == 1.0
     assert len(trainer.create_optimizer().param_groups) == 2
+
+
+def test_classifier_lr_ratio_finds_the_classification_layer_under_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        dropout_free_model(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
+    args = aligned_args(tmp_path, learning_rate=1e-3, classifier_lr_ratio=10.0, max_steps=1)
+    trainer = AlignedTrainer(model, args, train_dataset=tiny_dataset())
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    fast = {
+        names[id(p)]
+        for group in trainer.create_optimizer().param_groups
+        if group["lr"] > 1e-3
+        for p in group["params"]
+    }
+    assert fast and all("out_proj" in name and "modules_to_save" in name for name in fast)
+    assert {name for name in names.values() if "out_proj" in name and "modules_to_save" in name} == fast
