@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from .compat import SubConfigSpec, attn_implementation, is_causal_lm_only_type
 
 POOLING_CHOICES = ("auto", "cls", "last", "mean")
 LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
@@ -158,7 +159,7 @@ class AlignedConfig(PreTrainedConfig):
         if isinstance(self.base_config, PreTrainedConfig) and "attn_implementation" not in kwargs:
             # transformers sets the parent's attention implementation on every sub-config: inherit the base
             # model's own choice instead of resetting it.
-            kwargs["attn_implementation"] = self.base_config._attn_implementation
+            kwargs["attn_implementation"] = attn_implementation(self.base_config)
         super().__post_init__(**kwargs)
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"`pooling={self.pooling!r}` is not supported; use one of {POOLING_CHOICES}.")
@@ -202,12 +203,6 @@ def is_decoder_only(config: PreTrainedConfig) -> bool:
     Families that also have a masked-LM head (BERT, RoBERTa, ...) count as encoders even though transformers
     offers a causal-LM variant of them.
     """
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
         return False
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return is_causal_lm_only_type(config.model_type)

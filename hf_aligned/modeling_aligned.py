@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from .backbones import detach_module, find_layout
+from .compat import cached_file_or_none, mark_initialized
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
 
@@ -273,10 +274,10 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         if base_model is not None:
             # The wrapped model is already trained: only the new classification layers may be initialized.
             for head in self.classifier.heads:
-                _mark_initialized(head.norm)
+                mark_initialized(head.norm)
                 if head.pooler is not None:
-                    _mark_initialized(head.pooler)
-            _mark_initialized(backbone)
+                    mark_initialized(head.pooler)
+            mark_initialized(backbone)
         self.post_init()
 
     @property
@@ -667,17 +668,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         )
 
 
-def _mark_initialized(module: nn.Module) -> None:
-    """Flags a module's weights as loaded, so transformers' post-construction initialization leaves them alone."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        tensor._is_hf_initialized = True
-    for submodule in module.modules():
-        submodule._is_hf_initialized = True
-
-
 def _sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with (`"mean"`, `"cls"`, `"last"`), if any."""
-    modules_file = cached_file(path, "modules.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    modules_file = cached_file_or_none(path, "modules.json", **hub_kwargs)
     if modules_file is None:
         return None
     with open(modules_file, encoding="utf-8") as handle:
@@ -686,12 +679,7 @@ def _sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) ->
     if not pooling_dirs:
         return None
     subfolder = "/".join(part for part in (hub_kwargs.get("subfolder"), pooling_dirs[0]) if part)
-    pooling_file = cached_file(
-        path,
-        "config.json",
-        _raise_exceptions_for_missing_entries=False,
-        **{**hub_kwargs, "subfolder": subfolder},
-    )
+    pooling_file = cached_file_or_none(path, "config.json", **{**hub_kwargs, "subfolder": subfolder})
     if pooling_file is None:
         return None
     with open(pooling_file, encoding="utf-8") as handle:
