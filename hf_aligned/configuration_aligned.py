@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from transformers import AutoConfig, PreTrainedConfig
 
 from .compat import SubConfigSpec, attn_implementation, is_causal_lm_only_type
+from .layouts import BackboneLayout, refusal_reason, table_kind
 
 POOLING_CHOICES = ("auto", "cls", "last", "mean")
 LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
@@ -127,6 +128,10 @@ class AlignedConfig(PreTrainedConfig):
         classifier_dropout (`float`, *optional*):
             Dropout before the classification layer. Defaults to the base config's `classifier_dropout`, then its
             `hidden_dropout_prob`, then 0.
+        layout (`dict`, *optional*):
+            Where the base model keeps its parts, as dotted paths from the base model: `{"blocks": ...,
+            "final_norm": ..., "pooler": ...}` (the last two may be `None`). Overrides the per-family table and the
+            generic search; the model fills it in when it is built, so a checkpoint records the layout it used.
         kwargs:
             `num_labels`, `id2label`, `label2id`, `problem_type` and the other [`PreTrainedConfig`] arguments.
 
@@ -154,6 +159,7 @@ class AlignedConfig(PreTrainedConfig):
     aligned_layers: list[int] | None = None
     classifier_sharing: Literal["shared", "per_layer"] = "shared"
     classifier_dropout: float | None = None
+    layout: dict | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.base_config, PreTrainedConfig) and "attn_implementation" not in kwargs:
@@ -161,6 +167,10 @@ class AlignedConfig(PreTrainedConfig):
             # model's own choice instead of resetting it.
             kwargs["attn_implementation"] = attn_implementation(self.base_config)
         super().__post_init__(**kwargs)
+        base = self.base_config
+        reason = refusal_reason(base.model_type, bool(getattr(base, "is_encoder_decoder", False)))
+        if reason is not None:
+            raise ValueError(reason)
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"`pooling={self.pooling!r}` is not supported; use one of {POOLING_CHOICES}.")
         if self.pooling == "auto":
@@ -170,6 +180,8 @@ class AlignedConfig(PreTrainedConfig):
                 f"`classifier_sharing={self.classifier_sharing!r}` is not supported; use one of "
                 f"{CLASSIFIER_SHARING_CHOICES}."
             )
+        if self.layout is not None:
+            self.layout = BackboneLayout.from_dict(self.layout).to_dict()
         if self.aligned_layers is not None:
             self.aligned_layers = sorted(_validate_aligned_layers(self.aligned_layers, self.num_layers))
         if not isinstance(self.layer_weights, str):
@@ -200,9 +212,10 @@ class AlignedConfig(PreTrainedConfig):
 def is_decoder_only(config: PreTrainedConfig) -> bool:
     """Whether a base config belongs to a decoder-only language model (GPT-2, Llama, Qwen, Mistral, ...).
 
-    Families that also have a masked-LM head (BERT, RoBERTa, ...) count as encoders even though transformers
-    offers a causal-LM variant of them.
+    Families in the layout table have their kind listed there; for others, families that also have a masked-LM head
+    (BERT, RoBERTa, ...) count as encoders even though transformers offers a causal-LM variant of them.
     """
     if getattr(config, "is_encoder_decoder", False):
         return False
-    return is_causal_lm_only_type(config.model_type)
+    kind = table_kind(config.model_type)
+    return kind == "decoder" if kind is not None else is_causal_lm_only_type(config.model_type)

@@ -34,6 +34,7 @@ ALIGNED_KWARGS = (
     "aligned_layers",
     "classifier_sharing",
     "classifier_dropout",
+    "layout",
     "num_labels",
     "id2label",
     "label2id",
@@ -236,7 +237,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     def __init__(self, config: AlignedConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
         backbone = base_model if base_model is not None else AutoModel.from_config(config.base_config)
-        layout = find_layout(backbone)
+        layout = find_layout(backbone, config.layout)
         norm = detach_module(backbone, layout.final_norm, nn.Identity()) if layout.final_norm else None
         pooler = detach_module(backbone, layout.pooler, None) if layout.pooler else None
         use_pooler = config.use_pooler
@@ -248,6 +249,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "unset or set it to False."
             )
         config.use_pooler = use_pooler
+        config.layout = layout.to_dict()
         config.base_config = backbone.config
         self.backbone = backbone
         self.blocks_path = layout.blocks
