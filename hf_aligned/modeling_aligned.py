@@ -118,13 +118,17 @@ def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor
         return hidden_states[:, 0]
     if attention_mask is None:
         return hidden_states[:, -1] if pooling == "last" else hidden_states.mean(dim=1)
-    mask = attention_mask.to(hidden_states.dtype)
+    # Positions and lengths are integers: in bf16 / fp16, integers above 256 / 2048 are not exact.
+    mask = attention_mask.to(device=hidden_states.device, dtype=torch.long) != 0
     if pooling == "last":
-        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=mask.dtype)
+        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
         last = (mask * positions).argmax(dim=1)
         return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
-    summed = torch.einsum("bsd,bs->bd", hidden_states, mask)
-    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    # Sum in at least float32, so long sequences in half precision do not lose the small terms.
+    accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
+    summed = torch.einsum("bsd,bs->bd", hidden_states.to(accumulate), mask.to(accumulate))
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return (summed / lengths).to(hidden_states.dtype)
 
 
 class ClassificationHead(nn.Module):
