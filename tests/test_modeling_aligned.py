@@ -310,8 +310,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model("llama").train()
         model.config.base_config.attention_dropout = 0.0
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:  # transformers < 5.23 names it gradient checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(**inputs, labels=labels).loss.backward()
         grads.append([parameter.grad.clone() for parameter in model.parameters()])
     for plain, checkpointed in zip(*grads):
