@@ -56,16 +56,14 @@ def find_layout(model: PreTrainedModel, override: BackboneLayout | dict | None =
 
 
 def _search_layout(model: PreTrainedModel) -> BackboneLayout:
-    """The generic search: the shallowest list of `num_hidden_layers` composite modules that output the hidden size."""
+    """The generic search: the shallowest list of `num_hidden_layers` modules that output the hidden size."""
     model_type = model.config.model_type
     num_layers = num_hidden_layers(model.config)
     hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
     lists = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) == num_layers
-        and all(any(True for _ in block.children()) for block in module)
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
     }
     if not lists:
         raise ValueError(
@@ -86,7 +84,8 @@ def _search_layout(model: PreTrainedModel) -> BackboneLayout:
     if len(shallowest) > 1:
         raise ValueError(
             f"Model type {model_type!r} has several lists of {num_layers} blocks that could be its layers: "
-            f"{shallowest}. Name the one whose outputs are the layers' hidden states with "
+            f"{shallowest}. Name the list whose modules output the layers' hidden states (with sublayers in "
+            "parallel lists, the list of each layer's last sublayer) with "
             f"`AlignedConfig(layout={{'blocks': ..., 'final_norm': ..., 'pooler': ...}})`."
         )
     blocks_path = shallowest[0]

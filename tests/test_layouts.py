@@ -113,7 +113,8 @@ def test_hybrid_stack_of_different_block_classes_is_found_by_the_generic_search(
 def test_several_fitting_lists_are_named_with_the_override():
     # FlauBERT (not in the table) keeps attention, feed-forward and norms as parallel lists of the right length.
     with pytest.raises(
-        ValueError, match=r"'flaubert' has several lists of 2 blocks.*\['attentions', 'ffns'\].*layout="
+        ValueError,
+        match=r"'flaubert' has several lists of 2 blocks.*\['attentions', 'layer_norm1', 'ffns', 'layer_norm2'\].*layout=",
     ):
         wrap("flaubert")
 
