@@ -6,11 +6,13 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .exits import ExitConfig
 from .hub import HubPushError, push_aligned_model
+from .layouts import LAYOUTS
 from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
 from .model_card import AlignedModelCardData, build_model_card, write_model_card
 from .modeling_aligned import (
@@ -48,6 +50,7 @@ AutoModelForSequenceClassification.register(AlignedConfig, AlignedForSequenceCla
 AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "LAYOUTS",
     "AlignedConfig",
     "AlignedForSequenceClassification",
     "AlignedModelCardData",
@@ -55,6 +58,7 @@ __all__ = [
     "AlignedSequenceClassifierOutput",
     "AlignedTrainer",
     "AlignedTrainingArguments",
+    "BackboneLayout",
     "CalibrationResult",
     "EarlyExitOutput",
     "ExitConfig",
@@ -68,6 +72,7 @@ __all__ = [
     "cka_matrix",
     "classifier_layer_accuracy",
     "cosine_similarity_matrix",
+    "find_layout",
     "format_layer_table",
     "iter_layer_representations",
     "layer_representations",

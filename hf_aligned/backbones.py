@@ -1,77 +1,159 @@
-"""Where each model family keeps the parts the aligned classifier needs.
+"""Finds the parts the aligned classifier needs in a base model: its blocks, final norm and pooler.
 
-Every transformer that hf_aligned can wrap has one list of equal-width blocks; most pre-norm families apply a final
-norm after the last block, and BERT-like encoders have a pooler. This module finds those parts once, generically, from
-small tables of attribute names, so that adding a family means adding a name here and nothing elsewhere.
+Listed families take their layout from the table in `layouts`; a user's `AlignedConfig(layout=...)` overrides it;
+other families are searched generically. Every layout is checked against the built model before it is used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_aligned import num_hidden_layers
+from .layouts import BackboneLayout, refusal_reason, table_layout
 
-# Attribute names under which families keep the norm applied after their last block (ViT: layernorm, GPT-2 and
-# Falcon: ln_f, Llama / Mistral / Qwen: norm, GPT-NeoX / OPT / T5 encoder: final_layer_norm, Phi: final_layernorm).
-FINAL_NORM_NAMES = ("norm", "ln_f", "layernorm", "final_layer_norm", "final_layernorm", "norm_f")
+__all__ = ["BackboneLayout", "detach_module", "find_layout"]
+
+# Attribute names under which unlisted families keep the norm applied after their last block (ViT: layernorm,
+# GPT-2 and Falcon: ln_f, Llama / Mistral / Qwen: norm, GPT-NeoX / OPT: final_layer_norm, Phi: final_layernorm,
+# ModernBERT: final_norm).
+FINAL_NORM_NAMES = ("norm", "ln_f", "layernorm", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 # Attribute names of poolers that read the hidden sequence and return one vector (BERT, RoBERTa, ViT, ...).
 POOLER_NAMES = ("pooler",)
 
 
-@dataclass(frozen=True)
-class BackboneLayout:
-    """Where the parts of one base model live, as dotted attribute paths from the base model.
-
-    Attributes:
-        blocks: path of the `nn.ModuleList` of transformer blocks.
-        final_norm: path of the norm applied after the last block, or `None` (post-norm encoders).
-        pooler: path of the pooler, or `None`.
-    """
-
-    blocks: str
-    final_norm: str | None
-    pooler: str | None
-
-
-def find_layout(model: PreTrainedModel) -> BackboneLayout:
+def find_layout(model: PreTrainedModel, override: BackboneLayout | dict | None = None) -> BackboneLayout:
     """Locates the block list, final norm and pooler of a base model.
 
+    Args:
+        model: the base model (an `AutoModel`).
+        override: the layout to use instead of the table or the search (`AlignedConfig.layout`).
+
     Raises:
-        ValueError: naming the model type, when the model has no single list of `num_hidden_layers` blocks (so its
-            per-layer representations cannot be read) or when its blocks differ in width (Swin-like hierarchies).
+        ValueError: naming the model type, for families hf_aligned cannot wrap (encoder-decoder, dual-encoder and
+            hierarchical models, each with its reason), when no list or several lists of `num_hidden_layers` blocks
+            of the hidden size are found, or when a listed or given layout does not match the model.
     """
+    config = model.config
+    model_type = config.model_type
+    reason = refusal_reason(model_type, bool(getattr(config, "is_encoder_decoder", False)))
+    if reason is not None:
+        raise ValueError(reason)
+    if override is not None:
+        layout, source = BackboneLayout.from_dict(override), "`layout`"
+    else:
+        layout = table_layout(model_type)
+        if layout is None:
+            return _search_layout(model)
+        # A model built without its pooler (`add_pooling_layer=False`) or final norm simply goes without it.
+        absent = {name: None for name in ("final_norm", "pooler") if _get_module(model, getattr(layout, name)) is None}
+        layout, source = replace(layout, **absent), f"hf_aligned's layout table entry for {model_type!r}"
+    _check_layout(model, layout, source)
+    return layout
+
+
+def _search_layout(model: PreTrainedModel) -> BackboneLayout:
+    """The generic search: the shallowest list of `num_hidden_layers` modules that output the hidden size."""
     model_type = model.config.model_type
     num_layers = num_hidden_layers(model.config)
-    candidates = [
-        name
+    hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
+    lists = {
+        name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) == num_layers
-        and len({type(block) for block in module}) == 1
-    ]
-    if not candidates:
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    }
+    if not lists:
         raise ValueError(
             f"Model type {model_type!r} has no list of {num_layers} transformer blocks, so its per-layer hidden "
             "states cannot be read. hf_aligned wraps models whose blocks form one `nn.ModuleList` of equal-width "
-            "layers (BERT-like encoders, ViT-like image encoders, decoder-only LMs)."
+            "layers (BERT-like encoders, ViT-like image encoders, decoder-only LMs); if yours keeps them elsewhere, "
+            "name them with `AlignedConfig(layout={'blocks': ...})`."
         )
-    blocks_path = min(candidates, key=lambda name: (name.count("."), name))
-    blocks = model.get_submodule(blocks_path)
-    shapes = {_parameter_shapes(block) for block in blocks}
-    if len(shapes) != 1:
+    candidates = [name for name, blocks in lists.items() if _keeps_width(blocks, hidden_size)]
+    if not candidates:
         raise ValueError(
-            f"Model type {model_type!r} has blocks of different widths (a hierarchical, Swin-like model); one "
-            "classifier cannot read every layer. Use a model whose blocks all keep the same hidden size."
+            f"Model type {model_type!r} has blocks of different widths ({', '.join(lists)} do not all output the "
+            f"hidden size {hidden_size}); one classifier cannot read every layer. Use a model whose blocks all keep "
+            "the same hidden size."
         )
+    depth = min(name.count(".") for name in candidates)
+    shallowest = [name for name in candidates if name.count(".") == depth]
+    if len(shallowest) > 1:
+        raise ValueError(
+            f"Model type {model_type!r} has several lists of {num_layers} blocks that could be its layers: "
+            f"{shallowest}. Name the list whose modules output the layers' hidden states (with sublayers in "
+            "parallel lists, the list of each layer's last sublayer) with "
+            f"`AlignedConfig(layout={{'blocks': ..., 'final_norm': ..., 'pooler': ...}})`."
+        )
+    blocks_path = shallowest[0]
     owner = blocks_path.rpartition(".")[0]
     return BackboneLayout(
         blocks=blocks_path,
         final_norm=_find_child(model, owner, FINAL_NORM_NAMES, _is_norm),
         pooler=_find_child(model, owner, POOLER_NAMES, lambda module: module is not None),
     )
+
+
+def _check_layout(model: PreTrainedModel, layout: BackboneLayout, source: str) -> None:
+    """Raises a `ValueError` naming `source` when a layout's paths do not lead to the parts it names."""
+    model_type = model.config.model_type
+    num_layers = num_hidden_layers(model.config)
+    hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
+    fix = "Pass `AlignedConfig(layout={'blocks': ..., 'final_norm': ..., 'pooler': ...})` with this model's paths."
+    for name, path in layout.to_dict().items():
+        if path is not None and _get_module(model, path) is None:
+            raise ValueError(
+                f"{source} names {name} {path!r}, but this {model_type!r} model has no such module "
+                f"(its top-level modules: {[child for child, _ in model.named_children()]}). {fix}"
+            )
+    blocks = model.get_submodule(layout.blocks)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) != num_layers:
+        raise ValueError(
+            f"{source} names blocks {layout.blocks!r}, but in this {model_type!r} model that is not an "
+            f"`nn.ModuleList` of {num_layers} modules (`num_hidden_layers`). {fix}"
+        )
+    if not _keeps_width(blocks, hidden_size):
+        raise ValueError(
+            f"{source} names blocks {layout.blocks!r}, but in this {model_type!r} model they do not all output the "
+            f"hidden size {hidden_size}; one classifier cannot read every layer. {fix}"
+        )
+
+
+def _keeps_width(blocks: nn.ModuleList, hidden_size: int | None) -> bool:
+    """Whether every block outputs `hidden_size` features (or, with no known hidden size, the same number).
+
+    A block's output width is that of its last module with a known output size (a linear layer's `out_features`,
+    a norm's size, a GPT-2 `Conv1D`'s `nf`), so blocks of different classes (hybrid attention / state-space stacks)
+    or with an `Identity` in place of a norm still count as one width.
+    """
+    widths = {_output_width(block) for block in blocks} - {None}
+    return widths == {hidden_size} if hidden_size is not None and widths else len(widths) <= 1
+
+
+def _output_width(block: nn.Module) -> int | None:
+    for module in reversed(list(block.modules())):
+        for attribute in ("out_features", "nf"):
+            if isinstance(getattr(module, attribute, None), int):
+                return getattr(module, attribute)
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and shape:
+            return int(shape[-1])
+        weight = getattr(module, "weight", None)
+        if _is_norm(module) and isinstance(weight, nn.Parameter) and weight.dim() == 1:
+            return weight.shape[0]
+    return None
+
+
+def _get_module(model: nn.Module, path: str | None) -> nn.Module | None:
+    if path is None:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def detach_module(model: nn.Module, path: str, replacement: nn.Module | None) -> nn.Module:
@@ -83,17 +165,15 @@ def detach_module(model: nn.Module, path: str, replacement: nn.Module | None) ->
     return module
 
 
-def _parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(parameter.shape) for parameter in module.parameters())
-
-
 def _is_norm(module: nn.Module | None) -> bool:
     return module is not None and (
         isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
     )
 
 
-def _find_child(model: nn.Module, owner: str, names: tuple[str, ...], accept) -> str | None:
+def _find_child(
+    model: nn.Module, owner: str, names: tuple[str, ...], accept: Callable[[nn.Module | None], bool]
+) -> str | None:
     """Finds the first of `names` on the base model itself, then on the module that owns the block list."""
     scopes = [""] if not owner else ["", owner]
     for scope in scopes:

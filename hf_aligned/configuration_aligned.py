@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from .compat import SubConfigSpec, attn_implementation, is_causal_lm_only_type
+from .layouts import BackboneLayout, refusal_reason, table_kind
 
 POOLING_CHOICES = ("auto", "cls", "last", "mean")
 LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
@@ -167,6 +169,10 @@ class AlignedConfig(PreTrainedConfig):
             paper's loss). Single-label classification only.
         distillation_temperature (`float`, *optional*, defaults to 2.0):
             The softmax temperature T of self-distillation.
+        layout (`dict`, *optional*):
+            Where the base model keeps its parts, as dotted paths from the base model: `{"blocks": ...,
+            "final_norm": ..., "pooler": ...}` (the last two may be `None`). Overrides the per-family table and the
+            generic search; the model fills it in when it is built, so a checkpoint records the layout it used.
         kwargs:
             `num_labels`, `id2label`, `label2id`, `problem_type` and the other [`PreTrainedConfig`] arguments.
 
@@ -197,13 +203,18 @@ class AlignedConfig(PreTrainedConfig):
     classifier_update: Literal["all", "last"] = "all"
     distillation_weight: float = 0.0
     distillation_temperature: float = 2.0
+    layout: dict | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.base_config, PreTrainedConfig) and "attn_implementation" not in kwargs:
             # transformers sets the parent's attention implementation on every sub-config: inherit the base
             # model's own choice instead of resetting it.
-            kwargs["attn_implementation"] = self.base_config._attn_implementation
+            kwargs["attn_implementation"] = attn_implementation(self.base_config)
         super().__post_init__(**kwargs)
+        base = self.base_config
+        reason = refusal_reason(base.model_type, bool(getattr(base, "is_encoder_decoder", False)))
+        if reason is not None:
+            raise ValueError(reason)
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"`pooling={self.pooling!r}` is not supported; use one of {POOLING_CHOICES}.")
         if self.pooling == "auto":
@@ -218,6 +229,8 @@ class AlignedConfig(PreTrainedConfig):
         )
         self.distillation_weight = float(self.distillation_weight)
         self.distillation_temperature = float(self.distillation_temperature)
+        if self.layout is not None:
+            self.layout = BackboneLayout.from_dict(self.layout).to_dict()
         if self.aligned_layers is not None:
             self.aligned_layers = sorted(_validate_aligned_layers(self.aligned_layers, self.num_layers))
         if not isinstance(self.layer_weights, str):
@@ -248,15 +261,10 @@ class AlignedConfig(PreTrainedConfig):
 def is_decoder_only(config: PreTrainedConfig) -> bool:
     """Whether a base config belongs to a decoder-only language model (GPT-2, Llama, Qwen, Mistral, ...).
 
-    Families that also have a masked-LM head (BERT, RoBERTa, ...) count as encoders even though transformers
-    offers a causal-LM variant of them.
+    Families in the layout table have their kind listed there; for others, families that also have a masked-LM head
+    (BERT, RoBERTa, ...) count as encoders even though transformers offers a causal-LM variant of them.
     """
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
         return False
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    kind = table_kind(config.model_type)
+    return kind == "decoder" if kind is not None else is_causal_lm_only_type(config.model_type)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import cached_file
+
+from .compat import cached_file_or_none
 
 EXIT_CONFIG_NAME = "exit_config.json"
 EXIT_RULES = ("confidence", "entropy", "patience", "fixed")
@@ -125,9 +126,7 @@ class ExitConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> ExitConfig | None:
         """Reads `exit_config.json` from a local folder or a Hub repository; `None` if there is none."""
-        path = cached_file(
-            pretrained_model_name_or_path, EXIT_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
+        path = cached_file_or_none(pretrained_model_name_or_path, EXIT_CONFIG_NAME, **hub_kwargs)
         if path is None:
             return None
         with open(path, encoding="utf-8") as handle:

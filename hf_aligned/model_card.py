@@ -25,6 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from .compat import is_image_classification_only_type
 from .configuration_aligned import AlignedConfig
 
 logger = logging.get_logger(__name__)
@@ -499,16 +500,7 @@ def _dataset_markdown(datasets: Sequence[str] | None, dataset_name: str | None) 
 
 
 def _is_image_model(config: AlignedConfig) -> bool:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    model_type = config.base_config.model_type
-    return (
-        model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-        and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-    )
+    return is_image_classification_only_type(config.base_config.model_type)
 
 
 def _framework_versions() -> dict[str, str]:

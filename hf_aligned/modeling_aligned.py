@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from .backbones import detach_module, find_layout
+from .compat import cached_file_or_none, mark_initialized
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
 
@@ -36,6 +37,7 @@ ALIGNED_KWARGS = (
     "aligned_layers",
     "classifier_sharing",
     "classifier_dropout",
+    "layout",
     "num_labels",
     "id2label",
     "label2id",
@@ -123,13 +125,17 @@ def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor
         return hidden_states[:, 0]
     if attention_mask is None:
         return hidden_states[:, -1] if pooling == "last" else hidden_states.mean(dim=1)
-    mask = attention_mask.to(hidden_states.dtype)
+    # Positions and lengths are integers: in bf16 / fp16, integers above 256 / 2048 are not exact.
+    mask = attention_mask.to(device=hidden_states.device, dtype=torch.long) != 0
     if pooling == "last":
-        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=mask.dtype)
+        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
         last = (mask * positions).argmax(dim=1)
         return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
-    summed = torch.einsum("bsd,bs->bd", hidden_states, mask)
-    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    # Sum in at least float32, so long sequences in half precision do not lose the small terms.
+    accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
+    summed = torch.einsum("bsd,bs->bd", hidden_states.to(accumulate), mask.to(accumulate))
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return (summed / lengths).to(hidden_states.dtype)
 
 
 class ClassificationHead(nn.Module):
@@ -294,7 +300,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     def __init__(self, config: AlignedConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
         backbone = base_model if base_model is not None else AutoModel.from_config(config.base_config)
-        layout = find_layout(backbone)
+        layout = find_layout(backbone, config.layout)
         norm = detach_module(backbone, layout.final_norm, nn.Identity()) if layout.final_norm else None
         pooler = detach_module(backbone, layout.pooler, None) if layout.pooler else None
         use_pooler = config.use_pooler
@@ -306,6 +312,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "unset or set it to False."
             )
         config.use_pooler = use_pooler
+        config.layout = layout.to_dict()
         config.base_config = backbone.config
         self.backbone = backbone
         self.blocks_path = layout.blocks
@@ -332,10 +339,10 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         if base_model is not None:
             # The wrapped model is already trained: only the new classification layers may be initialized.
             for head in self.classifier.heads:
-                _mark_initialized(head.norm)
+                mark_initialized(head.norm)
                 if head.pooler is not None:
-                    _mark_initialized(head.pooler)
-            _mark_initialized(backbone)
+                    mark_initialized(head.pooler)
+            mark_initialized(backbone)
         self.post_init()
 
     @property
@@ -760,17 +767,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         )
 
 
-def _mark_initialized(module: nn.Module) -> None:
-    """Flags a module's weights as loaded, so transformers' post-construction initialization leaves them alone."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        tensor._is_hf_initialized = True
-    for submodule in module.modules():
-        submodule._is_hf_initialized = True
-
-
 def _sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with (`"mean"`, `"cls"`, `"last"`), if any."""
-    modules_file = cached_file(path, "modules.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    modules_file = cached_file_or_none(path, "modules.json", **hub_kwargs)
     if modules_file is None:
         return None
     with open(modules_file, encoding="utf-8") as handle:
@@ -779,12 +778,7 @@ def _sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) ->
     if not pooling_dirs:
         return None
     subfolder = "/".join(part for part in (hub_kwargs.get("subfolder"), pooling_dirs[0]) if part)
-    pooling_file = cached_file(
-        path,
-        "config.json",
-        _raise_exceptions_for_missing_entries=False,
-        **{**hub_kwargs, "subfolder": subfolder},
-    )
+    pooling_file = cached_file_or_none(path, "config.json", **{**hub_kwargs, "subfolder": subfolder})
     if pooling_file is None:
         return None
     with open(pooling_file, encoding="utf-8") as handle:

@@ -1,7 +1,5 @@
 """AlignedForSequenceClassification on tiny random configs of every supported family."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,55 +18,20 @@ from hf_aligned import AlignedConfig, AlignedForSequenceClassification
 from tests.testing_utils import (
     DECODER_FAMILIES,
     FAMILIES,
+    FINAL_NORM,
+    LAST_HIDDEN_STATE_IS_NORMED,
     NUM_LAYERS,
     TEXT_FAMILIES,
+    reference_layer_logits,
     tiny_base_config,
     tiny_inputs,
     tiny_model,
+    wrap_plain_model,
 )
-
-# Families whose `output_hidden_states` returns the last entry after the final norm (the others return it before).
-LAST_HIDDEN_STATE_IS_NORMED = {"gpt2", "llama", "qwen2"}
-FINAL_NORM = {"vit": "layernorm", "gpt2": "ln_f", "llama": "norm", "qwen2": "norm", "deit": "layernorm"}
 
 
 def padding_for(family):
     return "left" if family in DECODER_FAMILIES else "right"
-
-
-def reference_layer_logits(plain, model, inputs, family):
-    """Every layer's logits from the plain base model's hidden states, pooled and classified by hand."""
-    if family in (*DECODER_FAMILIES, "qwen2"):
-        # Decoder-only models count positions over real tokens only, so left padding does not shift them.
-        inputs = {**inputs, "position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
-    with torch.no_grad():
-        hidden_states = plain(**inputs, output_hidden_states=True).hidden_states
-    head = model.classifier.heads[0]
-    norm = getattr(plain, FINAL_NORM[family]) if family in FINAL_NORM else None
-    mask = inputs.get("attention_mask")
-    logits = []
-    for layer in range(1, NUM_LAYERS + 1):
-        hidden = hidden_states[layer]
-        if norm is not None and not (layer == NUM_LAYERS and family in LAST_HIDDEN_STATE_IS_NORMED):
-            hidden = norm(hidden)
-        if model.config.pooling == "last":
-            rows = [hidden[b, max(i for i in range(hidden.shape[1]) if mask[b, i] == 1)] for b in range(len(hidden))]
-            pooled = torch.stack(rows)
-        elif model.config.use_pooler:
-            pooled = plain.pooler(hidden)
-        else:
-            pooled = hidden[:, 0]
-        logits.append(head.out_proj(pooled))
-    return torch.stack(logits)
-
-
-def wrap_plain_model(base_config, **aligned_kwargs):
-    torch.manual_seed(0)
-    plain = AutoModel.from_config(base_config).eval()
-    model = AlignedForSequenceClassification(
-        AlignedConfig(base_config=base_config, num_labels=3, **aligned_kwargs), base_model=copy.deepcopy(plain)
-    ).eval()
-    return plain, model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -247,7 +210,7 @@ def test_invalid_settings_are_rejected_with_the_argument_named(kwargs, message):
 
 def test_hierarchical_backbone_is_rejected_with_its_model_type():
     swin = SwinConfig(image_size=16, patch_size=2, num_channels=1, embed_dim=8, depths=[1, 1], num_heads=[1, 2])
-    with pytest.raises(ValueError, match=r"Model type 'swin' has blocks of different widths"):
+    with pytest.raises(ValueError, match=r"Model type 'swin' is a hierarchical vision model: its stages change width"):
         AlignedForSequenceClassification(AlignedConfig(base_config=swin, num_labels=2))
 
 
@@ -347,8 +310,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model("llama").train()
         model.config.base_config.attention_dropout = 0.0
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:  # transformers < 5.23 names it gradient checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(**inputs, labels=labels).loss.backward()
         grads.append([parameter.grad.clone() for parameter in model.parameters()])
     for plain, checkpointed in zip(*grads):

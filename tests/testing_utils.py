@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
+    AutoModel,
     BertConfig,
     DistilBertConfig,
     GPT2Config,
@@ -79,6 +81,69 @@ def tiny_base_config(family: str, num_layers: int = NUM_LAYERS) -> PreTrainedCon
 TEXT_FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama")
 DECODER_FAMILIES = ("gpt2", "llama")
 FAMILIES = (*TEXT_FAMILIES, "vit")
+
+
+# What each family's plain base model does after its last block, written down independently of hf_aligned's layout
+# table: the attribute of its final norm, and whether `output_hidden_states` returns the last entry already normed
+# (the others return it before the norm).
+FINAL_NORM = {
+    **dict.fromkeys(("vit", "deit", "beit", "dinov2"), "layernorm"),
+    "gpt2": "ln_f",
+    "modernbert": "final_norm",
+    "jamba": "final_layernorm",
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo"), "norm"),
+}
+DECODER_TYPES = {
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo",
+    "jamba",
+}
+LAST_HIDDEN_STATE_IS_NORMED = {*DECODER_TYPES, "modernbert"}
+
+
+def reference_layer_logits(plain, model, inputs, family):
+    """Every layer's logits from the plain base model's `output_hidden_states`, pooled and classified by hand."""
+    if family in DECODER_TYPES:
+        # Decoder-only models count positions over real tokens only, so left padding does not shift them.
+        inputs = {**inputs, "position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        hidden_states = plain(**inputs, output_hidden_states=True).hidden_states
+    num_layers = len(hidden_states) - 1
+    head = model.classifier.heads[0]
+    norm = getattr(plain, FINAL_NORM[family]) if family in FINAL_NORM else None
+    mask = inputs.get("attention_mask")
+    logits = []
+    for layer in range(1, num_layers + 1):
+        hidden = hidden_states[layer]
+        if norm is not None and not (layer == num_layers and family in LAST_HIDDEN_STATE_IS_NORMED):
+            hidden = norm(hidden)
+        if model.config.pooling == "last":
+            rows = [hidden[b, max(i for i in range(hidden.shape[1]) if mask[b, i] == 1)] for b in range(len(hidden))]
+            pooled = torch.stack(rows)
+        elif model.config.use_pooler:
+            pooled = plain.pooler(hidden)
+        else:
+            pooled = hidden[:, 0]
+        logits.append(head.out_proj(pooled))
+    return torch.stack(logits)
+
+
+def wrap_plain_model(base_config, **aligned_kwargs):
+    """A plain random base model and an aligned model (3 labels) wrapping an exact copy of it, both in eval mode."""
+    torch.manual_seed(0)
+    plain = AutoModel.from_config(base_config).eval()
+    model = AlignedForSequenceClassification(
+        AlignedConfig(base_config=base_config, num_labels=3, **aligned_kwargs), base_model=copy.deepcopy(plain)
+    ).eval()
+    return plain, model
 
 
 def tiny_model(family: str = "bert", seed: int = 0, **aligned_kwargs) -> AlignedForSequenceClassification:

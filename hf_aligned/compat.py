@@ -1,0 +1,66 @@
+"""Every use of transformers internals, in one place.
+
+hf_aligned relies on a few names transformers does not document as public API (private attributes, keyword
+arguments and tables). Keeping them here means a transformers release that moves one breaks one function, found by
+one test, rather than code scattered over the package. The oldest release these were checked against is the minimum
+in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import cached_file
+
+__all__ = [
+    "SubConfigSpec",
+    "attn_implementation",
+    "cached_file_or_none",
+    "is_causal_lm_only_type",
+    "is_image_classification_only_type",
+    "mark_initialized",
+]
+
+
+def attn_implementation(config: PreTrainedConfig) -> str | None:
+    """The attention implementation a config has resolved to (`"eager"`, `"sdpa"`, ...)."""
+    return config._attn_implementation
+
+
+def mark_initialized(module: nn.Module) -> None:
+    """Flags a module's weights as loaded, so transformers' post-construction initialization leaves them alone."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor._is_hf_initialized = True
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
+
+
+def cached_file_or_none(path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
+    """The local path of `filename` in a folder or Hub repository, or `None` when the repository has no such file."""
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+
+def is_causal_lm_only_type(model_type: str) -> bool:
+    """Whether transformers has a causal-LM head for a model type but no masked-LM head (a decoder-only LM)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def is_image_classification_only_type(model_type: str) -> bool:
+    """Whether transformers has an image-classification head for a model type but no sequence-classification one."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return (
+        model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+        and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    )
