@@ -593,6 +593,13 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             [`EarlyExitOutput`] with `predictions`, `logits` at the exit layer, `exit_layers` and
             `layers_computed`.
 
+        Raises:
+            TypeError: naming arguments that are neither base-model inputs nor `ExitConfig` fields (with the closest
+                valid name).
+            ValueError: for an invalid exit setting, a call without inputs or an empty batch.
+
+        Safe to call from several threads at once. In train mode it runs as asked (dropout active) and warns once.
+
         Example:
 
         ```python
