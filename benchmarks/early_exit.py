@@ -12,6 +12,7 @@ outputs/benchmarks/early_exit.json.
 
     python benchmarks/early_exit.py                     # everything (about 15 minutes on 2 CPU cores)
     python benchmarks/early_exit.py --tasks digits      # one task
+    python benchmarks/early_exit.py --overhead          # the early-exit machinery's overhead only (minutes)
     python benchmarks/early_exit.py --sst2-aligned outputs/benchmarks/train_aligned/aligned \
         --sst2-per-layer outputs/benchmarks/train_aligned/per_layer
 """
@@ -102,7 +103,7 @@ def text_task(name, splits, checkpoints, output_dir, epochs, train_size):
     return Task(name, models, validation, collator, rows)
 
 
-def digits_task(output_dir, epochs):
+def digits_task(output_dir, epochs, kinds=("aligned", "per_layer")):
     splits = load_digits_dataset()
     held_out = splits["train"].train_test_split(test_size=0.15, seed=0, stratify_by_column="label")
     base = ViTConfig(
@@ -118,6 +119,8 @@ def digits_task(output_dir, epochs):
     )
     models = {}
     for kind, sharing in (("aligned", "shared"), ("per_layer", "per_layer")):
+        if kind not in kinds:
+            continue
         if checkpoint := saved_model(output_dir / "digits" / kind):
             models[kind] = AlignedForSequenceClassification.from_pretrained(checkpoint)
             continue
@@ -186,6 +189,110 @@ def measure(task: Task, kind: str, thresholds, timed_samples: int, batch_one_sam
     return results
 
 
+def threshold_for_speedup(layer_logits: torch.Tensor, target: float) -> float:
+    """The confidence threshold whose simulated exits come closest to an ideal speedup of `target`."""
+    candidates = torch.linspace(0.3, 1.0, 141).tolist()
+    speedups = []
+    for threshold in candidates:
+        _, exit_layers = simulate_exits(layer_logits, ExitConfig(threshold=threshold))
+        speedups.append(layer_logits.shape[0] / exit_layers.float().mean().item())
+    return min(zip(candidates, speedups), key=lambda pair: abs(pair[1] - target))[0]
+
+
+@torch.no_grad()
+def measure_overhead(name: str, model, rows: list[dict], collate_rows, repeats: int) -> list[dict]:
+    """Times `early_exit_predict` against the full forward, alternated in this process, at batch 1 and 32.
+
+    Settings: a confidence threshold no sample reaches before the last layer (the classifier and the rule run after
+    every block, nobody leaves: the machinery's pure overhead), and thresholds whose exits give an ideal speedup
+    near 2 and 3 on these samples (measured ÷ ideal shows how much of the saved block compute is really saved).
+    """
+    model.eval()
+    groups = {32: [collate_rows(rows[i : i + 32]) for i in range(0, len(rows), 32)]}
+    groups[1] = [collate_rows([row]) for row in rows[:: max(1, len(rows) // 32)]]
+    layer_logits = torch.cat([model(**inputs, early_exit=False).layer_logits for inputs in groups[32]], dim=1)
+    top = layer_logits[:-1].float().softmax(-1).max(-1).values.max().item()
+    if top >= 1.0:
+        raise ValueError(f"{name}: some sample is certain before the last layer; no threshold keeps every sample.")
+    settings = [("nobody leaves", (1.0 + top) / 2)]
+    settings += [(f"ideal ~{target}x", threshold_for_speedup(layer_logits, target)) for target in (2.0, 3.0)]
+    results = []
+    for label, threshold in settings:
+        result = {"model": name, "setting": label, "threshold": threshold, "num_layers": model.num_layers}
+        for size, batches in groups.items():
+            outputs = [model.early_exit_predict(**inputs, threshold=threshold) for inputs in batches]
+            ideal = model.num_layers / torch.cat([out.exit_layers for out in outputs]).float().mean().item()
+            full_time, exit_time = best_times(
+                [
+                    lambda batches=batches: [model(**inputs, early_exit=False) for inputs in batches],
+                    lambda batches=batches, threshold=threshold: [
+                        model.early_exit_predict(**inputs, threshold=threshold) for inputs in batches
+                    ],
+                ],
+                repeats=repeats,
+            )
+            result[f"ideal_speedup_batch{size}"] = ideal
+            result[f"exit_over_full_time_batch{size}"] = exit_time / full_time
+            result[f"measured_over_ideal_batch{size}"] = full_time / exit_time / ideal
+        results.append(result)
+    return results
+
+
+def overhead_main(args) -> None:
+    """The `--overhead` run: the digits ViT (trained here, or reused) and MiniLM with an untrained head on SST-2."""
+    import hf_aligned
+
+    work = OUTPUTS / "early_exit_models"
+    digits = digits_task(work, epochs=30, kinds=("aligned",))
+    results = measure_overhead(
+        "digits-vit (L=6, width 64)",
+        digits.models["aligned"],
+        digits.test_rows[: args.timed_samples],
+        lambda rows: collate(digits, rows)[0],
+        args.repeats,
+    )
+    # The machinery's cost does not depend on what the classifier learned: MiniLM's pretrained blocks with a seeded,
+    # untrained classification layer give the exits a spread of confidences without training.
+    torch.manual_seed(0)
+    minilm = AlignedForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = load_sst2("test")["text"][: args.timed_samples]
+
+    def tokenize(rows):
+        return dict(tokenizer(rows, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
+
+    results += measure_overhead("all-MiniLM-L6-v2 (L=6, width 384)", minilm, texts, tokenize, args.repeats)
+    rows = [
+        [
+            result["model"],
+            result["setting"],
+            result["ideal_speedup_batch1"],
+            result["exit_over_full_time_batch1"],
+            result["measured_over_ideal_batch1"],
+            result["ideal_speedup_batch32"],
+            result["exit_over_full_time_batch32"],
+            result["measured_over_ideal_batch32"],
+        ]
+        for result in results
+    ]
+    table = print_table(
+        "Early-exit overhead (time ratios measured in one run, full forward and early exit alternated)",
+        [
+            "model",
+            "setting",
+            "ideal x b1",
+            "exit ÷ full b1",
+            "measured ÷ ideal b1",
+            "ideal x b32",
+            "exit ÷ full b32",
+            "measured ÷ ideal b32",
+        ],
+        rows,
+    )
+    payload = {"torch_threads": torch.get_num_threads(), "hf_aligned": hf_aligned.__file__, "results": results}
+    write_json(args.output, {**payload, "tables": [table]})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -197,11 +304,18 @@ def main():
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs for the text models")
     parser.add_argument("--timed-samples", type=int, default=256, help="test samples timed at batch size 32")
     parser.add_argument("--batch-one-samples", type=int, default=32, help="test samples timed at batch size 1")
-    parser.add_argument("--output", type=Path, default=OUTPUTS / "early_exit.json")
+    parser.add_argument("--output", type=Path, help="the JSON to write (default: outputs/benchmarks/early_exit.json)")
     parser.add_argument("--retrain", action="store_true", help="train every model again instead of reusing saved ones")
+    parser.add_argument("--overhead", action="store_true", help="only time the early-exit machinery's overhead")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per setting in the --overhead run")
     args = parser.parse_args()
     global RETRAIN
     RETRAIN = args.retrain
+    if args.overhead:
+        args.output = args.output or OUTPUTS / "early_exit_overhead.json"
+        overhead_main(args)
+        return
+    args.output = args.output or OUTPUTS / "early_exit.json"
     torch.manual_seed(0)
     work = OUTPUTS / "early_exit_models"
 

@@ -129,9 +129,28 @@ def _explain_collate_errors(collate_fn: Callable) -> Callable:
         try:
             return collate_fn(samples)
         except (ValueError, RuntimeError, TypeError) as error:
+            ragged = _ragged_columns(samples)
+            if not ragged:
+                raise
             raise ValueError(
-                f"Could not batch the dataset's samples ({error}). Samples of different lengths need padding: pass "
-                "`collate_fn=DataCollatorWithPadding(tokenizer)`, or tokenize with `padding='max_length'`."
+                f"Could not batch the dataset's samples: {ragged} have different lengths from sample to sample "
+                f"({error}). Pad them: pass `collate_fn=DataCollatorWithPadding(tokenizer)`, or tokenize with "
+                "`padding='max_length'`."
             ) from error
 
     return collate
+
+
+def _ragged_columns(samples: list[Mapping[str, Any]]) -> list[str]:
+    """The columns whose sequences have different lengths in different samples (those that need padding)."""
+
+    def length(value: Any) -> int | None:
+        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0:
+            return len(value)
+        return None
+
+    ragged = []
+    for key in samples[0] if samples else ():
+        if len({length(sample.get(key)) for sample in samples}) > 1:
+            ragged.append(key)
+    return ragged

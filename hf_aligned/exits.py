@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .block_hooks import BlockObserver, observe_blocks
 from .compat import cached_file_or_none
 
 EXIT_CONFIG_NAME = "exit_config.json"
 EXIT_RULES = ("confidence", "entropy", "patience", "fixed")
 # Per-sample tensors the blocks receive are recognised by their batch dimension; these arguments never have one.
 NON_BATCH_ARGUMENTS = frozenset({"cache_position"})
+# What torch says when tensors of different batch sizes meet: the failure a per-sample input left uncut causes.
+SHAPE_MISMATCH = re.compile(r"size of tensor|must match the size|shape .* is invalid|expanded size|Sizes of tensors")
 
 
 @dataclass
@@ -60,8 +64,14 @@ class ExitConfig:
         Raises:
             ValueError: naming the field that is out of range or does not fit the rule.
         """
-        if self.rule not in EXIT_RULES:
+        if not isinstance(self.rule, str) or self.rule not in EXIT_RULES:
             raise ValueError(f"`rule={self.rule!r}` is not an exit rule; use one of {EXIT_RULES}.")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"`threshold={self.threshold!r}` must be a number.")
+        for name in ("patience", "exit_layer", "min_layer", "max_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"`{name}={value!r}` must be an integer (a 1-based layer index or a count).")
         if self.rule == "confidence" and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"`threshold={self.threshold}` must lie in (0, 1] for rule 'confidence' (1.0: no exits).")
         if self.rule == "entropy" and not 0.0 <= self.threshold <= 1.0:
@@ -69,13 +79,13 @@ class ExitConfig:
                 f"`threshold={self.threshold}` must lie in [0, 1] for rule 'entropy' (entropy is divided by "
                 "log(num_labels))."
             )
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+        if self.patience < 1:
             raise ValueError(f"`patience={self.patience!r}` must be a positive integer.")
         if self.rule == "fixed" and self.exit_layer is None:
             raise ValueError("rule 'fixed' needs `exit_layer`, the 1-based layer where every sample leaves.")
         if self.rule != "fixed" and self.exit_layer is not None:
             raise ValueError(f"`exit_layer` is only used by rule 'fixed', not by rule {self.rule!r}; remove it.")
-        if not isinstance(self.min_layer, int) or self.min_layer < 1:
+        if self.min_layer < 1:
             raise ValueError(f"`min_layer={self.min_layer!r}` must be a 1-based layer index (at least 1).")
         if self.max_layer is not None and self.max_layer < self.min_layer:
             raise ValueError(f"`max_layer={self.max_layer}` is below `min_layer={self.min_layer}`.")
@@ -125,12 +135,29 @@ class ExitConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> ExitConfig | None:
-        """Reads `exit_config.json` from a local folder or a Hub repository; `None` if there is none."""
+        """Reads `exit_config.json` from a local folder or a Hub repository; `None` if there is none.
+
+        Raises:
+            ValueError: naming the file, when it is not valid JSON, holds unknown keys or an invalid field.
+        """
         path = cached_file_or_none(pretrained_model_name_or_path, EXIT_CONFIG_NAME, **hub_kwargs)
         if path is None:
             return None
         with open(path, encoding="utf-8") as handle:
-            return cls(**json.load(handle))
+            try:
+                fields = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); fix or delete the file.") from error
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path} must hold a JSON object of ExitConfig fields, not {type(fields).__name__}.")
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; the ExitConfig fields are {sorted(names)}.")
+        try:
+            return cls(**fields)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
 
 
 def exit_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:
@@ -175,6 +202,8 @@ class ExitDecider:
 
     def keep(self, kept: torch.Tensor) -> None:
         """Drops the per-sample state of the samples that left (`kept` indexes the ones still running)."""
+        if self.config.rule != "patience":
+            return
         self.previous = self.previous[kept]
         self.streak = self.streak[kept]
 
@@ -198,6 +227,74 @@ class _AllSamplesLeft(Exception):
     """Stops the base model's forward once no sample is running."""
 
 
+class _EarlyExitRun(BlockObserver):
+    """One early-exit call's state: the running samples, their exits so far, and the inputs cut down to them.
+
+    Exits are decided on the running samples' logits; the batch is compacted (hidden states, per-sample inputs, the
+    decider's counters) only after a block where some sample left, so a block where nobody leaves costs the
+    classifier, the rule and one count.
+    """
+
+    def __init__(self, blocks, classify, decider, batch_size, pooling_mask, device):
+        super().__init__(blocks)
+        self.classify = classify
+        self.decider = decider
+        self.batch_size = batch_size
+        self.pooling_mask = pooling_mask
+        self.running: torch.Tensor | None = None  # original indices of the running samples; None: all of them
+        self.num_running = batch_size
+        self.logits: torch.Tensor | None = None
+        self.exit_layers = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.layers_computed = 0
+        # Per-sample tensors cut down to the running samples, by identity of the full tensor (kept alive with it).
+        self._selected: dict[int, tuple[Any, Any]] = {}
+
+    def _select(self, value: Any) -> Any:
+        if self.running is None or value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        cached = self._selected.get(id(value))
+        if cached is None:
+            cached = self._selected[id(value)] = (value, _select_samples(value, self.running, self.batch_size))
+        return cached[1]
+
+    def before_block(self, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self.layers_computed += self.num_running
+        if self.running is None:
+            return None
+        hidden, *rest = args  # the hidden states come from the previous block, already cut down
+        return (hidden, *(self._select(value) for value in rest)), {
+            name: value if name in NON_BATCH_ARGUMENTS else self._select(value) for name, value in kwargs.items()
+        }
+
+    def after_block(self, layer: int, output: Any) -> Any:
+        if not self.decider.classifies_at(layer):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        layer_logits = self.classify(layer, hidden, self._select(self.pooling_mask))
+        leaving = self.decider.leaves(layer, layer_logits)
+        num_leaving = int(leaving.sum())  # the one host sync per classified block
+        if num_leaving == 0:
+            return None
+        if self.logits is None:
+            self.logits = layer_logits.new_zeros(self.batch_size, layer_logits.shape[-1])
+        if num_leaving == self.num_running:
+            rows = slice(None) if self.running is None else self.running
+            self.logits[rows] = layer_logits
+            self.exit_layers[rows] = layer
+            raise _AllSamplesLeft
+        running = self.running if self.running is not None else torch.arange(self.batch_size, device=leaving.device)
+        left = running[leaving]
+        self.logits[left] = layer_logits[leaving]
+        self.exit_layers[left] = layer
+        kept = (~leaving).nonzero().squeeze(-1)
+        self.running = running[kept]
+        self.num_running -= num_leaving
+        self._selected = {}
+        self.decider.keep(kept)
+        hidden = hidden[kept]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 def run_early_exit(
     blocks: nn.ModuleList,
     run_base_model: Callable[[], Any],
@@ -208,6 +305,9 @@ def run_early_exit(
     model_type: str = "",
 ) -> EarlyExitResult:
     """Runs the base model block by block, letting samples leave and shrinking the batch as they do.
+
+    The blocks must carry the hooks of [`install_block_hooks`] (the model installs them when it is built); the
+    call's state lives in its own observer, so concurrent calls on one model do not interfere.
 
     Args:
         blocks: the base model's list of blocks.
@@ -222,71 +322,35 @@ def run_early_exit(
 
     Returns:
         The logits and exit layer of every sample, and the number of (block, sample) pairs computed.
+
+    Raises:
+        ValueError: when, after samples left, a block fails on inputs of mismatched batch sizes (a per-sample input
+            early exit did not recognise). Any other error passes through unchanged.
     """
     device = next(blocks[0].parameters()).device
     decider = ExitDecider(exit_config, len(blocks), batch_size, device)
-    running = torch.arange(batch_size, device=device)
-    logits: torch.Tensor | None = None
-    exit_layers = torch.zeros(batch_size, dtype=torch.long, device=device)
-    layers_computed = 0
-
-    def shrink_inputs(module, args, kwargs):
-        nonlocal layers_computed
-        layers_computed += len(running)
-        if len(running) == batch_size:
-            return None
-        hidden, *rest = args
-        return (hidden, *_select_samples(rest, running, batch_size)), {
-            name: value if name in NON_BATCH_ARGUMENTS else _select_samples(value, running, batch_size)
-            for name, value in kwargs.items()
-        }
-
-    def exit_after(layer: int):
-        def hook(module, args, output):
-            nonlocal running, logits
-            hidden = output[0] if isinstance(output, tuple) else output
-            if not decider.classifies_at(layer):
-                return None
-            mask = pooling_mask[running] if pooling_mask is not None else None
-            layer_logits = classify(layer, hidden, mask)
-            if logits is None:
-                logits = layer_logits.new_zeros(batch_size, layer_logits.shape[-1])
-            leaving = decider.leaves(layer, layer_logits)
-            left = running[leaving]
-            logits[left] = layer_logits[leaving]
-            exit_layers[left] = layer
-            kept = (~leaving).nonzero().squeeze(-1)
-            running = running[kept]
-            decider.keep(kept)
-            if len(running) == 0:
-                raise _AllSamplesLeft
-            hidden = hidden[kept]
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
-
-    handles = []
-    for layer, block in enumerate(blocks, start=1):
-        handles.append(block.register_forward_pre_hook(shrink_inputs, with_kwargs=True))
-        handles.append(block.register_forward_hook(exit_after(layer)))
+    run = _EarlyExitRun(blocks, classify, decider, batch_size, pooling_mask, device)
     try:
-        run_base_model()
+        with observe_blocks(run):
+            run_base_model()
     except _AllSamplesLeft:
-        pass
+        return EarlyExitResult(logits=run.logits, exit_layers=run.exit_layers, layers_computed=run.layers_computed)
     except RuntimeError as error:
-        if len(running) == batch_size:
+        if run.num_running == batch_size or not _is_shape_mismatch(error):
             raise
         raise ValueError(
             f"Early exit could not shrink the batch of this {model_type!r} model after samples left: a block received a "
             f"per-sample input it could not cut down ({error}). Run early exit with batch size 1, or open an issue "
             "with the model type."
         ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(running):
-        raise RuntimeError(f"{len(running)} samples never left the model; the exit rule must end at the last layer.")
-    return EarlyExitResult(logits=logits, exit_layers=exit_layers, layers_computed=layers_computed)
+    raise RuntimeError(f"{run.num_running} samples never left the model; the exit rule must end at the last layer.")
+
+
+def _is_shape_mismatch(error: RuntimeError) -> bool:
+    """Whether an error raised inside a block means tensors of different batch sizes met (and nothing else)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return bool(SHAPE_MISMATCH.search(str(error)))
 
 
 def _select_samples(value: Any, running: torch.Tensor, batch_size: int) -> Any:

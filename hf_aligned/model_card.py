@@ -297,7 +297,9 @@ def write_model_card(
     model_or_config: PreTrainedModel | AlignedConfig,
     data: AlignedModelCardData | None = None,
 ) -> Path | None:
-    """Writes `README.md` into a saved model directory; never raises (a failure is logged as a warning).
+    """Writes `README.md` into a saved model directory; a card that cannot be built from the directory's files
+    (unreadable or inconsistent results, a failed write) is logged as a warning instead of raised, so it never breaks
+    training or saving. Other errors (bugs) pass through.
 
     Fields of `data` left unset are read from the directory (see [`AlignedModelCardData.fill_from_directory`]), so
     a trainer can call this right after saving. An existing `README.md` is replaced.
@@ -310,7 +312,7 @@ def write_model_card(
         path = Path(output_dir) / MODEL_CARD_NAME
         build_model_card(model_or_config, data).save(path)
         return path
-    except Exception as error:  # the card is a courtesy: it must never break training or saving
+    except (OSError, ValueError) as error:  # the card is a courtesy: bad files or a failed write are only logged
         logger.warning(f"Could not write the model card in {output_dir}: {type(error).__name__}: {error}")
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import json
 import os
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging
+from transformers.utils import TransformersKwargs, logging
 
 from .backbones import detach_module, find_layout
+from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .compat import cached_file_or_none, mark_initialized
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
@@ -316,8 +318,18 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         config.base_config = backbone.config
         self.backbone = backbone
         self.blocks_path = layout.blocks
+        install_block_hooks(self.blocks)
         base_parameters = inspect.signature(backbone.forward).parameters
         self._backbone_accepts_use_cache = "use_cache" in base_parameters
+        self._base_input_names = (
+            frozenset(
+                name
+                for name, parameter in base_parameters.items()
+                if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+            )
+            | frozenset(TransformersKwargs.__annotations__)
+            | {"return_dict"}
+        )
         self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
         num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
         hidden_size = backbone.config.get_text_config().hidden_size
@@ -390,7 +402,10 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             return model
         exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if exit_config is not None:
-            exit_config.validate(model.num_layers)
+            try:
+                exit_config.validate(model.num_layers)
+            except ValueError as error:
+                raise ValueError(f"exit_config.json of {pretrained_model_name_or_path}: {error}") from error
             model.exit_config = exit_config
         return model
 
@@ -424,17 +439,52 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         model.eval()
         return model
 
-    def _inputs(self, **inputs) -> dict[str, torch.Tensor]:
+    def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
         """The base model's inputs: the non-`None` ones, `use_cache=False` where the base model would build a cache,
         and, for decoder-only models given a padding mask, positions that count real tokens only (as `generate`
-        does), so a left-padded sequence is encoded exactly like the same sequence alone."""
+        does), so a left-padded sequence is encoded exactly like the same sequence alone.
+
+        Raises:
+            TypeError: naming the arguments the base model does not take (`caller` names the method in the message).
+            ValueError: when no input (`input_ids`, `inputs_embeds`, `pixel_values`) is given, or the batch is empty.
+        """
         model_inputs = {name: value for name, value in inputs.items() if value is not None}
+        self._check_inputs(model_inputs, caller)
         if self._backbone_accepts_use_cache:
             model_inputs["use_cache"] = False
         attention_mask = model_inputs.get("attention_mask")
         if self._positions_from_mask and attention_mask is not None and "position_ids" not in model_inputs:
             model_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return model_inputs
+
+    def _check_inputs(self, model_inputs: dict, caller: str) -> None:
+        unknown = sorted(set(model_inputs) - self._base_input_names)
+        if unknown:
+            known = sorted(self._base_input_names)
+            if caller == "early_exit_predict":
+                known += sorted(ExitConfig.__dataclass_fields__)
+            hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+            hint = "; ".join(
+                f"did you mean {match[0]!r} instead of {name!r}?" for name, match in hints.items() if match
+            )
+            raise TypeError(
+                f"{caller}() got unexpected keyword arguments {unknown}: the "
+                f"{self.backbone.config.model_type!r} base model does not take them"
+                + (" and they are not ExitConfig fields" if caller == "early_exit_predict" else "")
+                + (f" ({hint})." if hint else ".")
+            )
+        main_inputs = [name for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs]
+        if not main_inputs:
+            raise ValueError(
+                f"{caller}() got no inputs: pass `{self.backbone.main_input_name}` (or `inputs_embeds`), e.g. the "
+                "output of the model's tokenizer or image processor."
+            )
+        batch = model_inputs[main_inputs[0]]
+        if batch.dim() == 0 or batch.shape[0] == 0:
+            raise ValueError(
+                f"{caller}() got an empty batch (`{main_inputs[0]}` of shape {tuple(batch.shape)}); pass at least "
+                "one sample."
+            )
 
     def pooling_mask(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The mask pooling reads: the attention mask, or for `"last"` pooling without one, non-pad tokens."""
@@ -450,24 +500,11 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         """Collects the hidden states that leave each block (and, optionally, that enter the first) during a forward.
 
         Reading block outputs through hooks, rather than `output_hidden_states`, gives every layer's output before
-        the final norm in every family (some families return the last entry already normed, others not).
+        the final norm in every family (some families return the last entry already normed, others not). The hooks
+        are installed once; this call's collector is active in this thread's context only.
         """
-        captured: list[torch.Tensor] = []
-
-        def keep_output(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-        def keep_input(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-
-        handles = [block.register_forward_hook(keep_output) for block in self.blocks]
-        if include_embeddings:
-            handles.append(self.blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True))
-        try:
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
+        with observe_blocks(BlockOutputs(self.blocks, include_embeddings)) as collector:
+            yield collector.outputs
 
     def forward(
         self,
@@ -491,16 +528,23 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 Targets. Class indices in `[0, num_labels)` for single-label classification; floats for
                 regression (`num_labels == 1` or `problem_type="regression"`) and multi-label classification.
             early_exit (`bool`, *optional*):
-                Whether to serve the call with [`early_exit_predict`] under `self.exit_config`. By default an
-                inference call (eval mode, no labels, no hidden states or attentions asked for) exits early as soon
-                as the model's `exit_config` lets samples leave, so pipelines serve early exit; pass `False` for the
-                full forward with every layer's logits.
+                `False`: the full forward, with every layer's `layer_logits`. `True`: serve the call with
+                [`early_exit_predict`] under `self.exit_config` (per-sample `logits` and `exit_layers`, no
+                `layer_logits`). By default a serving call — eval mode, gradients off, no labels, no hidden states or
+                attentions asked for, not being compiled or exported; how pipelines call a model — is served with
+                early exit (with the default `ExitConfig` every sample leaves at the last layer), and every other
+                call runs the full forward. Analyses that need `layer_logits` under `torch.no_grad()` pass `False`.
             Other arguments are the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...).
 
         Returns:
             [`AlignedSequenceClassifierOutput`] with `layer_logits` for every block and, given labels, the aligned
-            `loss` and the per-layer `layer_losses`; after an early exit, `logits` at each sample's exit layer and
-            `exit_layers` instead of `layer_logits`.
+            `loss` and the per-layer `layer_losses`; when served with early exit, only batch-first per-sample
+            outputs (what pipelines split into samples): `logits` at each sample's exit layer and `exit_layers`.
+
+        Raises:
+            TypeError: naming keyword arguments the base model does not take.
+            ValueError: for a call without inputs, an empty batch, or `early_exit=True` with labels, hidden states
+                or attentions.
         """
         base_inputs = {
             "input_ids": input_ids,
@@ -511,10 +555,26 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             "pixel_values": pixel_values,
             **kwargs,
         }
+        exit_fields = sorted(set(kwargs) & set(ExitConfig.__dataclass_fields__))
+        if exit_fields:
+            raise TypeError(
+                f"forward() does not take the ExitConfig fields {exit_fields}: pass them to `early_exit_predict`, or "
+                "set `model.exit_config`."
+            )
         if early_exit is None:
-            early_exit = (
-                not (self.training or labels is not None or output_hidden_states or output_attentions)
-                and not self.exit_config.never_exits
+            early_exit = not (
+                self.training
+                or labels is not None
+                or output_hidden_states
+                or output_attentions
+                or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()
+            )
+        elif early_exit and (labels is not None or output_hidden_states or output_attentions):
+            raise ValueError(
+                "`early_exit=True` returns each sample's logits at its exit layer only: it computes no loss, hidden "
+                "states or attentions. Leave `early_exit` unset (or pass False) with `labels`, "
+                "`output_hidden_states` or `output_attentions`."
             )
         if early_exit:
             result = self.early_exit_predict(**base_inputs)
@@ -633,6 +693,13 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             [`EarlyExitOutput`] with `predictions`, `logits` at the exit layer, `exit_layers` and
             `layers_computed`.
 
+        Raises:
+            TypeError: naming arguments that are neither base-model inputs nor `ExitConfig` fields (with the closest
+                valid name).
+            ValueError: for an invalid exit setting, a call without inputs or an empty batch.
+
+        Safe to call from several threads at once. In train mode it runs as asked (dropout active) and warns once.
+
         Example:
 
         ```python
@@ -641,15 +708,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         ```
         """
         overrides = {name: inputs.pop(name) for name in list(inputs) if name in ExitConfig.__dataclass_fields__}
+        model_inputs = self._inputs("early_exit_predict", input_ids=input_ids, attention_mask=attention_mask, **inputs)
         exit_config = (exit_config or self.exit_config).update(**overrides)
         exit_config.validate(self.num_layers)
+        if self.training:
+            logger.warning_once(
+                "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
+                "to call. Call `model.eval()` before serving."
+            )
         if exit_config.rule != "fixed" and self.config.problem_type not in (None, "single_label_classification"):
             raise ValueError(
                 f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
                 f"{self.config.problem_type!r}; use rule='fixed' for it."
             )
-        model_inputs = self._inputs(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-        batch_source = model_inputs.get(self.backbone.main_input_name, next(iter(model_inputs.values())))
+        batch_source = next(
+            model_inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs
+        )
         result = run_early_exit(
             blocks=self.blocks,
             run_base_model=lambda: self.backbone(**model_inputs),
@@ -714,7 +788,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         model's pooling (or `pooling`), before the classifier's norm and pooler.
         """
         pooling = pooling or self.config.pooling
-        model_inputs = self._inputs(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        model_inputs = self._inputs(
+            "pooled_layer_states", input_ids=input_ids, attention_mask=attention_mask, **inputs
+        )
         with self.capture_block_outputs(include_embeddings=True) as captured:
             self.backbone(**model_inputs)
         mask = self.pooling_mask(input_ids, attention_mask)

@@ -1,4 +1,4 @@
-"""Early exit: invariants against the full forward, batching, skipped compute, calibration, truncation, pipelines."""
+"""Early exit: invariants against the full forward, batching, skipped compute, calibration, truncation (pipelines: test_serving.py)."""
 
 import json
 
@@ -7,13 +7,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-from transformers import ViTConfig, ViTImageProcessor, pipeline
 
-from hf_aligned import AlignedConfig, AlignedForSequenceClassification, ExitConfig
+from hf_aligned import AlignedForSequenceClassification, ExitConfig
 from hf_aligned.calibration import calibrate_exits, simulate_exits
 from hf_aligned.exits import exit_scores
-from tests.testing_utils import DECODER_FAMILIES, FAMILIES, NUM_LAYERS, tiny_inputs, tiny_model, tiny_tokenizer
+from tests.testing_utils import DECODER_FAMILIES, FAMILIES, NUM_LAYERS, tiny_inputs, tiny_model
 
 EXIT_FAMILIES = ("bert", "distilbert", "gpt2", "llama", "vit")
 
@@ -107,7 +105,7 @@ def test_blocks_only_run_on_samples_still_running(family):
     inputs = tiny_inputs(family, batch_size=6, padding_side=padding_for(family), seed=4)
     seen = []
     handles = [
-        block.register_forward_hook(lambda module, args, output, layer=layer: seen.append((layer, args[0].shape[0])))
+        block.register_forward_pre_hook(lambda module, args, layer=layer: seen.append((layer, args[0].shape[0])))
         for layer, block in enumerate(model.blocks, start=1)
     ]
     try:
@@ -215,59 +213,6 @@ def test_exit_config_is_saved_and_loaded_with_the_model(tmp_path):
     assert json.loads((tmp_path / "exit_config.json").read_text())["patience"] == 3
     reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
     assert reloaded.exit_config == model.exit_config
-
-
-def test_inference_calls_exit_early_once_the_exit_config_can_fire():
-    model = confident_model("bert")
-    inputs = tiny_inputs("bert", batch_size=6, seed=4)
-    assert model(**inputs).layer_logits is not None  # the default ExitConfig never exits: full forward
-    model.exit_config = ExitConfig(threshold=0.9)
-    served = model(**inputs)
-    expected = model.early_exit_predict(**inputs)
-    assert served.layer_logits is None
-    assert torch.equal(served.exit_layers, expected.exit_layers)
-    assert torch.equal(served.logits, expected.logits)
-    assert model(**inputs, early_exit=False).layer_logits.shape == (NUM_LAYERS, 6, 3)
-    assert model(**inputs, labels=torch.zeros(6, dtype=torch.long)).layer_logits is not None
-
-
-def test_text_classification_pipeline_serves_early_exit(tmp_path):
-    model = confident_model("bert")
-    model.exit_config = ExitConfig(threshold=0.9)
-    tokenizer = tiny_tokenizer(tmp_path)
-    texts = ["w1 w2 w3", "w5 w9", "w40 w41 w42 w43 w7", "w8"]
-    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
-    results = classifier(texts)
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    expected = model.early_exit_predict(**batch)
-    probabilities = expected.logits.softmax(-1)
-    for result, prediction, row in zip(results, expected.predictions.tolist(), probabilities):
-        assert result["label"] == model.config.id2label[prediction]
-        assert result["score"] == pytest.approx(row.max().item(), abs=1e-5)
-
-
-def test_image_classification_pipeline_serves_early_exit():
-    base = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-    )
-    torch.manual_seed(0)
-    model = AlignedForSequenceClassification(AlignedConfig(base_config=base, num_labels=3)).eval()
-    with torch.no_grad():
-        model.classifier.heads[0].out_proj.weight.mul_(40.0)
-    model.exit_config = ExitConfig(threshold=0.8)
-    processor = ViTImageProcessor(size={"height": 8, "width": 8})
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(4)]
-    results = pipeline("image-classification", model=model, image_processor=processor, top_k=1)(images)
-    expected = model.early_exit_predict(**processor(images, return_tensors="pt"))
-    for result, prediction in zip(results, expected.predictions.tolist()):
-        assert result[0]["label"] == model.config.id2label[prediction]
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "vit"])
