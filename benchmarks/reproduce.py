@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -35,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, REPO, print_table, write_json
+from common import OUTPUTS, REPO, describe_machine, print_table, write_json
 
 from hf_aligned import layer_values
 
@@ -109,29 +107,6 @@ def _shown(argument: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def describe_machine() -> dict[str, str]:
-    """Where and with what the numbers were produced: date, hardware, library versions, commit."""
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "platform": platform.platform(),
-        "software": f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
-        "commit": commit or "unknown",
-    }
 
 
 def run_benchmarks(names: Sequence[str], outputs: Path) -> None:
