@@ -3,12 +3,11 @@
 Two readings of the shared classifier applied after every block (`layer_logits`), for single-label classification:
 
 - **saturation layer** of a sample: the first 1-based layer l from which the top-1 prediction stays the same up to
-  the last layer L (Geva et al.'s "saturation event"; the paper's claim 5 is that aligned training brings more early
-  saturation events). Every sample saturates at layer L at the latest: a sample whose prediction still changes at the
-  last layer has saturation layer L. It is the offline, hindsight view of early exit's patience rule: a patience-p
-  exit leaves at the first layer whose prediction has been unchanged for p consecutive layers, without knowing whether
-  it will change again later; a sample exits with the full-depth prediction whenever it has saturated by then, so the
-  saturation layer is the earliest layer at which *any* rule could exit with the full-depth answer.
+  the last layer L (the paper's claim 5 is that aligned training brings more early saturation events). Every sample saturates at layer L at the latest: a sample whose prediction still changes at the
+  last layer has saturation layer L. It is the hindsight view of early exit's patience rule, which leaves once the
+  prediction has held for p more layers: a sample with saturation layer s has left by layer min(s + p, L), and a
+  sample that leaves at or after s leaves with the full-depth prediction; only samples leaving before s (their
+  prediction held p layers, then changed) can disagree with full depth.
 - **probability vs similarity** (claim 4): per layer l and sample x, the cosine similarity of f_l(x) to f_L(x)
   against the probability the classifier at l gives the last layer's class (and the true class). f_l(x) is the
   pooled representation that similarity analyses compare (`pooled_layer_states`: block l's hidden states reduced with

@@ -116,6 +116,22 @@ def test_saturation_layers_special_cases():
     assert summary.num_samples == 4 and summary.num_layers == 4
 
 
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_patience_exits_relate_to_saturation_as_documented(patience):
+    """A patience-p exit leaves by min(s + p, L) and gives the full-depth answer when it leaves at or after s."""
+    from hf_aligned import ExitConfig
+    from hf_aligned.calibration import simulate_exits
+
+    rng = np.random.default_rng(patience)
+    layer_logits = torch.from_numpy(rng.integers(0, 3, size=(8, 200, 3)).astype(np.float32))
+    saturation = saturation_layers(layer_logits)
+    logits, exits = simulate_exits(layer_logits, ExitConfig(rule="patience", patience=patience))
+    assert (exits <= (saturation + patience).clamp(max=8)).all()
+    late = exits >= saturation
+    assert torch.equal(logits[late].argmax(-1), layer_logits[-1, late].argmax(-1))
+    assert (~late).any() and late.any()
+
+
 def test_saturation_errors():
     with pytest.raises(ValueError, match="one score per class"):
         saturation_layers(torch.zeros(3, 5, 1))
