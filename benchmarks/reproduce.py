@@ -682,10 +682,14 @@ def saturation_section(results: dict, outputs: Path, figures: Path, manifest: di
         )
         if not entries:
             tried = [path for key, paths in payload["missing"].items() if key.startswith(f"{task}/") for path in paths]
-            where = f" (looked in {', '.join(f'`{path}`' for path in tried)})" if tried else ""
+            reason = (
+                f"no {task} checkpoint was found (looked in {', '.join(f'`{path}`' for path in tried)})"
+                if tried
+                else f"{task} was not among the tasks run"
+            )
             text.append(
-                f"_Not measured yet: no {task} checkpoint was found{where}. Claims 4 and 5 cannot be judged on "
-                f"{task} until `benchmarks/saturation.py` runs on its checkpoints._\n"
+                f"_Not measured yet: {reason}. Claims 4 and 5 cannot be judged on {task} until "
+                "`benchmarks/saturation.py` runs on its checkpoints._\n"
             )
             continue
         by_kind = {kind: [entry for entry in entries if entry["variant"] == kind] for kind in KINDS}

@@ -400,6 +400,21 @@ def test_saturation_numbers_are_the_json(rendered, outputs):
     assert "_Not measured yet: no ag_news checkpoint was found (looked in `/ckpt/ag_news/standard`" in rendered
 
 
+def test_saturation_section_without_results_says_what_is_missing(outputs, tmp_path):
+    payload = read(outputs, "saturation/results.json")
+    payload["missing"] = {}
+    payload["results"] = {key: entry for key, entry in payload["results"].items() if entry["variant"] != "standard"}
+    (outputs / "saturation" / "results.json").write_text(json.dumps(payload), encoding="utf-8")
+    rendered = reproduce.render(outputs, tmp_path / "docs").read_text(encoding="utf-8")
+    assert "_Not measured yet: ag_news was not among the tasks run." in rendered
+    assert "_No checkpoint measured for: standard._" in rendered
+    assert "Claim 5 cannot be judged: it needs the standard and the aligned model of the same seed." in rendered
+
+    (outputs / "saturation" / "results.json").unlink()
+    rendered = reproduce.render(outputs, tmp_path / "docs", allow_missing=True).read_text(encoding="utf-8")
+    assert "_Not run yet: `python benchmarks/saturation.py --output" in rendered
+
+
 def test_figures_are_written_linked_and_small(rendered, outputs, tmp_path):
     figures = tmp_path / "docs" / "figures"
     linked = set(re.findall(r"\]\(figures/([^)]+)\)", rendered))
