@@ -190,7 +190,7 @@ def plot_probability_similarity(
     results: Mapping[str, Any],
     path: str | os.PathLike | None = None,
     which: str = "last_class",
-    max_points_per_layer: int = 400,
+    max_points_per_layer: int = 200,
     title: str | None = None,
 ) -> Figure:
     """Per sample and layer: similarity to the last layer against the classifier's probability, one panel per model.
