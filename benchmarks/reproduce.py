@@ -651,7 +651,6 @@ def saturation_section(results: dict, outputs: Path, figures: Path, manifest: di
         "(the ICLR version's claims 4 and 5) the more similar layer l is to the last layer, the higher the "
         "probability the last-layer classifier gives (at l) to the last layer's class; and aligned training brings "
         "more early saturation events.",
-        _command_line(outputs, manifest, "saturation"),
     )
     text.append(
         "A sample's *saturation layer* is the first layer from which the classifier's top-1 prediction stays the "
@@ -670,11 +669,20 @@ def saturation_section(results: dict, outputs: Path, figures: Path, manifest: di
         text.append(_missing(outputs, "saturation", "saturation/results.json"))
         return "\n".join(text)
     runs = payload["runs"]
+    commands = list(dict.fromkeys(run["command"] for run in runs))
     text.append(
-        f"Measured over {len(runs)} invocation(s) totalling {sum(run.get('duration_s', 0) for run in runs) / 60:.1f} "
-        f"min; last: `{runs[-1]['command']}` at commit {runs[-1]['machine']['commit']} on "
-        f"{runs[-1]['machine']['cpu']}.\n"
+        f"Commands (the script resumes, measuring only what is new): {', '.join(f'`{c}`' for c in commands)}; "
+        f"{len(runs)} invocation(s) totalling {sum(run.get('duration_s', 0) for run in runs) / 60:.1f} min, the last "
+        f"at commit {runs[-1]['machine']['commit']} on {runs[-1]['machine']['cpu']} "
+        f"({runs[-1]['torch_threads']} torch thread(s)).\n"
     )
+    settings = payload.get("settings", {})
+    if settings:
+        text.append(
+            f"Data: {'; '.join(f'{task}: {data}' for task, data in settings['data'].items())}. Digits models: "
+            f"{settings['digits_model']}, {settings['digits_training']}. Text: the checkpoints given, "
+            f"{settings['text_max_length']} tokens.\n"
+        )
     for task, title in SATURATION_TASKS.items():
         text.append(f"### {title}\n")
         entries = sorted(

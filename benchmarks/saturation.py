@@ -153,6 +153,17 @@ def run(args: argparse.Namespace) -> dict:
     payload = json.loads(path.read_text(encoding="utf-8")) if path.exists() and not args.restart else {}
     payload.setdefault("results", {})
     payload["missing"] = {}
+    payload["settings"] = {
+        "data": {
+            "sst2": "SST-2 dev (872 sentences)",
+            "ag_news": "the 1,600-item test part of load_ag_news() (seed 0)",
+            "digits": "the 360 held-out images of load_digits_dataset(seed=0)",
+        },
+        "text_max_length": MAX_LENGTH,
+        "digits_model": "ViT from scratch: 8 blocks, width 64, 2x2 patches, 4 heads, no dropout",
+        "digits_training": f"{DIGITS_EPOCHS} epochs on the 1,437 training images, batch 32, learning rate 1e-3; "
+        "standard: layer weights 'last'; aligned: 'linear', shared classifier; per_layer: 'linear', one head per layer",
+    }
     payload["representation"] = (
         "f_l(x) = pooled_layer_states: block l's hidden states pooled with the model's pooling, before the "
         "classifier's final norm and pooler"

@@ -186,7 +186,9 @@ def saturation_payload(rng: random.Random) -> dict:
         "results": results,
         "missing": {f"ag_news/{kind}/seed0": [f"/ckpt/ag_news/{kind}"] for kind in KIND_LABELS},
         "representation": "pooled_layer_states",
-        "runs": [{"command": "python benchmarks/saturation.py", "machine": machine, "duration_s": 120.0}],
+        "runs": [
+            {"command": "python benchmarks/saturation.py", "machine": machine, "duration_s": 120.0, "torch_threads": 1}
+        ],
     }
 
 
