@@ -105,7 +105,7 @@ BENCHMARKS = {
             *(
                 argument
                 for kind in KINDS
-                for argument in ("--checkpoint", f"sst2/{kind}={_sst2_checkpoint(out, kind)}")
+                for argument in ("--checkpoint", f"sst2/{kind}={_shown(str(_sst2_checkpoint(out, kind)))}")
             ),
         ],
     ),
