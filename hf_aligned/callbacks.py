@@ -24,9 +24,10 @@ class RepresentationDynamicsCallback(TrainerCallback):
     At the start of training and at every evaluation, the probe set's pooled representations (embedding output and
     every block) are read and compared, layer by layer, with linear CKA against those at the previous evaluation and
     at the start (Sharon & Dar, 2024); the shared classifier's accuracy after every block (and, optionally, a linear
-    probe's accuracy per layer, and the saturation layers of [`saturation_layers`]) is measured too. The records are written as JSON into the output directory after
-    every evaluation, and drawn as layer-by-step heatmaps when training ends. Works with any `Trainer` whose model
-    has `pooled_layer_states` (an [`AlignedForSequenceClassification`]).
+    probe's accuracy per layer and the saturation layers of [`saturation_layers`]) is measured too. The records are
+    written as JSON into the output directory after every evaluation, and drawn as layer-by-step heatmaps when
+    training ends. Works with any `Trainer` whose model has `pooled_layer_states` (an
+    [`AlignedForSequenceClassification`]).
 
     Every process computes the measurements (the model may be sharded); only the main process writes files.
 
