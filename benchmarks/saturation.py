@@ -39,6 +39,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     OUTPUTS,
+    REPO,
     describe_machine,
     digits_vit_config,
     load_ag_news,
@@ -85,6 +86,12 @@ def find_checkpoint(root: Path, task: str, variant: str, overrides: dict[str, st
         candidates = [root / task / folder for folder in VARIANT_FOLDERS[variant]]
     found = next((path for path in candidates if (path / "config.json").exists()), None)
     return found, [str(path) for path in candidates]
+
+
+def shown_path(path: Path) -> str:
+    """A path inside the repository relative to it (so the JSON stays valid in another checkout), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def text_data(task: str, checkpoint: Path):
@@ -184,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{key}: no checkpoint (tried {', '.join(tried)})")
             continue
         previous = payload["results"].get(key)
-        if previous is not None and previous["checkpoint"] == str(checkpoint) and not args.force:
+        if previous is not None and previous["checkpoint"] == shown_path(checkpoint) and not args.force:
             print(f"{key}: measured before, kept")
             continue
         begun = time.perf_counter()
@@ -195,7 +202,11 @@ def run(args: argparse.Namespace) -> dict:
             data, collate_fn = text_data(task, checkpoint)
         entry, pairs = measure(model, data, collate_fn, args.batch_size)
         entry.update(
-            task=task, variant=variant, seed=seed, checkpoint=str(checkpoint), commit=invocation["machine"]["commit"]
+            task=task,
+            variant=variant,
+            seed=seed,
+            checkpoint=shown_path(checkpoint),
+            commit=invocation["machine"]["commit"],
         )
         entry["seconds"] = round(time.perf_counter() - begun, 1)
         payload["results"][key] = json_safe(entry)
