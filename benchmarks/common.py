@@ -6,8 +6,11 @@ import csv
 import importlib.resources
 import json
 import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +72,46 @@ def load_digits_dataset(seed: int = 0, test_size: float = 0.2) -> dict[str, Data
     dataset = dataset.cast_column("label", ClassLabel(names=[str(digit) for digit in range(10)]))
     split = dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
     return {"train": split["train"], "test": split["test"]}
+
+
+def digits_vit_config(num_layers: int):
+    """The small ViT the benchmarks train on digits from scratch: 2x2 patches of the 8x8 image, width 64, no dropout."""
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def describe_machine() -> dict[str, str]:
+    """Where and with what the numbers were produced: date, hardware, library versions, commit."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "platform": platform.platform(),
+        "software": f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        "commit": commit or "unknown",
+    }
 
 
 def best_times(functions: Sequence[Callable[[], object]], repeats: int = 3) -> list[float]:

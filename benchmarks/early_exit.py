@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DataCollatorWithPadding, ViTConfig
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     OUTPUTS,
     best_times,
+    digits_vit_config,
     load_ag_news,
     load_digits_dataset,
     load_sst2,
@@ -106,17 +107,7 @@ def text_task(name, splits, checkpoints, output_dir, epochs, train_size):
 def digits_task(output_dir, epochs, kinds=("aligned", "per_layer")):
     splits = load_digits_dataset()
     held_out = splits["train"].train_test_split(test_size=0.15, seed=0, stratify_by_column="label")
-    base = ViTConfig(
-        image_size=8,
-        patch_size=2,
-        num_channels=1,
-        hidden_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        intermediate_size=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    base = digits_vit_config(num_layers=6)
     models = {}
     for kind, sharing in (("aligned", "shared"), ("per_layer", "per_layer")):
         if kind not in kinds:

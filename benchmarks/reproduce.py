@@ -6,9 +6,11 @@ The claims (Jiang, Zhou, Zhu, arXiv 2406.14479), each on the real data here:
 2. sample-wise cosine similarity (COS) agrees with CKA across layers (`benchmarks/similarity.py`, on the trainer
    benchmark's SST-2 models and on a synthetic 12-block residual stream);
 3. as a multi-exit model, the single classifier is on par with one classifier per layer: accuracy against ideal and
-   measured speedup (`benchmarks/early_exit.py`: MiniLM on SST-2 and AG News, ViT on digits).
+   measured speedup (`benchmarks/early_exit.py`: MiniLM on SST-2 and AG News, ViT on digits);
+4. (ICLR version) probability of the last layer's class rises with similarity to the last layer, and aligned training
+   saturates earlier (`benchmarks/saturation.py`: standard, aligned and per-layer heads on SST-2, AG News, digits).
 
-By default the four scripts run one after another in subprocesses, the SST-2 checkpoints of the trainer benchmark
+By default the five scripts run one after another in subprocesses, the SST-2 checkpoints of the trainer benchmark
 passed to the other two so nothing is trained twice, then the report is rendered. Every number in docs/results.md is
 read from the scripts' JSON; the figures are drawn from it (or copied where a script draws its own) into
 docs/figures/, and docs/figures/headline.png is the one README shows.
@@ -22,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, REPO, print_table, write_json
+from common import OUTPUTS, REPO, describe_machine, print_table, write_json
 from recipes import FIGURE as RECIPES_FIGURE
 from recipes import RESULTS as RECIPES_RESULTS
 from recipes import draw_layers, render_blocks, replace_blocks
@@ -100,6 +100,18 @@ BENCHMARKS = {
         ],
     ),
     "demo": Benchmark("examples/demo.py", ("demo/metrics.json",), lambda out: ["--output_dir", out / "demo"]),
+    "saturation": Benchmark(
+        "benchmarks/saturation.py",
+        ("saturation/results.json",),
+        lambda out: [
+            *("--output", out / "saturation"),
+            *(
+                argument
+                for kind in KINDS
+                for argument in ("--checkpoint", f"sst2/{kind}={_shown(str(_sst2_checkpoint(out, kind)))}")
+            ),
+        ],
+    ),
 }
 
 
@@ -112,29 +124,6 @@ def _shown(argument: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def describe_machine() -> dict[str, str]:
-    """Where and with what the numbers were produced: date, hardware, library versions, commit."""
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "platform": platform.platform(),
-        "software": f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
-        "commit": commit or "unknown",
-    }
 
 
 def run_benchmarks(names: Sequence[str], outputs: Path) -> None:
@@ -166,6 +155,7 @@ REQUIRED_KEYS = {
     "similarity/synthetic.json": ("seconds", "speed_ratio", "max_abs_difference", "agreement"),
     "early_exit.json": ("torch_threads", "results"),
     "demo/metrics.json": ("standard", "aligned", "per-layer heads"),
+    "saturation/results.json": ("runs", "results", "missing", "representation"),
 }
 
 
@@ -558,6 +548,208 @@ def early_exit_section(results: dict, outputs: Path, figures: Path, manifest: di
     return "\n".join(text)
 
 
+SATURATION_TASKS = {
+    "sst2": "MiniLM on SST-2 dev",
+    "ag_news": "MiniLM on AG News (the 1,600-item test part)",
+    "digits": "Small ViT on digits (360 held-out images)",
+}
+
+
+def _spread(values: Sequence[float]) -> str:
+    """Mean ± standard deviation over seeds (the value alone for one seed)."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    std = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _mean_lists(lists: Sequence[Sequence[float]]) -> list[float]:
+    return [sum(values) / len(values) for values in zip(*lists)]
+
+
+def _saturation_verdicts(by_kind: dict[str, list[dict]]) -> list[str]:
+    """Whether claims 5 and 4 hold on one task, from its entries by model kind (each a list over seeds)."""
+    lines = []
+    standard = {entry["seed"]: entry for entry in by_kind.get("standard", [])}
+    aligned = {entry["seed"]: entry for entry in by_kind.get("aligned", [])}
+    seeds = sorted(set(standard) & set(aligned))
+    if not seeds:
+        lines.append("- Claim 5 cannot be judged: it needs the standard and the aligned model of the same seed.\n")
+    else:
+        earlier = [aligned[seed]["saturation"]["mean"] < standard[seed]["saturation"]["mean"] for seed in seeds]
+        verdict = "holds" if all(earlier) else "does not hold" if not any(earlier) else "is mixed"
+        caveat = " (one seed: indicative only)" if len(seeds) == 1 else ""
+        lines.append(
+            f"- Claim 5 (aligned training saturates earlier) **{verdict}** here{caveat}: mean saturation layer "
+            f"{_spread([aligned[seed]['saturation']['mean'] for seed in seeds])} aligned vs "
+            f"{_spread([standard[seed]['saturation']['mean'] for seed in seeds])} standard, earlier in "
+            f"{sum(earlier)} of {len(seeds)} seed(s).\n"
+        )
+    for kind in ("standard", "aligned"):
+        entries = by_kind.get(kind, [])
+        if not entries:
+            continue
+        correlations = [entry["probability_similarity"]["last_class"]["spearman"] for entry in entries]
+        verdict = "holds" if all(value > 0 for value in correlations) else "does not hold"
+        lines.append(
+            f"- Claim 4 on the {KINDS[kind]} model **{verdict}**: Spearman of cos(f_l, f_L) and the probability "
+            f"of the last layer's class over layers 1..L-1 and samples is {_spread(correlations)} "
+            f"({len(entries)} seed(s)).\n"
+        )
+    return lines
+
+
+def _saturation_figure(by_kind: dict[str, list[dict]], title: str, path: Path) -> str:
+    """Share saturated by each layer, and mean probability against mean similarity per layer, from the JSON."""
+    figure = _new_figure(11, 4)
+    saturated, relation = figure.subplots(1, 2)
+    for kind, entries in by_kind.items():
+        by_layer = _mean_lists([entry["saturation"]["saturated_by"] for entry in entries])
+        saturated.plot(range(1, len(by_layer) + 1), by_layer, marker="o", color=COLORS[kind], label=KINDS[kind])
+        cosine = _mean_lists([entry["probability_similarity"]["mean_cosine"] for entry in entries])
+        probability = _mean_lists(
+            [entry["probability_similarity"]["mean_last_class_probability"] for entry in entries]
+        )
+        relation.plot(cosine, probability, marker="o", color=COLORS[kind], label=KINDS[kind])
+    saturated.set_xlabel("layer l")
+    saturated.set_ylabel("share of samples saturated by l")
+    saturated.set_title(f"{title}: saturation")
+    relation.set_xlabel("mean cos(f_l(x), f_L(x))")
+    relation.set_ylabel("mean p(last layer's class) at l")
+    relation.set_title(f"{title}: one point per layer")
+    for axis in (saturated, relation):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    _save(figure, path)
+    return f"![{title}: saturation and probability against similarity](figures/{path.name})\n"
+
+
+def _saturation_tables(task: str, by_kind: dict[str, list[dict]]) -> list[str]:
+    rows = []
+    for kind, entries in by_kind.items():
+        similarity = [entry["probability_similarity"] for entry in entries]
+        rows.append(
+            [
+                KINDS[kind],
+                len(entries),
+                _spread([entry["layer_accuracy"][-1] for entry in entries]),
+                _spread([entry["saturation"]["mean"] for entry in entries]),
+                _spread([entry["saturation"]["saturated_by"][0] for entry in entries]),
+                _spread([value["last_class"]["spearman"] for value in similarity]),
+                _spread([value["true_class"]["spearman"] for value in similarity]),
+                _spread([value["last_class"]["spearman_of_layer_means"] for value in similarity]),
+            ]
+        )
+    summary = print_table(
+        f"**{task}: saturation and rank correlation of probability with similarity to the last layer**",
+        [
+            "model",
+            "seeds",
+            "accuracy (last layer)",
+            "mean saturation layer",
+            "saturated by layer 1",
+            "Spearman, p(last class)",
+            "Spearman, p(true class)",
+            "Spearman of layer means",
+        ],
+        rows,
+    )
+    num_layers = max(len(entries[0]["saturation"]["saturated_by"]) for entries in by_kind.values())
+    shares = print_table(
+        f"**{task}: share of samples saturated by each layer** (mean over seeds)",
+        ["model", *(f"layer {layer}" for layer in range(1, num_layers + 1))],
+        [
+            [KINDS[kind], *_mean_lists([entry["saturation"]["saturated_by"] for entry in entries])]
+            for kind, entries in by_kind.items()
+        ],
+    )
+    within = print_table(
+        f"**{task}: Spearman within each layer** (over samples, p(last class); mean over seeds)",
+        ["model", *(f"layer {layer}" for layer in range(1, num_layers))],
+        [
+            [
+                KINDS[kind],
+                *_mean_lists(
+                    [entry["probability_similarity"]["last_class"]["spearman_within_layer"] for entry in entries]
+                ),
+            ]
+            for kind, entries in by_kind.items()
+        ],
+    )
+    return [summary, shares, within]
+
+
+def saturation_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
+    text = _intro(
+        "4. Saturation events and probability vs similarity",
+        "(the ICLR version's claims 4 and 5) the more similar layer l is to the last layer, the higher the "
+        "probability the last-layer classifier gives (at l) to the last layer's class; and aligned training brings "
+        "more early saturation events.",
+    )
+    text.append(
+        "A sample's *saturation layer* is the first layer from which the classifier's top-1 prediction stays the "
+        "same up to the last layer L (L when it still changes at L). Early exit's patience rule (leave once the "
+        "prediction has held for p more layers) is its online cousin: a sample saturated at s has left by layer "
+        "min(s + p, L), with the full-depth answer whenever it leaves at or after s. f_l(x) is "
+        "`pooled_layer_states`: block l's "
+        "hidden states pooled with the model's pooling, *before* the classifier's final norm and pooler. The "
+        "Spearman correlations pool every sample of layers 1..L-1 (the last layer, at cosine 1, is left out); "
+        "'of layer means' correlates the L per-layer means. For per-layer heads the classifier at l is head l, "
+        "not the last layer's: the claims concern the standard and aligned models, heads are shown for reference. "
+        "Accuracy claims need 3 seeds; a single seed is marked as such.\n"
+    )
+    payload = results["saturation/results.json"]
+    if payload is None:
+        text.append(_missing(outputs, "saturation", "saturation/results.json"))
+        return "\n".join(text)
+    runs = payload["runs"]
+    commands = list(dict.fromkeys(run["command"] for run in runs))
+    text.append(
+        f"Commands (the script resumes, measuring only what is new): {', '.join(f'`{c}`' for c in commands)}; "
+        f"{len(runs)} invocation(s) totalling {sum(run.get('duration_s', 0) for run in runs) / 60:.1f} min, the last "
+        f"at commit {runs[-1]['machine']['commit']} on {runs[-1]['machine']['cpu']} "
+        f"({runs[-1]['torch_threads']} torch thread(s)).\n"
+    )
+    settings = payload.get("settings", {})
+    if settings:
+        text.append(
+            f"Data: {'; '.join(f'{task}: {data}' for task, data in settings['data'].items())}. Digits models: "
+            f"{settings['digits_model']}, {settings['digits_training']}. Text: the checkpoints given, "
+            f"{settings['text_max_length']} tokens.\n"
+        )
+    for task, title in SATURATION_TASKS.items():
+        text.append(f"### {title}\n")
+        entries = sorted(
+            (entry for entry in payload["results"].values() if entry["task"] == task), key=lambda e: e["seed"]
+        )
+        if not entries:
+            tried = [path for key, paths in payload["missing"].items() if key.startswith(f"{task}/") for path in paths]
+            reason = (
+                f"no {task} checkpoint was found (looked in {', '.join(f'`{path}`' for path in tried)})"
+                if tried
+                else f"{task} was not among the tasks run"
+            )
+            text.append(
+                f"_Not measured yet: {reason}. Claims 4 and 5 cannot be judged on {task} until "
+                "`benchmarks/saturation.py` runs on its checkpoints._\n"
+            )
+            continue
+        by_kind = {kind: [entry for entry in entries if entry["variant"] == kind] for kind in KINDS}
+        by_kind = {kind: found for kind, found in by_kind.items() if found}
+        absent = [KINDS[kind] for kind in KINDS if kind not in by_kind]
+        if absent:
+            text.append(f"_No checkpoint measured for: {', '.join(absent)}._\n")
+        text += _saturation_tables(task, by_kind)
+        text += _saturation_verdicts(by_kind)
+        text.append(_saturation_figure(by_kind, task, figures / f"{task}_saturation.png"))
+        scatter = outputs / "saturation" / f"{task}_probability_similarity.png"
+        if scatter.exists():
+            shutil.copyfile(scatter, figures / scatter.name)
+            text.append(f"![{task}: per-sample probability against similarity, first seed](figures/{scatter.name})\n")
+    return "\n".join(text)
+
+
 def draw_headline(results: dict, path: Path) -> bool:
     """SST-2 layer-wise accuracy next to the accuracy/speedup trade-off of the first exit task run; False if neither
     was run."""
@@ -648,6 +840,7 @@ def render(outputs: Path = OUTPUTS, docs: Path = DOCS, allow_missing: bool = Fal
         layerwise_section(results, outputs, figures, manifest),
         similarity_section(results, outputs, figures, manifest),
         early_exit_section(results, outputs, figures, manifest),
+        saturation_section(results, outputs, figures, manifest),
         sources_section(results, outputs, manifest),
     ]
     path = docs / "results.md"

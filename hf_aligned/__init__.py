@@ -22,8 +22,23 @@ from .modeling_aligned import (
     EarlyExitOutput,
     pool_hidden_states,
 )
-from .plotting import plot_dynamics, plot_layer_accuracy, plot_similarity_heatmaps
+from .plotting import (
+    plot_dynamics,
+    plot_layer_accuracy,
+    plot_probability_similarity,
+    plot_saturation,
+    plot_similarity_heatmaps,
+)
 from .probes import ProbeResults, classifier_layer_accuracy, linear_probe_accuracy
+from .saturation import (
+    ProbabilitySimilarity,
+    SaturationSummary,
+    collect_layer_logits,
+    probability_similarity,
+    saturation_layers,
+    saturation_report,
+    summarize_saturation,
+)
 from .similarity import (
     MinibatchCKA,
     cka_matrix,
@@ -65,12 +80,15 @@ __all__ = [
     "HubPushError",
     "LayerwiseMetrics",
     "MinibatchCKA",
+    "ProbabilitySimilarity",
     "ProbeResults",
     "RepresentationDynamicsCallback",
+    "SaturationSummary",
     "build_model_card",
     "calibrate_exits",
     "cka_matrix",
     "classifier_layer_accuracy",
+    "collect_layer_logits",
     "cosine_similarity_matrix",
     "find_layout",
     "format_layer_table",
@@ -85,13 +103,19 @@ __all__ = [
     "off_diagonal_mean",
     "plot_dynamics",
     "plot_layer_accuracy",
+    "plot_probability_similarity",
+    "plot_saturation",
     "plot_similarity_heatmaps",
     "pool_hidden_states",
+    "probability_similarity",
     "push_aligned_model",
     "resolve_layer_weights",
     "sample_cosine",
+    "saturation_layers",
+    "saturation_report",
     "similarity_agreement",
     "similarity_by_distance",
+    "summarize_saturation",
     "unbiased_hsic_matrix",
     "write_model_card",
 ]

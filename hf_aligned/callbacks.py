@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from .probes import classifier_layer_accuracy, linear_probe_accuracy
+from .saturation import collect_layer_logits, saturation_layers, summarize_saturation
 from .similarity import json_safe, layer_representations, layerwise_cka
 
 logger = logging.get_logger(__name__)
@@ -23,9 +24,10 @@ class RepresentationDynamicsCallback(TrainerCallback):
     At the start of training and at every evaluation, the probe set's pooled representations (embedding output and
     every block) are read and compared, layer by layer, with linear CKA against those at the previous evaluation and
     at the start (Sharon & Dar, 2024); the shared classifier's accuracy after every block (and, optionally, a linear
-    probe's accuracy per layer) is measured too. The records are written as JSON into the output directory after
-    every evaluation, and drawn as layer-by-step heatmaps when training ends. Works with any `Trainer` whose model
-    has `pooled_layer_states` (an [`AlignedForSequenceClassification`]).
+    probe's accuracy per layer and the saturation layers of [`saturation_layers`]) is measured too. The records are
+    written as JSON into the output directory after every evaluation, and drawn as layer-by-step heatmaps when
+    training ends. Works with any `Trainer` whose model has `pooled_layer_states` (an
+    [`AlignedForSequenceClassification`]).
 
     Every process computes the measurements (the model may be sharded); only the main process writes files.
 
@@ -39,6 +41,9 @@ class RepresentationDynamicsCallback(TrainerCallback):
         pooling: pooling of the representations; defaults to the model's.
         linear_probes: also train a logistic-regression probe per layer at every evaluation (needs scikit-learn).
         probe_test_size: fraction of the probe set held out to score the linear probes.
+        track_saturation: also record, at every evaluation, the probe set's `mean_saturation_layer` and
+            `saturated_by` (the share of samples whose top-1 prediction no longer changes from layer l on, for
+            l = 1..L); costs one more forward pass over the probe set. Needs a single-label classifier.
         file_name: base name of the written files (`<file_name>.json`, `<file_name>.png`).
         plot: draw the heatmaps at the end of training (needs matplotlib; skipped with a warning without it).
 
@@ -60,6 +65,7 @@ class RepresentationDynamicsCallback(TrainerCallback):
         pooling: str | None = None,
         linear_probes: bool = False,
         probe_test_size: float = 0.25,
+        track_saturation: bool = False,
         file_name: str = "representation_dynamics",
         plot: bool = True,
     ):
@@ -72,6 +78,7 @@ class RepresentationDynamicsCallback(TrainerCallback):
         self.pooling = pooling
         self.linear_probes = linear_probes
         self.probe_test_size = probe_test_size
+        self.track_saturation = track_saturation
         self.file_name = file_name
         self.plot = plot
         self.records: list[dict[str, Any]] = []
@@ -118,6 +125,13 @@ class RepresentationDynamicsCallback(TrainerCallback):
             "classifier_accuracy": None,
         }
         self._previous = reps
+        if self.track_saturation:
+            layer_logits, _ = collect_layer_logits(
+                model, self.probe_dataset, self.batch_size, self.collate_fn, self.max_samples
+            )
+            summary = summarize_saturation(saturation_layers(layer_logits), layer_logits.shape[0])
+            record["mean_saturation_layer"] = summary.mean
+            record["saturated_by"] = summary.saturated_by
         if labels is not None:
             record["classifier_accuracy"] = classifier_layer_accuracy(
                 model, self.probe_dataset, self.batch_size, self.collate_fn, self.max_samples
@@ -134,7 +148,8 @@ class RepresentationDynamicsCallback(TrainerCallback):
         content = {
             "num_samples": num_samples,
             "num_layers": len(self.records[0]["cka_to_initial"]) - 1,
-            "layers": "cka_* and probe_accuracy: embedding output (0) and blocks 1..L; classifier_accuracy: 1..L",
+            "layers": "cka_* and probe_accuracy: embedding output (0) and blocks 1..L; classifier_accuracy and "
+            "saturated_by: 1..L",
             "records": self.records,
         }
         with open(os.path.join(args.output_dir, f"{self.file_name}.json"), "w", encoding="utf-8") as handle:

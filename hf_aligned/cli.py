@@ -50,11 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def add_analyze_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "analyze",
-        help="Layer-wise representation similarity (COS, CKA) and per-layer accuracy of a model on a data set.",
+        help="Layer-wise representation similarity (COS, CKA), per-layer accuracy and saturation of a model.",
         description=(
             "Reads the pooled representation after every layer of MODEL_DIR on a data set and writes the COS and "
             "CKA matrices, their agreement, per-layer accuracy of the shared classifier (and optionally of linear "
-            "probes) as similarity.json, with heatmaps and an accuracy plot as PNG."
+            "probes) as similarity.json, with heatmaps and an accuracy plot as PNG. For an aligned checkpoint of a "
+            "single-label classifier it also writes saturation.json: the saturation layer distribution (the first "
+            "layer from which the top-1 prediction no longer changes) and, per layer and sample, the cosine "
+            "similarity to the last layer against the classifier's probability of the last layer's class (and of "
+            "the true class), with their rank correlations; plotted as saturation.png and probability_similarity.png."
         ),
     )
     parser.add_argument(
@@ -160,6 +164,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         curves["shared classifier"] = results["classifier_accuracy"]
     elif labels is not None:
         logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
+    if trained_classifier and _single_label(model):
+        saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
+    else:
+        saturation = None
+        logger.info("Saturation skipped: it needs an aligned checkpoint of a single-label classifier.")
     if labels is not None and args.probes:
         probes = linear_probe_accuracy(reps, labels)
         results["probe_accuracy"] = probes.to_dict()
@@ -172,6 +181,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     plot_similarity_heatmaps({"COS": cos, "CKA": cka}, output / "similarity.png", title=str(args.model_dir))
     if curves:
         plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))
+    if saturation is not None:
+        _write_saturation(saturation, output, str(args.model_dir))
     agreement = results["agreement"]
     print(
         f"{reps.shape[1]} samples, {reps.shape[0]} layers: mean off-diagonal COS "
@@ -179,7 +190,43 @@ def run_analyze(args: argparse.Namespace) -> int:
         f"agreement Spearman {agreement['spearman']:.4f}, Pearson {agreement['pearson']:.4f}. "
         f"Written to {output}."
     )
+    if saturation is not None:
+        report = saturation[0]
+        print(
+            f"Mean saturation layer {report['saturation']['mean']:.3f}; Spearman of cosine to the last layer and "
+            f"the last layer's class probability {report['probability_similarity']['last_class']['spearman']:.4f}."
+        )
     return 0
+
+
+def _single_label(model) -> bool:
+    return model.config.problem_type in (None, "single_label_classification") and model.config.num_labels >= 2
+
+
+def _analyze_saturation(model, processed, collate_fn, args: argparse.Namespace, reps, labels):
+    """Saturation layers and probability vs similarity: `(report for JSON, ProbabilitySimilarity)`."""
+    from .saturation import collect_layer_logits, probability_similarity, saturation_report
+
+    layer_logits, _ = collect_layer_logits(model, processed, batch_size=args.batch_size, collate_fn=collate_fn)
+    report = {
+        "model": str(args.model_dir),
+        "pooling": args.pooling or model.config.pooling,
+        "representation": "f_l(x): block l's hidden states pooled as the similarity analysis does "
+        "(`pooled_layer_states`), before the classifier's final norm and pooler",
+        **saturation_report(reps, layer_logits, labels),
+    }
+    return report, probability_similarity(reps, layer_logits, labels)
+
+
+def _write_saturation(saturation, output: Path, title: str) -> None:
+    from .plotting import plot_probability_similarity, plot_saturation
+    from .similarity import json_safe
+
+    report, pairs = saturation
+    with open(output / "saturation.json", "w", encoding="utf-8") as handle:
+        json.dump(json_safe(report), handle, indent=2, allow_nan=False)
+    plot_saturation({title: report["saturation"]}, output / "saturation.png")
+    plot_probability_similarity({title: pairs}, output / "probability_similarity.png")
 
 
 def _load_split(name: str, config_name: str | None, split: str | None):

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
+from .saturation import saturation_layers
+
 
 class LayerLossModel(Protocol):
     """What layer-wise evaluation needs from a model: its per-layer loss and its config (for `problem_type`)."""
@@ -48,7 +50,10 @@ class LayerwiseMetrics:
     - `layer_{l}_{name}` for every `name` the user's `compute_metrics` returns when given that layer's predictions;
 
     plus the last layer's values except the loss without the `layer_{l}_` prefix (so `accuracy` is the model's usual
-    accuracy; `loss` is left to Trainer, whose `eval_loss` is the aligned loss) and `minimal_depth`, the first layer whose accuracy is within `tolerance` of the last layer's.
+    accuracy; `loss` is left to Trainer, whose `eval_loss` is the aligned loss), `minimal_depth`, the first layer whose
+    accuracy is within `tolerance` of the last layer's, and, for single-label classification, `mean_saturation_layer`,
+    the mean over samples of the first layer from which the top-1 prediction no longer changes (see
+    [`saturation_layers`]).
 
     Args:
         model: the model whose `layer_losses` scores the logits; `None` skips the per-layer losses.
@@ -104,7 +109,19 @@ class LayerwiseMetrics:
         result.update({name: value for name, value in per_layer[-1].items() if name != "loss"})
         if "accuracy" in per_layer[-1]:
             result["minimal_depth"] = minimal_depth([metrics["accuracy"] for metrics in per_layer], self.tolerance)
+        if _is_single_label(predictions, labels, problem_type):
+            saturation = saturation_layers(torch.from_numpy(predictions).transpose(0, 1))
+            result["mean_saturation_layer"] = float(saturation.double().mean())
         return result
+
+
+def _is_single_label(predictions: np.ndarray, labels: np.ndarray, problem_type: str | None) -> bool:
+    """Whether the predictions are one class per sample: scores of at least 2 classes, or integer class ids."""
+    if problem_type not in (None, "single_label_classification") or labels.ndim > 1:
+        return False
+    if predictions.ndim == 3:
+        return predictions.shape[2] >= 2
+    return not np.issubdtype(predictions.dtype, np.floating)
 
 
 def _layer_accuracies(predictions: np.ndarray, labels: np.ndarray, problem_type: str | None) -> list[float]:

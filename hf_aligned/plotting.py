@@ -1,4 +1,5 @@
-"""Figures of layer-wise analyses: similarity heatmaps, accuracy per layer, representation dynamics over training.
+"""Figures of layer-wise analyses: similarity heatmaps, accuracy per layer, representation dynamics over training,
+saturation layers and probability against similarity.
 
 Every function returns a matplotlib `Figure` built without pyplot (no global state, no display needed) and, given
 `path`, saves it as PNG. matplotlib is the `plots` extra: `pip install 'hf-aligned[plots]'`.
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Matrix = torch.Tensor | np.ndarray | Sequence[Sequence[float]]
+# Per-layer records of the dynamics callback that start at block 1 (the others start at the embedding output, 0).
+BLOCK_KEYS = ("classifier_accuracy", "saturated_by")
 
 
 def plot_similarity_heatmaps(
@@ -100,7 +103,13 @@ def plot_layer_accuracy(
 def plot_dynamics(
     records: Sequence[Mapping[str, Any]],
     path: str | os.PathLike | None = None,
-    keys: Sequence[str] = ("cka_to_initial", "cka_to_previous", "classifier_accuracy", "probe_accuracy"),
+    keys: Sequence[str] = (
+        "cka_to_initial",
+        "cka_to_previous",
+        "classifier_accuracy",
+        "probe_accuracy",
+        "saturated_by",
+    ),
 ) -> Figure:
     """Layer-by-training-step heatmaps of per-layer quantities recorded during training.
 
@@ -118,7 +127,7 @@ def plot_dynamics(
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     for axis, key in zip(axes, keys):
         width = max(len(record[key]) for record in records if record.get(key) is not None)
-        first_layer = 1 if key == "classifier_accuracy" else 0
+        first_layer = 1 if key in BLOCK_KEYS else 0
         grid = np.full((width, len(records)), np.nan)
         for column, record in enumerate(records):
             if record.get(key) is not None:
@@ -132,6 +141,104 @@ def plot_dynamics(
         axis.set_ylabel("layer")
         axis.set_title(key.replace("_", " "))
         figure.colorbar(image, ax=axis, shrink=0.85)
+    return _save(figure, path)
+
+
+def plot_saturation(
+    summaries: Mapping[str, Any],
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Saturation layers of several models: the share of samples saturating at each layer, and saturated by it.
+
+    Args:
+        summaries: model name -> its [`SaturationSummary`] (or that summary's `to_dict()`).
+        path: where to save the PNG.
+        title: the figure's title.
+    """
+    if not summaries:
+        raise ValueError("`summaries` is empty: give at least one model's saturation summary.")
+    rows = {
+        name: summary if isinstance(summary, Mapping) else summary.to_dict() for name, summary in summaries.items()
+    }
+    figure = _figure(figsize=(11.0, 4.0))
+    shares, cumulative = figure.subplots(1, 2)
+    width = 0.8 / len(rows)
+    for index, (name, summary) in enumerate(rows.items()):
+        layers = np.arange(1, summary["num_layers"] + 1)
+        share = np.asarray(summary["histogram"], dtype=np.float64) / summary["num_samples"]
+        shares.bar(
+            layers - 0.4 + width * (index + 0.5), share, width=width, label=f"{name} (mean {summary['mean']:.2f})"
+        )
+        cumulative.plot(layers, summary["saturated_by"], marker="o", label=name)
+    shares.set_xlabel("saturation layer")
+    shares.set_ylabel("share of samples")
+    shares.set_title("saturating at layer l")
+    cumulative.set_xlabel("layer")
+    cumulative.set_ylabel("share of samples")
+    cumulative.set_ylim(0.0, 1.02)
+    cumulative.set_title("saturated by layer l")
+    for axis in (shares, cumulative):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_probability_similarity(
+    results: Mapping[str, Any],
+    path: str | os.PathLike | None = None,
+    which: str = "last_class",
+    max_points_per_layer: int = 200,
+    title: str | None = None,
+) -> Figure:
+    """Per sample and layer: similarity to the last layer against the classifier's probability, one panel per model.
+
+    Points are colored by layer (1..L-1; the last layer, at cosine 1, is left out) and the per-layer means are
+    joined by a line.
+
+    Args:
+        results: model name -> its [`ProbabilitySimilarity`].
+        path: where to save the PNG.
+        which: `"last_class"` (probability of the class the last layer predicts) or `"true_class"`.
+        max_points_per_layer: samples drawn per layer (the first ones), to keep the figure light.
+        title: the figure's title.
+    """
+    if which not in ("last_class", "true_class"):
+        raise ValueError(f"`which` must be 'last_class' or 'true_class', got {which!r}.")
+    if not results:
+        raise ValueError("`results` is empty: give at least one model's probability-similarity data.")
+    figure = _figure(figsize=(4.6 * len(results) + 0.8, 4.0))
+    axes = figure.subplots(1, len(results), squeeze=False)[0]
+    scatter = None
+    for axis, (name, result) in zip(axes, results.items()):
+        probability = getattr(result, f"{which}_probability")
+        if probability is None:
+            raise ValueError(f"{name!r} has no {which} probabilities (it was computed without labels).")
+        cosine, probability = result.cosine.cpu().numpy(), probability.cpu().numpy()
+        num_layers = cosine.shape[0]
+        shown = slice(0, max_points_per_layer)
+        layers = np.repeat(np.arange(1, num_layers), cosine[:-1, shown].shape[1])
+        scatter = axis.scatter(
+            cosine[:-1, shown].ravel(),
+            probability[:-1, shown].ravel(),
+            c=layers,
+            cmap="viridis",
+            vmin=1,
+            vmax=max(num_layers - 1, 2),
+            s=6,
+            alpha=0.4,
+        )
+        axis.plot(np.nanmean(cosine, axis=1), np.nanmean(probability, axis=1), "k-o", markersize=4, label="layer mean")
+        axis.set_xlabel("cos(f_l(x), f_L(x))")
+        axis.set_ylabel(f"p({which.replace('_', ' ')}) at layer l")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small", loc="lower right")
+    figure.colorbar(scatter, ax=axes, shrink=0.85, label="layer l")
+    if title:
+        figure.suptitle(title)
     return _save(figure, path)
 
 

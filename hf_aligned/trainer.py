@@ -42,8 +42,9 @@ class AlignedTrainer(Trainer):
       last log and over all processes, so every `report_to` integration (TensorBoard, trackio, ...) records them;
     - **layer-wise evaluation**: `evaluate()` returns `eval_layer_{l}_accuracy`, `eval_layer_{l}_loss` and, for a
       user's `compute_metrics`, `eval_layer_{l}_{name}` for every layer, the last layer's values without the layer
-      prefix (`eval_accuracy`, ...) and `eval_minimal_depth`, the first layer within `minimal_depth_tolerance` of the
-      last layer's accuracy;
+      prefix (`eval_accuracy`, ...), `eval_minimal_depth`, the first layer within `minimal_depth_tolerance` of the
+      last layer's accuracy, and `eval_mean_saturation_layer` (single-label classification: the mean first layer from
+      which the top-1 prediction no longer changes, see [`saturation_layers`]);
     - **overrides** of the model config's `layer_weights` / `aligned_layers` from [`AlignedTrainingArguments`],
       written into `model.config` so saved checkpoints record what they were trained with.
 

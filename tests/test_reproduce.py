@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +127,71 @@ def demo_payload(rng: random.Random) -> dict:
     return {label: eval_metrics(rng) for label in KIND_LABELS.values()}
 
 
+def saturation_entry(rng: random.Random, task: str, kind: str, seed: int) -> dict:
+    histogram = [rng.randint(0, 50) for _ in range(LAYERS)]
+    histogram[-1] += 1
+    total = sum(histogram)
+
+    def correlations() -> dict:
+        return {
+            "spearman": rng.uniform(-1, 1),
+            "spearman_within_layer": [rng.uniform(-1, 1) for _ in range(LAYERS - 1)],
+            "spearman_of_layer_means": rng.uniform(-1, 1),
+        }
+
+    return {
+        "task": task,
+        "variant": kind,
+        "seed": seed,
+        "checkpoint": f"/ckpt/{task}/{kind}",
+        "num_layers": LAYERS,
+        "num_samples": total,
+        "layer_accuracy": [rng.random() for _ in range(LAYERS)],
+        "saturation": {
+            "num_layers": LAYERS,
+            "num_samples": total,
+            "mean": sum(layer * count for layer, count in enumerate(histogram, start=1)) / total,
+            "histogram": histogram,
+            "saturated_by": [sum(histogram[:layer]) / total for layer in range(1, LAYERS + 1)],
+        },
+        "probability_similarity": {
+            "mean_cosine": [rng.random() for _ in range(LAYERS)],
+            "mean_last_class_probability": [rng.random() for _ in range(LAYERS)],
+            "mean_true_class_probability": [rng.random() for _ in range(LAYERS)],
+            "last_class": correlations(),
+            "true_class": correlations(),
+        },
+    }
+
+
+SATURATION_SEEDS = {"sst2": [0], "digits": [0, 1, 2]}
+
+
+def saturation_payload(rng: random.Random) -> dict:
+    results = {
+        f"{task}/{kind}/seed{seed}": saturation_entry(rng, task, kind, seed)
+        for task, seeds in SATURATION_SEEDS.items()
+        for kind in KIND_LABELS
+        for seed in seeds
+    }
+    machine = {
+        "date": "d",
+        "cpu": "Test CPU, 2 cores",
+        "gpu": "none",
+        "platform": "p",
+        "software": "s",
+        "commit": "c0",
+    }
+    return {
+        "results": results,
+        "missing": {f"ag_news/{kind}/seed0": [f"/ckpt/ag_news/{kind}"] for kind in KIND_LABELS},
+        "representation": "pooled_layer_states",
+        "runs": [
+            {"command": "python benchmarks/saturation.py", "machine": machine, "duration_s": 120.0, "torch_threads": 1}
+        ],
+    }
+
+
 @pytest.fixture
 def outputs(tmp_path: Path) -> Path:
     """A benchmark outputs folder with every JSON the report reads, and the similarity benchmark's two PNGs."""
@@ -138,6 +204,7 @@ def outputs(tmp_path: Path) -> Path:
         "similarity/synthetic.json": synthetic,
         "early_exit.json": early_exit_payload(rng),
         "demo/metrics.json": demo_payload(rng),
+        "saturation/results.json": saturation_payload(rng),
     }
     for file, payload in payloads.items():
         (folder / file).parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +347,76 @@ def test_early_exit_numbers_are_the_json(rendered, outputs):
     assert "Tasks not in this run: ag_news-minilm." in rendered
 
 
+def spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation, computed with numpy (None for one value)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def same_spread(cell: str, values: list[float]) -> bool:
+    mean, std = spread(values)
+    parts = cell.split(" ± ")
+    if std is None:
+        return len(parts) == 1 and same(parts[0], mean)
+    return len(parts) == 2 and same(parts[0], mean) and same(parts[1], std)
+
+
+def test_saturation_numbers_are_the_json(rendered, outputs):
+    payload = read(outputs, "saturation/results.json")
+    for task, seeds in SATURATION_SEEDS.items():
+        rows = {row["model"]: row for row in table(rendered, f"**{task}: saturation and rank correlation")}
+        assert set(rows) == set(KIND_LABELS.values())
+        for kind, label in KIND_LABELS.items():
+            entries = [payload["results"][f"{task}/{kind}/seed{seed}"] for seed in seeds]
+            row = rows[label]
+            assert int(row["seeds"]) == len(seeds)
+            assert same_spread(row["mean saturation layer"], [entry["saturation"]["mean"] for entry in entries])
+            assert same_spread(row["accuracy (last layer)"], [entry["layer_accuracy"][-1] for entry in entries])
+            assert same_spread(
+                row["saturated by layer 1"], [entry["saturation"]["saturated_by"][0] for entry in entries]
+            )
+            similarity = [entry["probability_similarity"] for entry in entries]
+            assert same_spread(
+                row["Spearman, p(last class)"], [value["last_class"]["spearman"] for value in similarity]
+            )
+            assert same_spread(
+                row["Spearman, p(true class)"], [value["true_class"]["spearman"] for value in similarity]
+            )
+        shares = {
+            row["model"]: row for row in table(rendered, f"**{task}: share of samples saturated by each layer**")
+        }
+        for kind, label in KIND_LABELS.items():
+            entries = [payload["results"][f"{task}/{kind}/seed{seed}"] for seed in seeds]
+            for layer in range(1, LAYERS + 1):
+                expected = spread([entry["saturation"]["saturated_by"][layer - 1] for entry in entries])[0]
+                assert same(shares[label][f"layer {layer}"], expected)
+        # The verdict on claim 5 follows the numbers, seed by seed.
+        earlier = [
+            payload["results"][f"{task}/aligned/seed{seed}"]["saturation"]["mean"]
+            < payload["results"][f"{task}/standard/seed{seed}"]["saturation"]["mean"]
+            for seed in seeds
+        ]
+        verdict = "holds" if all(earlier) else "does not hold" if not any(earlier) else "is mixed"
+        assert f"earlier in {sum(earlier)} of {len(seeds)} seed(s)" in rendered
+        assert f"Claim 5 (aligned training saturates earlier) **{verdict}**" in rendered
+    assert "(one seed: indicative only)" in rendered
+    assert "_Not measured yet: no ag_news checkpoint was found (looked in `/ckpt/ag_news/standard`" in rendered
+
+
+def test_saturation_section_without_results_says_what_is_missing(outputs, tmp_path):
+    payload = read(outputs, "saturation/results.json")
+    payload["missing"] = {}
+    payload["results"] = {key: entry for key, entry in payload["results"].items() if entry["variant"] != "standard"}
+    (outputs / "saturation" / "results.json").write_text(json.dumps(payload), encoding="utf-8")
+    rendered = reproduce.render(outputs, tmp_path / "docs").read_text(encoding="utf-8")
+    assert "_Not measured yet: ag_news was not among the tasks run." in rendered
+    assert "_No checkpoint measured for: standard._" in rendered
+    assert "Claim 5 cannot be judged: it needs the standard and the aligned model of the same seed." in rendered
+
+    (outputs / "saturation" / "results.json").unlink()
+    rendered = reproduce.render(outputs, tmp_path / "docs", allow_missing=True).read_text(encoding="utf-8")
+    assert "_Not run yet: `python benchmarks/saturation.py --output" in rendered
+
+
 def test_figures_are_written_linked_and_small(rendered, outputs, tmp_path):
     figures = tmp_path / "docs" / "figures"
     linked = set(re.findall(r"\]\(figures/([^)]+)\)", rendered))
@@ -291,6 +428,8 @@ def test_figures_are_written_linked_and_small(rendered, outputs, tmp_path):
         "early_exit_tradeoff.png",
         "minilm_sst2_similarity.png",
         "minilm_sst2_accuracy.png",
+        "sst2_saturation.png",
+        "digits_saturation.png",
     }
     # The recipes section reads the committed benchmarks/results/recipes.json, not the test's outputs folder.
     if reproduce.RECIPES_RESULTS.exists():
@@ -371,6 +510,9 @@ def test_benchmarks_reuse_the_trainer_checkpoints(tmp_path):
     early_exit = reproduce.BENCHMARKS["early_exit"].argv(out)
     assert early_exit[early_exit.index("--sst2-aligned") + 1] == checkpoints["aligned"]
     assert early_exit[early_exit.index("--sst2-per-layer") + 1] == checkpoints["per_layer"]
+    saturation = reproduce.BENCHMARKS["saturation"].argv(out)
+    given = [saturation[index + 1] for index, flag in enumerate(saturation) if flag == "--checkpoint"]
+    assert given == [f"sst2/{kind}={path}" for kind, path in checkpoints.items()]
     trainer = reproduce.BENCHMARKS["train_aligned"].argv(out)
     assert trainer[trainer.index("--output_dir") + 1] == str(out / "train_aligned")
 
