@@ -380,7 +380,8 @@ def test_layer_representations_options():
     assert layer_representations(model, batches, max_samples=5).shape[1] == 5
     mean = layer_representations(model, batches, pooling="mean")
     cls = layer_representations(model, batches)
-    torch.testing.assert_close(cls[:, :4], model.eval().pooled_layer_states(**batches[0]), rtol=0, atol=1e-6)
+    inputs = {key: value for key, value in batches[0].items() if key != "labels"}
+    torch.testing.assert_close(cls[:, :4], model.eval().pooled_layer_states(**inputs), rtol=0, atol=1e-6)
     assert not torch.allclose(mean, cls)
     unlabelled = [{key: value for key, value in batch.items() if key != "labels"} for batch in batches]
     assert layer_representations(model, unlabelled, return_labels=True)[1] is None
