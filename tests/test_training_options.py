@@ -107,7 +107,9 @@ def test_classifier_update_last_leaves_inference_unchanged():
     paper = copy.deepcopy(model)
     paper.config.classifier_update = "all"
     with torch.no_grad():
-        assert torch.equal(model(**inputs, early_exit=False).layer_logits, paper(**inputs, early_exit=False).layer_logits)
+        assert torch.equal(
+            model(**inputs, early_exit=False).layer_logits, paper(**inputs, early_exit=False).layer_logits
+        )
 
 
 def test_classifier_update_last_needs_the_shared_classifier():
