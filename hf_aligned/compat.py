@@ -13,16 +13,22 @@ import os
 from torch import nn
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.utils import cached_file
+from transformers.utils import TransformersKwargs, cached_file
 
 __all__ = [
     "SubConfigSpec",
     "attn_implementation",
+    "backbone_keyword_names",
     "cached_file_or_none",
     "is_causal_lm_only_type",
     "is_image_classification_only_type",
     "mark_initialized",
 ]
+
+
+def backbone_keyword_names() -> frozenset[str]:
+    """The keyword arguments transformers' models accept through `**kwargs` (`TransformersKwargs`)."""
+    return frozenset(TransformersKwargs.__annotations__)
 
 
 def attn_implementation(config: PreTrainedConfig) -> str | None:

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import logging
 
 from .backbones import detach_module, find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
-from .compat import cached_file_or_none, mark_initialized
+from .compat import backbone_keyword_names, cached_file_or_none, mark_initialized
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
 
@@ -327,7 +327,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 for name, parameter in base_parameters.items()
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
             )
-            | frozenset(TransformersKwargs.__annotations__)
+            | backbone_keyword_names()
             | {"return_dict"}
         )
         self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
