@@ -168,7 +168,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "distillation_weight": model.config.distillation_weight,
             "distillation_temperature": model.config.distillation_temperature,
             "classifier_sharing": model.config.classifier_sharing,
-            "classifier_lr_ratio": args.classifier_lr_ratio,
+            "classifier_lr_ratio": trainer.classifier_lr_ratio,
         },
     }
     if variant in EXIT_VARIANTS:

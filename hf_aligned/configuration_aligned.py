@@ -85,12 +85,20 @@ def resolve_layer_weights(
 
 
 def validate_training_options(
-    classifier_update: str, distillation_weight: float, distillation_temperature: float, classifier_sharing: str
+    classifier_update: str,
+    distillation_weight: float,
+    distillation_temperature: float,
+    classifier_sharing: str,
+    last_layer_weight: float | None = None,
 ) -> None:
     """Checks the options that change how the aligned loss trains the model (shared by config and arguments).
 
+    Args:
+        last_layer_weight: the last layer's resolved loss weight, when known: `classifier_update="last"` and
+            self-distillation both need the last layer to carry a loss.
+
     Raises:
-        ValueError: naming the option that is out of range or does not fit the classifier sharing.
+        ValueError: naming the option that is out of range or does not fit the classifier sharing or the weights.
     """
     if classifier_update not in CLASSIFIER_UPDATE_CHOICES:
         raise ValueError(
@@ -108,6 +116,12 @@ def validate_training_options(
         )
     if not _is_number(distillation_temperature) or not 0.0 < distillation_temperature < float("inf"):
         raise ValueError(f"`distillation_temperature={distillation_temperature!r}` must be a positive number.")
+    if last_layer_weight == 0.0 and (classifier_update == "last" or distillation_weight > 0):
+        raise ValueError(
+            "`classifier_update='last'` and `distillation_weight > 0` train from the last layer's loss, but the last "
+            "layer has weight 0 (`layer_weights` / `aligned_layers`); give it a weight or use "
+            "`classifier_update='all'` and `distillation_weight=0`."
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -224,18 +238,22 @@ class AlignedConfig(PreTrainedConfig):
                 f"`classifier_sharing={self.classifier_sharing!r}` is not supported; use one of "
                 f"{CLASSIFIER_SHARING_CHOICES}."
             )
-        validate_training_options(
-            self.classifier_update, self.distillation_weight, self.distillation_temperature, self.classifier_sharing
-        )
-        self.distillation_weight = float(self.distillation_weight)
-        self.distillation_temperature = float(self.distillation_temperature)
         if self.layout is not None:
             self.layout = BackboneLayout.from_dict(self.layout).to_dict()
         if self.aligned_layers is not None:
             self.aligned_layers = sorted(_validate_aligned_layers(self.aligned_layers, self.num_layers))
         if not isinstance(self.layer_weights, str):
             self.layer_weights = [float(weight) for weight in self.layer_weights]
-        resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)
+        weights = resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)
+        validate_training_options(
+            self.classifier_update,
+            self.distillation_weight,
+            self.distillation_temperature,
+            self.classifier_sharing,
+            last_layer_weight=weights[-1],
+        )
+        self.distillation_weight = float(self.distillation_weight)
+        self.distillation_temperature = float(self.distillation_temperature)
         if self.classifier_dropout is None:
             base = self.base_config
             dropout = getattr(base, "classifier_dropout", None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
@@ -243,13 +244,18 @@ class _InputGradientOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, function) -> torch.Tensor:
         ctx.function = function
+        device_type = hidden.device.type
+        # The backward recomputes under the same autocast as the forward (as activation checkpointing does).
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         ctx.save_for_backward(hidden)
         return function(hidden)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         (hidden,) = ctx.saved_tensors
-        with torch.enable_grad():
+        device_type, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             hidden = hidden.detach().requires_grad_()
             output = ctx.function(hidden)
         (grad_hidden,) = torch.autograd.grad(output, hidden, grad_output)
@@ -348,6 +354,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             )
         self.classifier = AlignedClassifier(heads, shared=config.classifier_sharing == "shared")
         self.exit_config = ExitConfig()
+        # Whether a pretrained backbone got a new, untrained classification layer here (the trainer gives such a
+        # layer its own learning rate by default); a reloaded aligned checkpoint's classifier is trained already.
+        self.has_new_classifier = base_model is not None
         if base_model is not None:
             # The wrapped model is already trained: only the new classification layers may be initialized.
             for head in self.classifier.heads:

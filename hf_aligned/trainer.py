@@ -131,12 +131,13 @@ class AlignedTrainer(Trainer):
         }
         values = {name: overrides.get(name, getattr(config, name)) for name in _CONFIG_OVERRIDES}
         # Validate against the model before touching its config, so a bad override leaves the model unchanged.
-        resolve_layer_weights(values["layer_weights"], config.num_layers, values["aligned_layers"])
+        weights = resolve_layer_weights(values["layer_weights"], config.num_layers, values["aligned_layers"])
         validate_training_options(
             values["classifier_update"],
             values["distillation_weight"],
             values["distillation_temperature"],
             config.classifier_sharing,
+            last_layer_weight=weights[-1],
         )
         if overrides:
             logger.info(f"Training with {overrides} (from the training arguments).")
@@ -144,9 +145,6 @@ class AlignedTrainer(Trainer):
             values["aligned_layers"] = sorted(set(values["aligned_layers"]))
         for name, value in values.items():
             setattr(config, name, value)
-        if args.classifier_lr_ratio is None:
-            # Only the classification layer is new on a pretrained backbone; from a config, everything is.
-            args.classifier_lr_ratio = PRETRAINED_CLASSIFIER_LR_RATIO if config.name_or_path else 1.0
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -181,9 +179,9 @@ class AlignedTrainer(Trainer):
         `classifier_lr_ratio * learning_rate` (the schedule scales every group alike)."""
         already_built = self.optimizer is not None  # by an earlier call, or given by the user: left as it is
         optimizer = super().create_optimizer(model)
-        ratio = self.args.classifier_lr_ratio
-        if ratio == 1.0 or already_built:
+        if already_built:
             return optimizer
+        ratio = self.classifier_lr_ratio
         classifier = {
             id(parameter)
             for name, parameter in (model or self.model).named_parameters()
@@ -196,7 +194,21 @@ class AlignedTrainer(Trainer):
             group["params"] = [parameter for parameter in group["params"] if id(parameter) not in classifier]
             optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * ratio})
         optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        if ratio != 1.0 and not classifier:
+            logger.warning(
+                f"classifier_lr_ratio={ratio} found no classification layer among the trainable parameters; every "
+                "parameter trains at learning_rate."
+            )
         return optimizer
+
+    @property
+    def classifier_lr_ratio(self) -> float:
+        """The classification layer's learning-rate multiple this trainer uses: the arguments' value, else 100 when
+        the classifier is new on a pretrained backbone (`from_pretrained` on a base checkpoint) and 1 otherwise."""
+        if self.args.classifier_lr_ratio is not None:
+            return self.args.classifier_lr_ratio
+        model = self.accelerator.unwrap_model(self.model)
+        return PRETRAINED_CLASSIFIER_LR_RATIO if getattr(model, "has_new_classifier", False) else 1.0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean per-layer training losses since the last log to training logs, then logs as usual."""

@@ -56,13 +56,15 @@ class AlignedTrainingArguments(TrainingArguments):
             The new classification layer(s) of the classifier (`out_proj`, which starts from random weights) train
             at `classifier_lr_ratio * learning_rate`, in their own optimizer parameter groups; the pretrained
             backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike. Defaults
-            to the recipe's value, else to 100 for a model whose backbone was loaded pretrained (`from_pretrained`)
-            and 1 for a model built from a config (every part trains from scratch); the trainer writes the value it
-            used here.
+            to the recipe's value, else to 100 when the classification layer is new on a pretrained backbone
+            (`from_pretrained` on a base checkpoint) and 1 otherwise (a model built from a config trains every part
+            from scratch; a reloaded aligned checkpoint's classifier is trained already). Note the default is not the
+            paper's single learning rate: `recipe="paper"` or `classifier_lr_ratio=1` gives that.
         recipe (`str`, *optional*):
-            A named set of values for the options above that are left unset: `"paper"` trains exactly the paper's
-            loss (linear weights, every layer's loss updates the classifier, no distillation, one learning rate),
-            whatever the model config says. `None` keeps the model config's options and the library defaults.
+            A named set of values for the options above that are left unset: `"paper"` trains the paper's loss
+            (linear weights, every layer's loss updates the classifier, no distillation, one learning rate) whatever
+            the model config says about those; `aligned_layers` still comes from the arguments or the config. `None`
+            keeps the model config's options and the library defaults.
 
         > Layer-wise evaluation
 
