@@ -252,7 +252,7 @@ class AlignedTrainer(Trainer):
             license=license,
             tags=[tags] if isinstance(tags, str) else tags,
             eval_metrics=latest_eval_metrics(self.state.log_history) or None,
-            training_args=self.args.to_dict(),
+            training_args={**self.args.to_dict(), "classifier_lr_ratio": self.classifier_lr_ratio},
         )
         write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model), data)
 

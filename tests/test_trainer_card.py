@@ -23,3 +23,12 @@ def test_trainer_card_reports_the_evaluated_layers(tmp_path):
     for layer in range(1, 5):
         assert f"{metrics[f'eval_layer_{layer}_accuracy']:.4f}"[:5] in card.text
     assert f"**Minimal depth:** {metrics['eval_minimal_depth']} of 4 layers" in card.text
+
+
+def test_trainer_card_lists_the_classifier_rate_the_run_used(tmp_path):
+    dataset = toy_dataset()
+    trainer = AlignedTrainer(deterministic_model(), training_args(tmp_path, max_steps=1), train_dataset=dataset)
+    assert trainer.args.classifier_lr_ratio is None  # left to the default: one rate for a model built from a config
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-aligned")
+    assert "| `classifier_lr_ratio` | `1.0` |" in ModelCard.load(tmp_path / "README.md").text
