@@ -197,7 +197,7 @@ def run_minilm(args: argparse.Namespace) -> dict:
     texts, labels = read_sst2("dev")
     texts, labels = texts[: args.eval_samples], labels[: args.eval_samples]
     directories = {"standard": args.standard, "aligned": args.aligned, "per_layer": args.per_layer}
-    source = "trainer benchmark checkpoints"
+    source = "the checkpoints given (--standard, --aligned, --per-layer)"
     if not all((Path(path) / "config.json").exists() for path in directories.values()):
         source = (
             f"trained here: {args.train_samples} SST-2 train phrases, {args.epochs} epochs, batch {args.batch_size}, "
