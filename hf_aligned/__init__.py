@@ -10,6 +10,7 @@ from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .data import collect_layer_logits
 from .exits import ExitConfig
 from .hub import HubPushError, push_aligned_model
 from .layouts import LAYOUTS
@@ -33,7 +34,6 @@ from .probes import ProbeResults, classifier_layer_accuracy, linear_probe_accura
 from .saturation import (
     ProbabilitySimilarity,
     SaturationSummary,
-    collect_layer_logits,
     probability_similarity,
     saturation_layers,
     saturation_report,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .data import iter_model_batches
+from .data import collect_layer_logits
 from .exits import ExitConfig, ExitDecider, exit_scores
 
 CALIBRATION_RULES = ("confidence", "entropy", "patience")
@@ -99,21 +99,6 @@ def simulate_exits(layer_logits: torch.Tensor, exit_config: ExitConfig) -> tuple
     return logits, exit_layers
 
 
-@torch.no_grad()
-def collect_layer_logits(
-    model, data: Any, batch_size: int = 32, collate_fn: Callable | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every layer's logits `(num_layers, N, num_labels)` and the labels `(N,)` of a labelled dataset."""
-    model.eval()
-    logits, labels = [], []
-    for inputs, batch_labels in iter_model_batches(model, data, batch_size=batch_size, collate_fn=collate_fn):
-        if batch_labels is None:
-            raise ValueError("calibration needs labelled data: the dataset has no `labels` or `label` column.")
-        logits.append(model(**inputs, early_exit=False).layer_logits.float().cpu())
-        labels.append(batch_labels.cpu())
-    return torch.cat(logits, dim=1), torch.cat(labels)
-
-
 def calibrate_exits(
     model,
     dataset: Any,
@@ -154,6 +139,8 @@ def calibrate_exits(
     if not 0.0 <= max_accuracy_drop <= 1.0:
         raise ValueError(f"`max_accuracy_drop={max_accuracy_drop}` is a fraction of accuracy between 0 and 1.")
     layer_logits, labels = collect_layer_logits(model, dataset, batch_size=batch_size, collate_fn=collate_fn)
+    if labels is None:
+        raise ValueError("calibration needs labelled data: the dataset has no `labels` or `label` column.")
     num_layers = layer_logits.shape[0]
     full_accuracy = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
     if thresholds is None:

@@ -11,8 +11,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from .data import collect_layer_logits
 from .probes import classifier_layer_accuracy, linear_probe_accuracy
-from .saturation import collect_layer_logits, saturation_layers, summarize_saturation
+from .saturation import saturation_layers, summarize_saturation
 from .similarity import json_safe, layer_representations, layerwise_cka
 
 logger = logging.get_logger(__name__)

@@ -205,7 +205,8 @@ def _single_label(model) -> bool:
 
 def _analyze_saturation(model, processed, collate_fn, args: argparse.Namespace, reps, labels):
     """Saturation layers and probability vs similarity: `(report for JSON, ProbabilitySimilarity)`."""
-    from .saturation import collect_layer_logits, probability_similarity, saturation_report
+    from .data import collect_layer_logits
+    from .saturation import probability_similarity, saturation_report
 
     layer_logits, _ = collect_layer_logits(model, processed, batch_size=args.batch_size, collate_fn=collate_fn)
     report = {

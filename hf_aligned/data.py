@@ -1,10 +1,11 @@
-"""Streaming a dataset through a model in batches: the one loop every analysis (similarity, probes, calibration)
-shares."""
+"""Streaming a dataset through a model in batches: the one loop every analysis (similarity, probes, calibration,
+saturation) shares, and the per-layer logits read through it."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,6 +73,41 @@ def iter_model_batches(
         seen += size
         if max_samples is not None and seen >= max_samples:
             return
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts `model` in eval mode for the duration of the block, then restores its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def collect_layer_logits(
+    model: nn.Module,
+    data: Any,
+    batch_size: int = 32,
+    collate_fn: Callable[[list[dict]], Mapping[str, Any]] | None = None,
+    max_samples: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The classifier's scores after every block on a data set, `([L, N, C] float32 on the CPU, labels or None)`.
+
+    Runs the full forward (no early exit) in eval mode without gradients, restoring the model's mode afterwards.
+    `data`, `batch_size`, `collate_fn` and `max_samples` are as in [`iter_model_batches`]; labels are `None` unless
+    every batch carries them.
+    """
+    chunks, label_chunks = [], []
+    with eval_mode(model), torch.no_grad():
+        for inputs, labels in iter_model_batches(model, data, batch_size, collate_fn, max_samples):
+            chunks.append(model(**inputs, early_exit=False).layer_logits.float().cpu())
+            label_chunks.append(labels)
+    if not chunks:
+        raise ValueError("`data` yielded no samples.")
+    labels = None if any(item is None for item in label_chunks) else torch.cat([item.cpu() for item in label_chunks])
+    return torch.cat(chunks, dim=1), labels
 
 
 def _model_input_names(model: nn.Module) -> set[str]:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import iter_model_batches
-from .similarity import as_layer_list, eval_mode
+from .data import eval_mode, iter_model_batches
+from .similarity import as_layer_list
 
 
 @dataclass

@@ -17,16 +17,13 @@ Two readings of the shared classifier applied after every block (`layer_logits`)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .data import iter_model_batches
-from .similarity import _average_ranks, _pearson, as_layer_list, eval_mode, sample_cosine
+from .similarity import _average_ranks, _pearson, as_layer_list, sample_cosine
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Saturation layers
@@ -249,29 +246,6 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading a model
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def collect_layer_logits(
-    model: nn.Module,
-    data: Any,
-    batch_size: int = 32,
-    collate_fn: Callable[[list[dict]], Mapping[str, Any]] | None = None,
-    max_samples: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The classifier's scores after every block on a data set, `([L, N, C] float32 on the CPU, labels or None)`.
-
-    Runs the full forward (no early exit) in eval mode without gradients, restoring the model's mode afterwards.
-    `data`, `batch_size`, `collate_fn` and `max_samples` are as in [`layer_representations`].
-    """
-    chunks, label_chunks = [], []
-    with eval_mode(model), torch.no_grad():
-        for inputs, labels in iter_model_batches(model, data, batch_size, collate_fn, max_samples):
-            chunks.append(model(**inputs, early_exit=False).layer_logits.float().cpu())
-            label_chunks.append(labels)
-    if not chunks:
-        raise ValueError("`data` yielded no samples.")
-    labels = None if any(item is None for item in label_chunks) else torch.cat([item.cpu() for item in label_chunks])
-    return torch.cat(chunks, dim=1), labels
 
 
 def saturation_report(

@@ -11,7 +11,6 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import iter_model_batches
+from .data import eval_mode, iter_model_batches
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +104,6 @@ def layer_representations(
     if any(labels is None for labels in label_chunks):
         return representations, None
     return representations, torch.cat([labels.cpu() for labels in label_chunks])
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Puts `model` in eval mode for the duration of the block, then restores its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
