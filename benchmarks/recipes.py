@@ -96,7 +96,7 @@ def load_task(task: str, train_samples: int, seed: int):
     return train, calibration, evaluation
 
 
-def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: int, keep_checkpoint: bool) -> dict:
+def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: int) -> dict:
     """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements."""
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
@@ -186,8 +186,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-    if keep_checkpoint:
-        trainer.save_model(str(checkpoint_dir(task, variant, seed)))
+    trainer.save_model(str(checkpoint_dir(task, variant, seed)))  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -280,7 +279,7 @@ def train_phase(options: argparse.Namespace, results: dict) -> None:
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=options.workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {
-            pool.submit(run_one, task, variant, seed, samples, TASK_DEFAULTS[task]["max_length"], True): (
+            pool.submit(run_one, task, variant, seed, samples, TASK_DEFAULTS[task]["max_length"]): (
                 key,
                 {"task": task, "variant": variant, "seed": seed, "train_samples": samples},
             )
