@@ -101,8 +101,14 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
 
-    from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments, layer_values
-    from hf_aligned.calibration import calibrate_exits, simulate_exits
+    from hf_aligned import (
+        AlignedForSequenceClassification,
+        AlignedTrainer,
+        AlignedTrainingArguments,
+        calibrate_exits,
+        layer_values,
+        simulate_exits,
+    )
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -11,7 +11,7 @@ from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .data import collect_layer_logits
-from .exits import ExitConfig
+from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
 from .layouts import LAYOUTS
 from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
@@ -24,6 +24,7 @@ from .modeling_aligned import (
     pool_hidden_states,
 )
 from .plotting import (
+    plot_calibration,
     plot_dynamics,
     plot_layer_accuracy,
     plot_probability_similarity,
@@ -101,6 +102,7 @@ __all__ = [
     "minibatch_cka",
     "minimal_depth",
     "off_diagonal_mean",
+    "plot_calibration",
     "plot_dynamics",
     "plot_layer_accuracy",
     "plot_probability_similarity",
@@ -115,6 +117,7 @@ __all__ = [
     "saturation_report",
     "similarity_agreement",
     "similarity_by_distance",
+    "simulate_exits",
     "summarize_saturation",
     "unbiased_hsic_matrix",
     "write_model_card",

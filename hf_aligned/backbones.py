@@ -6,16 +6,22 @@ other families are searched generically. Every layout is checked against the bui
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import replace
 
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
+from .compat import cached_file_or_none
 from .configuration_aligned import num_hidden_layers
 from .layouts import BackboneLayout, refusal_reason, table_layout
 
-__all__ = ["BackboneLayout", "detach_module", "find_layout"]
+__all__ = ["BackboneLayout", "detach_module", "find_layout", "sentence_transformers_pooling"]
+
+logger = logging.get_logger(__name__)
 
 # Attribute names under which unlisted families keep the norm applied after their last block (ViT: layernorm,
 # GPT-2 and Falcon: ln_f, Llama / Mistral / Qwen: norm, GPT-NeoX / OPT: final_layer_norm, Phi: final_layernorm,
@@ -23,6 +29,12 @@ __all__ = ["BackboneLayout", "detach_module", "find_layout"]
 FINAL_NORM_NAMES = ("norm", "ln_f", "layernorm", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 # Attribute names of poolers that read the hidden sequence and return one vector (BERT, RoBERTa, ViT, ...).
 POOLER_NAMES = ("pooler",)
+# sentence-transformers pooling modes, in the order they are checked, and the pooling they map to.
+SENTENCE_TRANSFORMERS_POOLING = (
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_lasttoken", "last"),
+)
 
 
 def find_layout(model: PreTrainedModel, override: BackboneLayout | dict | None = None) -> BackboneLayout:
@@ -181,4 +193,27 @@ def _find_child(
         for name in names:
             if accept(getattr(parent, name, None)):
                 return f"{scope}.{name}" if scope else name
+    return None
+
+
+def sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with (`"mean"`, `"cls"`, `"last"`), if any."""
+    modules_file = cached_file_or_none(path, "modules.json", **hub_kwargs)
+    if modules_file is None:
+        return None
+    with open(modules_file, encoding="utf-8") as handle:
+        modules = json.load(handle)
+    pooling_dirs = [module["path"] for module in modules if module.get("type", "").endswith("models.Pooling")]
+    if not pooling_dirs:
+        return None
+    subfolder = "/".join(part for part in (hub_kwargs.get("subfolder"), pooling_dirs[0]) if part)
+    pooling_file = cached_file_or_none(path, "config.json", **{**hub_kwargs, "subfolder": subfolder})
+    if pooling_file is None:
+        return None
+    with open(pooling_file, encoding="utf-8") as handle:
+        pooling_config = json.load(handle)
+    for key, pooling in SENTENCE_TRANSFORMERS_POOLING:
+        if pooling_config.get(key):
+            return pooling
+    logger.warning(f"{path} uses a sentence-transformers pooling hf_aligned does not support; using the default.")
     return None

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .data import collect_layer_logits
-from .exits import ExitConfig, ExitDecider, exit_scores
+from .exits import ExitConfig, exit_scores, simulate_exits
 
 CALIBRATION_RULES = ("confidence", "entropy", "patience")
 
@@ -47,56 +47,6 @@ class CalibrationResult:
         """Writes the result as JSON."""
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(self.to_dict(), handle, indent=2)
-
-    def plot(self, path: str | os.PathLike) -> None:
-        """Saves accuracy against expected speedup (every setting tried, the chosen one marked) as an image."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as error:
-            raise ImportError("Plotting needs matplotlib: pip install 'hf-aligned[plots]'.") from error
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        speedups = [point["expected_speedup"] for point in self.curve]
-        accuracies = [point["accuracy"] for point in self.curve]
-        axis.plot(speedups, accuracies, marker=".", label=f"rule: {self.rule}")
-        axis.axhline(self.full_accuracy, color="grey", linestyle="--", label="full depth")
-        axis.scatter([self.expected_speedup], [self.accuracy], color="red", zorder=3, label=f"chosen: {self.chosen:g}")
-        axis.set_xlabel(f"expected speedup (L / mean exit layer, L = {self.num_layers})")
-        axis.set_ylabel("accuracy")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-
-
-def simulate_exits(layer_logits: torch.Tensor, exit_config: ExitConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Applies an exit rule to precomputed per-layer logits, exactly as early exit would decide online.
-
-    Args:
-        layer_logits: `(num_layers, batch, num_labels)` logits of every layer.
-        exit_config: the exit rule.
-
-    Returns:
-        The `(batch, num_labels)` logits at each sample's exit layer and the `(batch,)` exit layers.
-    """
-    num_layers, batch_size, _ = layer_logits.shape
-    decider = ExitDecider(exit_config, num_layers, batch_size, layer_logits.device)
-    running = torch.arange(batch_size, device=layer_logits.device)
-    exit_layers = torch.zeros(batch_size, dtype=torch.long, device=layer_logits.device)
-    logits = torch.zeros_like(layer_logits[0])
-    for layer in range(1, decider.last_layer + 1):
-        if not decider.classifies_at(layer):
-            continue
-        current = layer_logits[layer - 1, running]
-        leaving = decider.leaves(layer, current)
-        logits[running[leaving]] = current[leaving]
-        exit_layers[running[leaving]] = layer
-        kept = (~leaving).nonzero().squeeze(-1)
-        running = running[kept]
-        decider.keep(kept)
-    return logits, exit_layers
 
 
 def calibrate_exits(

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .hub import add_push_command
+from .hub import HubPushError, push_aligned_model
+from .model_card import AlignedModelCardData
 
 logger = logging.getLogger("hf_aligned.cli")
 
@@ -326,6 +327,60 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hf-aligned push
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_push_command(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `push MODEL_DIR REPO_ID` to the `hf-aligned` command; `args.run(args)` runs it."""
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved aligned model and its model card to the Hub in one commit",
+        description=(
+            "Upload a directory written by save_pretrained or Trainer.save_model to the Hugging Face Hub in one "
+            "commit. Its README.md is kept; without one (or with --new-card) a card is generated from the "
+            "directory's config, metrics (all_results.json, eval_results.json), exit_config.json, calibration.json and "
+            "images."
+        ),
+    )
+    parser.add_argument("model_dir", help="directory holding config.json and the weights")
+    parser.add_argument("repo_id", help="Hub repository, namespace/name (created if missing)")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing)")
+    parser.add_argument("--commit-message", help="commit message (default: 'Upload aligned model')")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    parser.add_argument("--new-card", action="store_true", help="generate the card even if README.md exists")
+    parser.add_argument("--dataset", action="append", help="Hub id of a training dataset (repeatable)")
+    parser.add_argument("--license", help="license of the weights, e.g. apache-2.0")
+    parser.add_argument("--language", action="append", help="language code of the training data (repeatable)")
+    parser.set_defaults(run=run_push_command)
+
+
+def run_push_command(args: argparse.Namespace) -> int:
+    """Runs `hf-aligned push`; prints the commit URL, or the error and returns 1 when the push fails."""
+    card_data = None
+    if args.new_card or args.dataset or args.license or args.language:
+        card_data = AlignedModelCardData(datasets=args.dataset, license=args.license, language=args.language)
+    try:
+        info = push_aligned_model(
+            args.model_dir,
+            args.repo_id,
+            card_data=card_data,
+            private=args.private,
+            token=args.token,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+        )
+    except HubPushError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(info.pr_url or info.commit_url)
+    return 0
 
 
 if __name__ == "__main__":

@@ -223,12 +223,79 @@ class EarlyExitResult:
     layers_computed: int
 
 
+class ExitLedger:
+    """Which samples are still running, and the logits and layer of each one that left.
+
+    Online early exit and its offline simulation keep the same books: after each classified layer, the samples the
+    rule lets go are recorded and the running set shrinks to those that stay.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.batch_size = batch_size
+        self.running: torch.Tensor | None = None  # original indices of the running samples; None: all of them
+        self.num_running = batch_size
+        self.logits: torch.Tensor | None = None
+        self.exit_layers = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def record(self, layer: int, layer_logits: torch.Tensor, leaving: torch.Tensor, num_leaving: int) -> torch.Tensor:
+        """Records the running samples that leave after `layer`.
+
+        Args:
+            layer: the 1-based layer just classified.
+            layer_logits: the running samples' logits after it.
+            leaving: boolean mask over the running samples.
+            num_leaving: `leaving.sum()`, already on the host (the caller decides when to synchronize).
+
+        Returns:
+            The positions, among the samples running before the call, of those that stay (empty once all left).
+        """
+        if self.logits is None:
+            self.logits = layer_logits.new_zeros(self.batch_size, layer_logits.shape[-1])
+        running = self.running if self.running is not None else torch.arange(self.batch_size, device=leaving.device)
+        if num_leaving == self.num_running:
+            self.logits[running] = layer_logits
+            self.exit_layers[running] = layer
+            self.running, self.num_running = running[:0], 0
+            return running[:0]
+        left = running[leaving]
+        self.logits[left] = layer_logits[leaving]
+        self.exit_layers[left] = layer
+        kept = (~leaving).nonzero().squeeze(-1)
+        self.running = running[kept]
+        self.num_running -= num_leaving
+        return kept
+
+
+def simulate_exits(layer_logits: torch.Tensor, exit_config: ExitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Applies an exit rule to precomputed per-layer logits, exactly as early exit decides online.
+
+    Args:
+        layer_logits: `(num_layers, batch, num_labels)` logits of every layer.
+        exit_config: the exit rule.
+
+    Returns:
+        The `(batch, num_labels)` logits at each sample's exit layer and the `(batch,)` exit layers.
+    """
+    num_layers, batch_size, _ = layer_logits.shape
+    decider = ExitDecider(exit_config, num_layers, batch_size, layer_logits.device)
+    ledger = ExitLedger(batch_size, layer_logits.device)
+    for layer in range(1, decider.last_layer + 1):
+        if not decider.classifies_at(layer):
+            continue
+        current = layer_logits[layer - 1] if ledger.running is None else layer_logits[layer - 1, ledger.running]
+        leaving = decider.leaves(layer, current)
+        num_leaving = int(leaving.sum())
+        if num_leaving:
+            decider.keep(ledger.record(layer, current, leaving, num_leaving))
+    return ledger.logits, ledger.exit_layers
+
+
 class _AllSamplesLeft(Exception):
     """Stops the base model's forward once no sample is running."""
 
 
 class _EarlyExitRun(BlockObserver):
-    """One early-exit call's state: the running samples, their exits so far, and the inputs cut down to them.
+    """One early-exit call's state: the running samples (in its ledger) and the inputs cut down to them.
 
     Exits are decided on the running samples' logits; the batch is compacted (hidden states, per-sample inputs, the
     decider's counters) only after a block where some sample left, so a block where nobody leaves costs the
@@ -241,25 +308,23 @@ class _EarlyExitRun(BlockObserver):
         self.decider = decider
         self.batch_size = batch_size
         self.pooling_mask = pooling_mask
-        self.running: torch.Tensor | None = None  # original indices of the running samples; None: all of them
-        self.num_running = batch_size
-        self.logits: torch.Tensor | None = None
-        self.exit_layers = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.ledger = ExitLedger(batch_size, device)
         self.layers_computed = 0
         # Per-sample tensors cut down to the running samples, by identity of the full tensor (kept alive with it).
         self._selected: dict[int, tuple[Any, Any]] = {}
 
     def _select(self, value: Any) -> Any:
-        if self.running is None or value is None or isinstance(value, (bool, int, float, str)):
+        running = self.ledger.running
+        if running is None or value is None or isinstance(value, (bool, int, float, str)):
             return value
         cached = self._selected.get(id(value))
         if cached is None:
-            cached = self._selected[id(value)] = (value, _select_samples(value, self.running, self.batch_size))
+            cached = self._selected[id(value)] = (value, _select_samples(value, running, self.batch_size))
         return cached[1]
 
     def before_block(self, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self.layers_computed += self.num_running
-        if self.running is None:
+        self.layers_computed += self.ledger.num_running
+        if self.ledger.running is None:
             return None
         hidden, *rest = args  # the hidden states come from the previous block, already cut down
         return (hidden, *(self._select(value) for value in rest)), {
@@ -275,20 +340,9 @@ class _EarlyExitRun(BlockObserver):
         num_leaving = int(leaving.sum())  # the one host sync per classified block
         if num_leaving == 0:
             return None
-        if self.logits is None:
-            self.logits = layer_logits.new_zeros(self.batch_size, layer_logits.shape[-1])
-        if num_leaving == self.num_running:
-            rows = slice(None) if self.running is None else self.running
-            self.logits[rows] = layer_logits
-            self.exit_layers[rows] = layer
+        kept = self.ledger.record(layer, layer_logits, leaving, num_leaving)
+        if self.ledger.num_running == 0:
             raise _AllSamplesLeft
-        running = self.running if self.running is not None else torch.arange(self.batch_size, device=leaving.device)
-        left = running[leaving]
-        self.logits[left] = layer_logits[leaving]
-        self.exit_layers[left] = layer
-        kept = (~leaving).nonzero().squeeze(-1)
-        self.running = running[kept]
-        self.num_running -= num_leaving
         self._selected = {}
         self.decider.keep(kept)
         hidden = hidden[kept]
@@ -334,16 +388,21 @@ def run_early_exit(
         with observe_blocks(run):
             run_base_model()
     except _AllSamplesLeft:
-        return EarlyExitResult(logits=run.logits, exit_layers=run.exit_layers, layers_computed=run.layers_computed)
+        ledger = run.ledger
+        return EarlyExitResult(
+            logits=ledger.logits, exit_layers=ledger.exit_layers, layers_computed=run.layers_computed
+        )
     except RuntimeError as error:
-        if run.num_running == batch_size or not _is_shape_mismatch(error):
+        if run.ledger.num_running == batch_size or not _is_shape_mismatch(error):
             raise
         raise ValueError(
             f"Early exit could not shrink the batch of this {model_type!r} model after samples left: a block received a "
             f"per-sample input it could not cut down ({error}). Run early exit with batch size 1, or open an issue "
             "with the model type."
         ) from error
-    raise RuntimeError(f"{run.num_running} samples never left the model; the exit rule must end at the last layer.")
+    raise RuntimeError(
+        f"{run.ledger.num_running} samples never left the model; the exit rule must end at the last layer."
+    )
 
 
 def _is_shape_mismatch(error: RuntimeError) -> bool:

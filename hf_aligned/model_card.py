@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from .compat import is_image_classification_only_type
 from .configuration_aligned import AlignedConfig
+from .exits import EXIT_CONFIG_NAME
 
 logger = logging.get_logger(__name__)
 
@@ -34,7 +35,6 @@ CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "aligned_model_card.md"
 LIBRARY_NAME = "hf-aligned"
 DEFAULT_TAGS = (LIBRARY_NAME, "aligned-training", "multi-exit", "early-exit")
 MODEL_CARD_NAME = "README.md"
-EXIT_CONFIG_NAME = "exit_config.json"
 # Where a saved model directory keeps its exit calibration (`CalibrationResult.save`).
 CALIBRATION_NAME = "calibration.json"
 # Written by `Trainer.save_metrics`; when both exist, the later file wins.
@@ -248,7 +248,7 @@ def build_model_card(
         license=data.license,
         library_name=LIBRARY_NAME,
         pipeline_tag=task,
-        tags=[*DEFAULT_TAGS, task, config.base_config.model_type, *(data.tags or [])],
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, task, config.base_config.model_type, *(data.tags or [])])),
         metrics=[name for name in metric_names if "loss" not in name] or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,9 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .backbones import detach_module, find_layout
+from .backbones import detach_module, find_layout, sentence_transformers_pooling
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
-from .compat import backbone_keyword_names, cached_file_or_none, mark_initialized
+from .compat import backbone_keyword_names, mark_initialized
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
 
@@ -45,12 +45,6 @@ ALIGNED_KWARGS = (
     "id2label",
     "label2id",
     "problem_type",
-)
-# sentence-transformers pooling modes, in the order they are checked, and the pooling they map to.
-SENTENCE_TRANSFORMERS_POOLING = (
-    ("pooling_mode_mean_tokens", "mean"),
-    ("pooling_mode_cls_token", "cls"),
-    ("pooling_mode_lasttoken", "last"),
 )
 
 
@@ -277,6 +271,57 @@ class AlignedPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The aligned loss is a mean over the batch: Trainer must scale it for gradient accumulation itself.
     accepts_loss_kwargs = False
+    # Uploads a model with hf_aligned's card. `hf_aligned.hub` registers it when the package is imported (through
+    # `register_hub_pusher`), so the model never imports the Hub code.
+    hub_pusher: ClassVar[Callable[..., Any] | None] = None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        processing_class=None,
+        card_data=None,
+        plots=None,
+    ):
+        """Uploads the model, its exit rule, processor, plots and hf_aligned model card to the Hub in one commit.
+
+        Takes the arguments of transformers' `push_to_hub`, whose generic card would replace ours, plus:
+
+        Args:
+            processing_class: a tokenizer, image processor or processor to upload alongside the model.
+            card_data ([`AlignedModelCardData`], *optional*): per-layer results, exit curve, dataset, license...
+            plots (`list[str]`, *optional*): image files uploaded to `plots/` and shown on the card.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the commit. A failed push raises [`HubPushError`].
+        """
+        if AlignedPreTrainedModel.hub_pusher is None:
+            raise RuntimeError(
+                "No Hub uploader is registered: import `hf_aligned` (the package), not the module alone."
+            )
+        return AlignedPreTrainedModel.hub_pusher(
+            self,
+            repo_id,
+            processing_class=processing_class,
+            card_data=card_data,
+            plots=plots,
+            tags=tags,
+            max_shard_size=max_shard_size,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            create_pr=create_pr,
+        )
 
 
 class AlignedForSequenceClassification(AlignedPreTrainedModel):
@@ -434,7 +479,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             path, config=base_config, output_loading_info=True, **kwargs
         )
         if aligned_kwargs.get("pooling", "auto") == "auto":
-            aligned_kwargs["pooling"] = _sentence_transformers_pooling(path, hub_kwargs) or "auto"
+            aligned_kwargs["pooling"] = sentence_transformers_pooling(path, hub_kwargs) or "auto"
         if aligned_kwargs.get("use_pooler") is None and any(
             key.startswith("pooler.") for key in loading_info["missing_keys"]
         ):
@@ -805,71 +850,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         mask = self.pooling_mask(input_ids, attention_mask)
         return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        processing_class=None,
-        card_data=None,
-        plots=None,
-    ):
-        """Uploads the model, its exit rule, processor, plots and hf_aligned model card to the Hub in one commit.
 
-        Takes the arguments of transformers' `push_to_hub`, whose generic card would replace ours, plus:
-
-        Args:
-            processing_class: a tokenizer, image processor or processor to upload alongside the model.
-            card_data ([`AlignedModelCardData`], *optional*): per-layer results, exit curve, dataset, license...
-            plots (`list[str]`, *optional*): image files uploaded to `plots/` and shown on the card.
-
-        Returns:
-            `huggingface_hub.CommitInfo` of the commit. A failed push raises [`HubPushError`].
-        """
-        from .hub import push_model  # cards sit downstream of the model: import only when pushing
-
-        return push_model(
-            self,
-            repo_id,
-            processing_class=processing_class,
-            card_data=card_data,
-            plots=plots,
-            tags=tags,
-            max_shard_size=max_shard_size,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            create_pr=create_pr,
-        )
-
-
-def _sentence_transformers_pooling(path: str | os.PathLike, hub_kwargs: dict) -> str | None:
-    """The pooling a sentence-transformers checkpoint was trained with (`"mean"`, `"cls"`, `"last"`), if any."""
-    modules_file = cached_file_or_none(path, "modules.json", **hub_kwargs)
-    if modules_file is None:
-        return None
-    with open(modules_file, encoding="utf-8") as handle:
-        modules = json.load(handle)
-    pooling_dirs = [module["path"] for module in modules if module.get("type", "").endswith("models.Pooling")]
-    if not pooling_dirs:
-        return None
-    subfolder = "/".join(part for part in (hub_kwargs.get("subfolder"), pooling_dirs[0]) if part)
-    pooling_file = cached_file_or_none(path, "config.json", **{**hub_kwargs, "subfolder": subfolder})
-    if pooling_file is None:
-        return None
-    with open(pooling_file, encoding="utf-8") as handle:
-        pooling_config = json.load(handle)
-    for key, pooling in SENTENCE_TRANSFORMERS_POOLING:
-        if pooling_config.get(key):
-            return pooling
-    logger.warning(f"{path} uses a sentence-transformers pooling hf_aligned does not support; using the default.")
-    return None
+def register_hub_pusher(pusher: Callable[..., Any]) -> None:
+    """Sets how `push_to_hub` uploads aligned models: `pusher(model, repo_id, **push_kwargs)` returns a CommitInfo."""
+    AlignedPreTrainedModel.hub_pusher = staticmethod(pusher)

@@ -1,5 +1,5 @@
 """Figures of layer-wise analyses: similarity heatmaps, accuracy per layer, representation dynamics over training,
-saturation layers and probability against similarity.
+saturation layers, probability against similarity and exit calibration curves.
 
 Every function returns a matplotlib `Figure` built without pyplot (no global state, no display needed) and, given
 `path`, saves it as PNG. matplotlib is the `plots` extra: `pip install 'hf-aligned[plots]'`.
@@ -237,6 +237,36 @@ def plot_probability_similarity(
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small", loc="lower right")
     figure.colorbar(scatter, ax=axes, shrink=0.85, label="layer l")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_calibration(
+    result: Any,
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Accuracy against expected speedup for every exit setting a calibration tried, the chosen one marked.
+
+    Args:
+        result: a [`CalibrationResult`] (or its `to_dict()`).
+        path: where to save the PNG.
+        title: the figure's title.
+    """
+    data = result if isinstance(result, Mapping) else result.to_dict()
+    figure = _figure(figsize=(5.0, 3.5))
+    axis = figure.subplots()
+    speedups = [point["expected_speedup"] for point in data["curve"]]
+    accuracies = [point["accuracy"] for point in data["curve"]]
+    axis.plot(speedups, accuracies, marker=".", label=f"rule: {data['rule']}")
+    axis.axhline(data["full_accuracy"], color="grey", linestyle="--", label="full depth")
+    axis.scatter(
+        [data["expected_speedup"]], [data["accuracy"]], color="red", zorder=3, label=f"chosen: {data['chosen']:g}"
+    )
+    axis.set_xlabel(f"expected speedup (L / mean exit layer, L = {data['num_layers']})")
+    axis.set_ylabel("accuracy")
+    axis.legend()
     if title:
         figure.suptitle(title)
     return _save(figure, path)

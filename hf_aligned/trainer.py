@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
 from .metrics import LayerwiseMetrics
+from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
 from .modeling_aligned import AlignedSequenceClassifierOutput
 from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArguments
 
@@ -78,7 +79,7 @@ class AlignedTrainer(Trainer):
 
     # The model returns a per-batch mean loss: Trainer divides it by the gradient accumulation steps.
     loss_is_scaled_for_ga = False
-    _tag_names = ("hf_aligned", "aligned-training", "early-exit")
+    _tag_names = DEFAULT_TAGS
 
     def __init__(
         self,
@@ -241,8 +242,6 @@ class AlignedTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        from .model_card import AlignedModelCardData, latest_eval_metrics, write_model_card
-
         data = AlignedModelCardData(
             model_id=self.args.hub_model_id or model_name,
             base_model=finetuned_from,

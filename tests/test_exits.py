@@ -8,8 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from hf_aligned import AlignedForSequenceClassification, ExitConfig
-from hf_aligned.calibration import calibrate_exits, simulate_exits
+from hf_aligned import AlignedForSequenceClassification, ExitConfig, calibrate_exits, plot_calibration, simulate_exits
 from hf_aligned.exits import exit_scores
 from tests.testing_utils import DECODER_FAMILIES, FAMILIES, NUM_LAYERS, tiny_inputs, tiny_model
 
@@ -237,14 +236,22 @@ def test_truncate_gives_the_layer_logits_and_saves_as_a_normal_checkpoint(family
 
 def test_simulated_exits_match_online_early_exit():
     model = confident_model("llama")
-    inputs = tiny_inputs("llama", batch_size=6, padding_side="left", seed=4)
+    inputs = tiny_inputs("llama", batch_size=8, padding_side="left", seed=4)
     with torch.no_grad():
         layer_logits = model(**inputs, early_exit=False).layer_logits
-    for exit_config in (ExitConfig(threshold=0.8), ExitConfig(rule="patience", patience=2, min_layer=2)):
+    # A threshold in the middle of the early layers' confidences, so that samples leave at different layers.
+    threshold = layer_logits[:-1].softmax(-1).amax(-1).median().item()
+    cases = [(ExitConfig(threshold=threshold), {"rule": "confidence", "threshold": threshold})]
+    cases.append((ExitConfig(rule="patience", patience=1), {"rule": "patience", "patience": 1}))
+    for exit_config, rule in cases:
         logits, exit_layers = simulate_exits(layer_logits, exit_config)
+        assert exit_layers.tolist() == reference_exits(layer_logits, **rule)
+        assert len(set(exit_layers.tolist())) > 1, f"{rule}: every sample left at one layer, nothing was compacted"
         online = model.early_exit_predict(**inputs, exit_config=exit_config)
         assert exit_layers.tolist() == online.exit_layers.tolist()
         torch.testing.assert_close(logits, online.logits, atol=1e-5, rtol=1e-5)
+        expected = layer_logits[exit_layers - 1, torch.arange(len(exit_layers))]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def labelled_batches(model, count=4, batch_size=8):
@@ -276,7 +283,7 @@ def test_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path)
     assert online.exit_layers.float().mean().item() == pytest.approx(result.mean_exit_layer)
     admissible = [point for point in result.curve if point["accuracy"] >= full_accuracy - 0.05 - 1e-9]
     assert result.mean_exit_layer == min(point["mean_exit_layer"] for point in admissible)
-    result.plot(tmp_path / "curve.png")
+    plot_calibration(result, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 

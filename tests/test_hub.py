@@ -23,7 +23,7 @@ from hf_aligned import (
     push_aligned_model,
     write_model_card,
 )
-from hf_aligned.hub import add_push_command
+from hf_aligned.cli import add_push_command
 from hf_aligned.model_card import (
     CARD_TEMPLATE,
     latest_eval_metrics,

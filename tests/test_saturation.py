@@ -119,8 +119,7 @@ def test_saturation_layers_special_cases():
 @pytest.mark.parametrize("patience", [1, 2, 3])
 def test_patience_exits_relate_to_saturation_as_documented(patience):
     """A patience-p exit leaves by min(s + p, L) and gives the full-depth answer when it leaves at or after s."""
-    from hf_aligned import ExitConfig
-    from hf_aligned.calibration import simulate_exits
+    from hf_aligned import ExitConfig, simulate_exits
 
     rng = np.random.default_rng(patience)
     layer_logits = torch.from_numpy(rng.integers(0, 3, size=(8, 200, 3)).astype(np.float32))
