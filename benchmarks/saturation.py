@@ -61,7 +61,7 @@ from hf_aligned import (
     probability_similarity,
     saturation_report,
 )
-from hf_aligned.similarity import json_safe
+from hf_aligned.utils import json_safe
 
 TASKS = ("sst2", "ag_news", "digits")
 # Variant -> (layer weights, classifier sharing), as trained here for digits.

@@ -41,7 +41,7 @@ from hf_aligned import (
     similarity_agreement,
     similarity_by_distance,
 )
-from hf_aligned.similarity import json_safe
+from hf_aligned.utils import json_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"

@@ -14,7 +14,8 @@ from transformers.utils import logging
 from .data import collect_layer_logits
 from .probes import classifier_layer_accuracy, linear_probe_accuracy
 from .saturation import saturation_layers, summarize_saturation
-from .similarity import json_safe, layer_representations, layerwise_cka
+from .similarity import layer_representations, layerwise_cka
+from .utils import json_safe
 
 logger = logging.get_logger(__name__)
 

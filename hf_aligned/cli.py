@@ -107,12 +107,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .similarity import (
         cka_matrix,
         cosine_similarity_matrix,
-        json_safe,
         layer_representations,
         off_diagonal_mean,
         similarity_agreement,
         similarity_by_distance,
     )
+    from .utils import json_safe
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AlignedForSequenceClassification.from_pretrained(args.model_dir).to(device).eval()
@@ -222,7 +222,7 @@ def _analyze_saturation(model, processed, collate_fn, args: argparse.Namespace, 
 
 def _write_saturation(saturation, output: Path, title: str) -> None:
     from .plotting import plot_probability_similarity, plot_saturation
-    from .similarity import json_safe
+    from .utils import json_safe
 
     report, pairs = saturation
     with open(output / "saturation.json", "w", encoding="utf-8") as handle:

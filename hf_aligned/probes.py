@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import eval_mode, iter_model_batches
-from .similarity import as_layer_list
+from .utils import as_layer_list
 
 
 @dataclass

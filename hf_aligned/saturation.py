@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .similarity import _average_ranks, _pearson, as_layer_list, sample_cosine
+from .similarity import sample_cosine
+from .utils import as_layer_list, average_ranks, pearson
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Saturation layers
@@ -240,7 +241,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x[kept], y[kept]
     if x.size < 2:
         return math.nan
-    return _pearson(_average_ranks(x), _average_ranks(y))
+    return pearson(average_ranks(x), average_ranks(y))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

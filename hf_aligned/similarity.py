@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,14 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import eval_mode, iter_model_batches
+from .utils import Representations, as_layer_list, average_ranks, pearson
 
 logger = logging.getLogger(__name__)
 
 # A representation whose centered norm is below this fraction of its norm is constant over samples: its CKA is
 # undefined (0 / 0) and reported as NaN rather than as the ratio of two rounding errors.
 CONSTANT_TOLERANCE = 1e-10
-
-Representations = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,8 +377,8 @@ def similarity_agreement(first: torch.Tensor | np.ndarray, second: torch.Tensor 
     if x.size < 2:
         raise ValueError(f"Need at least 2 off-diagonal pairs without NaN to correlate, got {x.size}.")
     return {
-        "spearman": _pearson(_average_ranks(x), _average_ranks(y)),
-        "pearson": _pearson(x, y),
+        "spearman": pearson(average_ranks(x), average_ranks(y)),
+        "pearson": pearson(x, y),
         "num_pairs": int(x.size),
     }
 
@@ -404,68 +403,9 @@ def _nan_mean(values: np.ndarray) -> float:
     return float(kept.mean()) if kept.size else math.nan
 
 
-def json_safe(value: Any) -> Any:
-    """`value` ready for strict JSON: tensors and arrays become lists, NumPy scalars Python ones, NaN `None`."""
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def _as_numpy_matrix(matrix: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     values = matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
     values = values.astype(np.float64)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
         raise ValueError(f"`{name}` must be a square [K, K] matrix, got shape {values.shape}.")
     return values
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    # Start of each run of equal values, then every member of a run gets the mean of the run's 1-based ranks.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], values.size]
-    ranks = np.empty(values.size, dtype=np.float64)
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return ranks
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / denominator if denominator > 0 else math.nan
-
-
-def as_layer_list(reps: Representations) -> list[torch.Tensor]:
-    """Validates representations and returns them as a list of K `[N, D_k]` tensors.
-
-    Raises:
-        ValueError: for anything but a `[K, N, D]` array or a non-empty list of `[N, D_k]` matrices with equal N.
-    """
-    if isinstance(reps, (torch.Tensor, np.ndarray)):
-        tensor = torch.as_tensor(reps)
-        if tensor.ndim != 3:
-            raise ValueError(
-                f"Representations must have shape [num_layers, num_samples, dim], got {tuple(tensor.shape)}."
-            )
-        layers = list(tensor.unbind(0))
-    else:
-        layers = [torch.as_tensor(layer) for layer in reps]
-    if not layers:
-        raise ValueError("Representations hold no layers.")
-    for index, layer in enumerate(layers):
-        if layer.ndim != 2:
-            raise ValueError(f"Layer {index} must be a [num_samples, dim] matrix, got shape {tuple(layer.shape)}.")
-        if not layer.is_floating_point():
-            raise TypeError(f"Layer {index} holds {layer.dtype} values; representations must be floating point.")
-    sizes = {layer.shape[0] for layer in layers}
-    if len(sizes) != 1:
-        raise ValueError(f"Every layer must hold the same samples; got sample counts {sorted(sizes)}.")
-    return layers
