@@ -3,8 +3,9 @@
 A card is built from the model's config (base model, layers, pooling, layer weights) and from plain data gathered
 during training and calibration ([`AlignedModelCardData`]): the trainer's evaluation metrics
 (`eval_layer_{l}_{metric}`, `eval_minimal_depth`), the exit calibration curve and the saved exit rule, the training
-arguments and plots. It is rendered with `huggingface_hub.ModelCard` from the Jinja template in
-`model_cards/` (linked into the package as `hf_aligned/model_cards/`, so installs carry it), and its metadata carries a `model-index` with one result per layer.
+arguments and plots. It is rendered with `huggingface_hub.ModelCard` from the Jinja template that ships inside the
+package (`hf_aligned/model_cards/`, also reachable as `model_cards/` at the top of the repository), and its metadata
+carries a `model-index` with one result per layer.
 """
 
 from __future__ import annotations
