@@ -43,7 +43,14 @@ def run_script(command: list[str], timeout: int = 240) -> str:
 
 
 def layer_accuracies(metrics: dict) -> list[float]:
-    return [metrics[key] for key in sorted(key for key in metrics if key.endswith("_accuracy") and "layer_" in key)]
+    """`eval_layer_{l}_accuracy` values in layer order (1, 2, ..., 10, 11: by number, not as text)."""
+    layers = {
+        int(key.split("_")[2]): value
+        for key, value in metrics.items()
+        if re.fullmatch(r"eval_layer_\d+_accuracy", key)
+    }
+    assert sorted(layers) == list(range(1, len(layers) + 1)), sorted(layers)
+    return [layers[layer] for layer in sorted(layers)]
 
 
 def test_image_example_trains_evaluates_and_saves(tmp_path):

@@ -25,7 +25,6 @@ from hf_aligned import (
 )
 from hf_aligned.cli import add_push_command
 from hf_aligned.model_card import (
-    CARD_TEMPLATE,
     latest_eval_metrics,
     layer_metrics,
     logger,
@@ -341,13 +340,6 @@ def test_write_model_card_fills_from_directory_and_never_raises(trained_dir):
     assert "Could not write the model card" in captured.out
     assert "layer 9" in captured.out
     assert ModelCard.load(path).text == card.text  # the earlier card is left as it was
-
-
-def test_card_template_ships_inside_the_package():
-    import hf_aligned
-
-    assert CARD_TEMPLATE.is_file()
-    assert CARD_TEMPLATE.parent.parent == Path(hf_aligned.__file__).parent
 
 
 # Pushes through the loopback Hub.

@@ -3,6 +3,7 @@
 from huggingface_hub import ModelCard
 
 from hf_aligned import AlignedTrainer
+from tests.test_hub import table_rows
 from tests.test_trainer import deterministic_model, toy_dataset, training_args
 
 
@@ -20,8 +21,16 @@ def test_trainer_card_reports_the_evaluated_layers(tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "hf-aligned"
     assert card.data.license == "apache-2.0"
-    for layer in range(1, 5):
-        assert f"{metrics[f'eval_layer_{layer}_accuracy']:.4f}"[:5] in card.text
+    rows = table_rows(card.text, "Accuracy after each layer")
+    depth = metrics["eval_minimal_depth"]
+    expected = [
+        [
+            f"{layer} (minimal depth)" if layer == depth else str(layer),
+            f"{metrics[f'eval_layer_{layer}_accuracy']:.4f}",
+        ]
+        for layer in range(1, 5)
+    ]
+    assert [row[:2] for row in rows] == expected
     assert f"**Minimal depth:** {metrics['eval_minimal_depth']} of 4 layers" in card.text
 
 
