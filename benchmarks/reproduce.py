@@ -86,7 +86,14 @@ class Provenance:
     runs: int = 0
     unrecorded: int = 0
 
-    def add(self, command=None, seeds=(), commit=None, machine=None, duration_s=None) -> None:
+    def add(
+        self,
+        command: str | None = None,
+        seeds: Sequence[int] = (),
+        commit: str | None = None,
+        machine: str | None = None,
+        duration_s: float | None = None,
+    ) -> None:
         """Records one run (None: the JSON does not say)."""
         self.runs += 1
         for values, value in ((self.commands, command), (self.commits, commit), (self.machines, machine)):
@@ -481,6 +488,12 @@ def saturation_blocks(payloads: Mapping[str, dict], figures: Path) -> Blocks:
     return blocks
 
 
+# What sections 1 and 3 share: the recipes benchmark's JSON, commands and provenance reader.
+RECIPES = {
+    "files": {"recipes.json": ("runs", "summary", "targets")},
+    "commands": ("python benchmarks/recipes.py", "python benchmarks/recipes.py --phase speed"),
+    "provenance": recipes_provenance,
+}
 SECTIONS: dict[str, Section] = {
     "layers": Section(
         title="Layer-wise accuracy: standard vs aligned vs per-layer heads",
@@ -489,10 +502,8 @@ SECTIONS: dict[str, Section] = {
         "classifier per layer) are the usual multi-exit baseline. MiniLM fine-tuned with transformers' default "
         "optimization for one short epoch, each recipe over the seeds its row counts; each cell is the accuracy of "
         "the classifier applied after that layer, in points, mean ± std over seeds.",
-        files={"recipes.json": ("runs", "summary", "targets")},
-        commands=("python benchmarks/recipes.py", "python benchmarks/recipes.py --phase speed"),
         render=layers_blocks,
-        provenance=recipes_provenance,
+        **RECIPES,
     ),
     "similarity": Section(
         title="Layer similarity: COS vs CKA",
@@ -515,10 +526,8 @@ SECTIONS: dict[str, Section] = {
         "alternated in one process); step time and peak memory against standard fine-tuning of the same seed. "
         "Mean ± std over seeds. The targets are those of the library's default recipe; why the missed ones are "
         "missed: [docs/training.md](training.md#which-recipe-measured).",
-        files={"recipes.json": ("runs", "summary", "targets")},
-        commands=("python benchmarks/recipes.py", "python benchmarks/recipes.py --phase speed"),
         render=exits_blocks,
-        provenance=recipes_provenance,
+        **RECIPES,
     ),
     "saturation": Section(
         title="Saturation events and probability vs similarity",
