@@ -8,13 +8,15 @@ Models (trained here unless a checkpoint directory is given):
 For a sweep of confidence thresholds, and for the threshold `calibrate_exits` picks on validation data (1 point
 tolerated drop), it prints accuracy, mean exit layer, ideal speedup (L / mean exit layer), measured wall-clock speedup
 of `early_exit_predict` against the full forward at batch 1 and batch 32, and measured ÷ ideal; JSON goes to
-outputs/benchmarks/early_exit.json.
+outputs/benchmarks/early_exit.json. No page cites these numbers: the report's multi-exit section (docs/results.md)
+is rendered from the recipes benchmark's three seeds (`benchmarks/recipes.py --phase speed`).
 
     python benchmarks/early_exit.py                     # everything (about 15 minutes on 2 CPU cores)
     python benchmarks/early_exit.py --tasks digits      # one task
     python benchmarks/early_exit.py --overhead          # the early-exit machinery's overhead only (minutes)
-    python benchmarks/early_exit.py --sst2-aligned outputs/benchmarks/train_aligned/aligned \
-        --sst2-per-layer outputs/benchmarks/train_aligned/per_layer
+    python benchmarks/early_exit.py --tasks sst2 \
+        --sst2-aligned outputs/benchmarks/recipes/checkpoints/sst2/recommended/seed0 \
+        --sst2-per-layer outputs/benchmarks/recipes/checkpoints/sst2/per_layer/seed0
 """
 
 from __future__ import annotations

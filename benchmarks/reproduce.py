@@ -1,199 +1,306 @@
-"""Reproduction report: runs the benchmarks behind the paper's claims, then renders docs/results.md from their JSON.
+"""Reproduction report: docs/results.md rendered from the benchmark JSON committed under benchmarks/results/.
 
-The claims (Jiang, Zhou, Zhu, arXiv 2406.14479), each on the real data here:
-1. aligned training makes the last layer's classifier work after every layer (standard vs aligned vs per-layer heads,
-   layer by layer): MiniLM on SST-2 (`benchmarks/train_aligned.py`) and a small ViT on digits (`examples/demo.py`);
-2. sample-wise cosine similarity (COS) agrees with CKA across layers (`benchmarks/similarity.py`, on the trainer
-   benchmark's SST-2 models and on a synthetic 12-block residual stream);
-3. as a multi-exit model, the single classifier is on par with one classifier per layer: accuracy against ideal and
-   measured speedup (`benchmarks/early_exit.py`: MiniLM on SST-2 and AG News, ViT on digits);
+The claims (Jiang, Zhou, Zhu, arXiv 2406.14479), each checked on the real data here:
+1. aligned training makes the last layer's classifier work after every layer (standard fine-tuning, the paper's loss,
+   the library's default recipe, per-layer heads; MiniLM on SST-2 and AG News, three seeds: `benchmarks/recipes.py`);
+2. sample-wise cosine similarity (COS) agrees with CKA across layers (`benchmarks/similarity.py`, on the recipes
+   benchmark's SST-2 checkpoints and on a synthetic 12-block residual stream);
+3. as a multi-exit model, the single classifier is on par with one classifier per layer: calibrated exits and their
+   measured speed-up (`benchmarks/recipes.py --phase speed`);
 4. (ICLR version) probability of the last layer's class rises with similarity to the last layer, and aligned training
-   saturates earlier (`benchmarks/saturation.py`: standard, aligned and per-layer heads on SST-2, AG News, digits).
+   saturates earlier (`benchmarks/saturation.py`).
 
-By default the five scripts run one after another in subprocesses, the SST-2 checkpoints of the trainer benchmark
-passed to the other two so nothing is trained twice, then the report is rendered. Every number in docs/results.md is
-read from the scripts' JSON; the figures are drawn from it (or copied where a script draws its own) into
-docs/figures/, and docs/figures/headline.png is the one README shows.
+The report is a registry of sections, `SECTIONS`: each names its committed JSON (under benchmarks/results/), the
+commands that write it, and a render function returning the section's Markdown blocks by name. `render` writes each
+section's heading, claim and JSON path, then every block between `<!-- BEGIN name -->` / `<!-- END name -->`
+markers (the markers of recipes.py's `replace_blocks`, so a benchmark's own render step fills the same blocks), and
+last a Sources table built from the provenance each JSON records (command, seeds, commit, machine, duration). Nothing
+is read from outside benchmarks/results/ and nothing depends on when or where the report is rendered, so
+tests/test_reproduce.py re-renders it and requires the committed docs/results.md, byte for byte. A block found in
+docs/results.md that no section renders is an error, never silently dropped.
 
-    flock /tmp/hf_aligned_cpu.lock python benchmarks/reproduce.py   # everything (about 45 minutes on 2 CPU cores)
-    python benchmarks/reproduce.py --render-only                     # re-render from outputs/benchmarks/
-    python benchmarks/reproduce.py --render-only --outputs DIR --allow-missing
+Adding a benchmark's section (one entry): commit its JSON under benchmarks/results/, give the script a
+`render_blocks(results: dict) -> dict[str, str]` (as recipes.py does), and append to `SECTIONS`
+
+    "asr": Section(
+        title="Speech recognition",
+        claim="what the section checks",
+        files={"asr.json": ()},                   # file -> keys the renderer reads (checked before rendering)
+        commands=("python benchmarks/asr.py",),   # what writes the JSON, run by `reproduce.py` without --render-only
+        render=module_blocks("asr", "asr.json"),  # benchmarks/asr.py's render_blocks on that JSON
+    ),
+
+then run `python benchmarks/reproduce.py --render-only` and commit docs/results.md. The JSON records its provenance
+as a top-level `"provenance"` object (or list of them) with the keys `command`, `seeds`, `commit`, `machine` and
+`duration_s` (see similarity.py); a benchmark with another layout passes its own `provenance=` reader.
+
+    python benchmarks/reproduce.py --render-only        # re-render docs/results.md and its figures from the JSON
+    flock /tmp/hf_aligned_cpu.lock python benchmarks/reproduce.py   # run every section's commands first (hours)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, REPO, describe_machine, print_table, write_json
+from common import REPO, print_table
 from recipes import FIGURE as RECIPES_FIGURE
-from recipes import RESULTS as RECIPES_RESULTS
-from recipes import draw_layers, render_blocks, replace_blocks
+from recipes import draw_layers, render_blocks
+from similarity import draw as draw_similarity
 
-from hf_aligned import layer_values
-
+RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs"
-MANIFEST = "reproduce.json"
-EXIT_TASKS = ("sst2-minilm", "ag_news-minilm", "digits-vit")
 # Model kinds, as the benchmarks name them, -> how the report names them.
 KINDS = {"standard": "standard", "aligned": "aligned", "per_layer": "per-layer heads"}
 COLORS = {"standard": "tab:gray", "aligned": "tab:blue", "per_layer": "tab:orange"}
+BLOCK = re.compile(r"<!-- BEGIN (\S+) -->")
+
+Blocks = dict[str, str]
+Render = Callable[[Mapping[str, dict], Path], Blocks]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Provenance: what each JSON records about the runs that wrote it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Provenance:
+    """The runs behind one JSON file: distinct commands, seeds, commits and machines, and the summed duration of
+    the runs that recorded one (`unrecorded`: how many did not)."""
+
+    commands: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    commits: list[str] = field(default_factory=list)
+    machines: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    runs: int = 0
+    unrecorded: int = 0
+
+    def add(
+        self,
+        command: str | None = None,
+        seeds: Sequence[int] = (),
+        commit: str | None = None,
+        machine: str | None = None,
+        duration_s: float | None = None,
+    ) -> None:
+        """Records one run (None: the JSON does not say)."""
+        self.runs += 1
+        for values, value in ((self.commands, command), (self.commits, commit), (self.machines, machine)):
+            if value is not None and value not in values:
+                values.append(value)
+        self.seeds = sorted({*self.seeds, *seeds})
+        if duration_s is None:
+            self.unrecorded += 1
+        else:
+            self.duration_s += duration_s
+
+    def cells(self) -> list[str]:
+        """Table cells: commands, seeds, commits, machines, duration ("not recorded" where the JSON is silent)."""
+        missing = "not recorded"
+
+        def listed(values: list, quote: bool = False) -> str:
+            return "<br>".join(f"`{value}`" if quote else str(value) for value in values) or missing
+
+        duration = missing
+        if self.runs > self.unrecorded:
+            duration = f"{self.duration_s / 60:.1f} min over {self.runs - self.unrecorded} run(s)"
+            if self.unrecorded:
+                duration += f" ({self.unrecorded} more not recorded)"
+        seeds = ", ".join(map(str, self.seeds)) or missing
+        return [listed(self.commands, quote=True), seeds, listed(self.commits), listed(self.machines), duration]
+
+
+def recorded_provenance(payload: dict) -> Provenance:
+    """The conventional layout: a top-level `provenance` object, or list of them, with `command`, `seeds`, `commit`,
+    `machine` and `duration_s`."""
+    records = payload.get("provenance", [])
+    provenance = Provenance()
+    for record in [records] if isinstance(records, dict) else records:
+        provenance.add(
+            record.get("command"),
+            record.get("seeds", ()),
+            record.get("commit"),
+            record.get("machine"),
+            record.get("duration_s"),
+        )
+    return provenance
+
+
+def recipes_provenance(payload: dict) -> Provenance:
+    """recipes.json: every training run and every speed measurement records its own provenance."""
+    provenance = Provenance()
+    for run in payload["runs"].values():
+        for record, duration in (
+            (run["provenance"], run["wall_time_s"]),
+            (run.get("speed", {}).get("provenance"), None),
+        ):
+            if record is not None:
+                machine = f"{record['machine']}, Python {record['python']}"
+                provenance.add(record["command"], [run["seed"]], record["commit"][:7], machine, duration)
+    return provenance
+
+
+def saturation_provenance(payload: dict) -> Provenance:
+    """saturation/results.json: a list of invocations (command, machine, duration), the seed on every result."""
+    provenance = Provenance()
+    for run in payload["runs"]:
+        machine = run["machine"]
+        provenance.add(
+            run["command"],
+            (),
+            machine["commit"],
+            f"{machine['cpu']}, {run['torch_threads']} torch thread(s); {machine['software']}",
+            run.get("duration_s"),
+        )
+    provenance.seeds = sorted({entry["seed"] for entry in payload["results"].values()})
+    return provenance
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Benchmark:
-    """One script of the report: how to run it, and the JSON files it leaves under the outputs folder."""
+class Section:
+    """One section of the report.
 
-    script: str
-    files: tuple[str, ...]
-    arguments: Callable[[Path], list[str]]
-
-    def argv(self, outputs: Path) -> list[str]:
-        return [self.script, *(str(argument) for argument in self.arguments(outputs))]
-
-    def command(self, outputs: Path) -> str:
-        """The command line as a reader would type it from the repository root."""
-        return "python " + shlex.join(_shown(argument) for argument in self.argv(outputs))
-
-
-def _sst2_checkpoint(outputs: Path, kind: str) -> Path:
-    return outputs / "train_aligned" / kind
-
-
-BENCHMARKS = {
-    "train_aligned": Benchmark(
-        "benchmarks/train_aligned.py",
-        ("train_aligned/results.json",),
-        lambda out: ["--output_dir", out / "train_aligned"],
-    ),
-    "similarity": Benchmark(
-        "benchmarks/similarity.py",
-        ("similarity/minilm_sst2.json", "similarity/synthetic.json"),
-        lambda out: [
-            "--output",
-            out / "similarity",
-            *("--standard", _sst2_checkpoint(out, "standard"), "--aligned", _sst2_checkpoint(out, "aligned")),
-            *("--per-layer", _sst2_checkpoint(out, "per_layer")),
-        ],
-    ),
-    "early_exit": Benchmark(
-        "benchmarks/early_exit.py",
-        ("early_exit.json",),
-        lambda out: [
-            *("--output", out / "early_exit.json"),
-            *(
-                "--sst2-aligned",
-                _sst2_checkpoint(out, "aligned"),
-                "--sst2-per-layer",
-                _sst2_checkpoint(out, "per_layer"),
-            ),
-        ],
-    ),
-    "demo": Benchmark("examples/demo.py", ("demo/metrics.json",), lambda out: ["--output_dir", out / "demo"]),
-    "saturation": Benchmark(
-        "benchmarks/saturation.py",
-        ("saturation/results.json",),
-        lambda out: [
-            *("--output", out / "saturation"),
-            *(
-                argument
-                for kind in KINDS
-                for argument in ("--checkpoint", f"sst2/{kind}={_shown(str(_sst2_checkpoint(out, kind)))}")
-            ),
-        ],
-    ),
-}
-
-
-def _shown(argument: str) -> str:
-    """A path inside the repository as a relative path, anything else as it is."""
-    path = Path(argument)
-    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else argument
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Running
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def run_benchmarks(names: Sequence[str], outputs: Path) -> None:
-    """Runs the named benchmarks in order, each in its own process, recording each command, its wall time and the
-    machine in `outputs/reproduce.json` (runs of benchmarks not named here are kept)."""
-    path = outputs / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    for name in names:
-        benchmark = BENCHMARKS[name]
-        print(f"\n>>> {benchmark.command(outputs)}", flush=True)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, *benchmark.argv(outputs)], cwd=REPO, check=True)
-        manifest[name] = {
-            "command": benchmark.command(outputs),
-            "wall_time_s": round(time.perf_counter() - started, 1),
-            "machine": describe_machine(),
-        }
-        write_json(path, manifest)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading the JSON
-# ----------------------------------------------------------------------------------------------------------------------
-
-# The keys each file must have for its section to render.
-REQUIRED_KEYS = {
-    "train_aligned/results.json": ("dev_accuracy_by_layer", "variants", "settings", "ratios", "targets_met"),
-    "similarity/minilm_sst2.json": ("source", "num_samples", "models"),
-    "similarity/synthetic.json": ("seconds", "speed_ratio", "max_abs_difference", "agreement"),
-    "early_exit.json": ("torch_threads", "results"),
-    "demo/metrics.json": ("standard", "aligned", "per-layer heads"),
-    "saturation/results.json": ("runs", "results", "missing", "representation"),
-}
-
-
-def load_results(outputs: Path, allow_missing: bool = False) -> dict[str, dict | None]:
-    """Reads every benchmark's JSON, keyed by its path under `outputs` (`None` for a missing one when allowed).
-
-    Raises:
-        FileNotFoundError: a file is missing and `allow_missing` is False; the message names the commands to run.
-        ValueError: a file lacks keys the report reads (it was written by an older version of its script).
+    Args:
+        title: its heading (the report numbers the sections in registry order).
+        claim: the prose under the heading: what the section checks and how.
+        files: each JSON file it reads, relative to benchmarks/results/, with the top-level keys its renderer needs.
+        commands: the commands that write those files, as run from the repository root.
+        render: `(payloads by file, figures folder) -> blocks by name`; it draws its figures into the folder and
+            links them as `figures/<name>.png`.
+        provenance: reads a file's runs (command, seeds, commit, machine, duration) for the Sources table.
     """
-    results, missing = {}, []
-    for name, benchmark in BENCHMARKS.items():
-        for file in benchmark.files:
-            path = outputs / file
-            if not path.exists():
-                missing.append(f"  {path} (written by `{benchmark.command(outputs)}`)")
-                results[file] = None
-                continue
-            payload = json.loads(path.read_text(encoding="utf-8"))
-            absent = [key for key in REQUIRED_KEYS[file] if key not in payload]
-            if absent:
-                raise ValueError(
-                    f"{path} has no {', '.join(map(repr, absent))}: it is not what the report expects from {name}; "
-                    f"re-run `{benchmark.command(outputs)}`."
-                )
-            results[file] = payload
-    if missing and not allow_missing:
-        raise FileNotFoundError(
-            "Benchmark results are missing:\n"
-            + "\n".join(missing)
-            + f"\nRun those commands (or `python benchmarks/reproduce.py --outputs {_shown(str(outputs))}` to run "
-            "them all), or pass --allow-missing to render without them."
-        )
-    return results
+
+    title: str
+    claim: str
+    files: Mapping[str, tuple[str, ...]]
+    commands: tuple[str, ...]
+    render: Render
+    provenance: Callable[[dict], Provenance] = recorded_provenance
+
+
+def module_blocks(script: str, file: str) -> Render:
+    """A section renderer calling `render_blocks(results)` of benchmarks/<script>.py on the JSON `file`."""
+
+    def render(payloads: Mapping[str, dict], figures: Path) -> Blocks:
+        return importlib.import_module(script).render_blocks(payloads[file])
+
+    return render
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Figures
+# Sections 1 and 3: the recipes benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def layers_blocks(payloads: Mapping[str, dict], figures: Path) -> Blocks:
+    """Accuracy after every layer per recipe and task (mean ± std over seeds), and the figure of it."""
+    results = payloads["recipes.json"]
+    draw_layers(results["summary"], figures / RECIPES_FIGURE.name)
+    blocks = {name: body for name, body in render_blocks(results).items() if name.startswith("recipes-accuracy-")}
+    blocks["report-layers-figure"] = (
+        f"![Accuracy after every layer, mean ± std over seeds](figures/{RECIPES_FIGURE.name})"
+    )
+    return blocks
+
+
+def exits_blocks(payloads: Mapping[str, dict], figures: Path) -> Blocks:
+    """Calibrated early exit and training cost per recipe and task, then the targets, met or missed."""
+    blocks = render_blocks(payloads["recipes.json"])
+    exits = {name: body for name, body in blocks.items() if name.startswith("recipes-exits-")}
+    return {**exits, "recipes-targets": blocks["recipes-targets"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Section 2: similarity
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def similarity_blocks(payloads: Mapping[str, dict], figures: Path) -> Blocks:
+    """COS-CKA agreement and similarity to the last block on MiniLM, and exactness and speed on synthetic data."""
+    minilm, synthetic = payloads["similarity/minilm_sst2.json"], payloads["similarity/synthetic.json"]
+    models = minilm["models"]
+    agreement = print_table(
+        "**Agreement of the COS and CKA matrices, and mean off-diagonal similarity**",
+        ["model", "Spearman", "Pearson", "Spearman (blocks only)", "mean COS", "mean CKA"],
+        [
+            [
+                KINDS[kind],
+                entry["agreement"]["spearman"],
+                entry["agreement"]["pearson"],
+                entry["agreement_blocks"]["spearman"],
+                entry["off_diagonal_mean"]["cos"],
+                entry["off_diagonal_mean"]["cka"],
+            ]
+            for kind, entry in models.items()
+        ],
+    )
+    num_blocks = len(next(iter(models.values()))["similarity_to_last_block"]["cos"])
+    to_last = print_table(
+        "**Similarity of each block to the last block**",
+        ["model", "measure", *(f"layer {layer}" for layer in range(1, num_blocks + 1))],
+        [
+            [KINDS[kind], measure.upper(), *entry["similarity_to_last_block"][measure]]
+            for kind, entry in models.items()
+            for measure in ("cos", "cka")
+        ],
+    )
+    heatmaps, accuracy = draw_similarity(minilm, figures)
+    seconds = synthetic["seconds"]
+    speed = print_table(
+        "**hf_aligned's similarity matrices against a naive per-pair numpy loop**",
+        ["matrix", "hf_aligned (s)", "naive numpy (s)", "speed ratio", "max abs difference"],
+        [
+            [
+                measure.upper(),
+                seconds[f"hf_aligned_{measure}"],
+                seconds[f"naive_numpy_{measure}"],
+                synthetic["speed_ratio"][measure],
+                f"{synthetic['max_abs_difference'][measure]:.1e}",
+            ]
+            for measure in ("cos", "cka")
+        ],
+    )
+    return {
+        "similarity-minilm": "\n".join(
+            [
+                f"### MiniLM on SST-2 dev ({minilm['num_samples']} sentences)\n",
+                f"Models: {minilm['source']}.",
+                agreement,
+                to_last,
+                f"![COS and CKA heatmaps](figures/{heatmaps.name})\n",
+                f"![Classifier and linear-probe accuracy per layer](figures/{accuracy.name})",
+            ]
+        ),
+        "similarity-synthetic": "\n".join(
+            [
+                f"### Synthetic residual stream ({synthetic['num_representations']} representations, "
+                f"{synthetic['num_samples']} samples, width {synthetic['hidden_size']}, {synthetic['device']})\n",
+                f"COS-CKA agreement: Spearman {synthetic['agreement']['spearman']:.3f}, Pearson "
+                f"{synthetic['agreement']['pearson']:.3f} over {synthetic['agreement']['num_pairs']} layer pairs.",
+                speed,
+            ]
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Section 4: saturation
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -206,346 +313,6 @@ def _new_figure(width: float, height: float):
 def _save(figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-
-
-def draw_layer_accuracy(axis, curves: Mapping[str, Sequence[float]], title: str) -> None:
-    """Accuracy of the classifier after every layer, one line per model kind."""
-    for kind, values in curves.items():
-        axis.plot(range(1, len(values) + 1), values, marker="o", color=COLORS[kind], label=KINDS[kind])
-    axis.set_xlabel("exit after layer")
-    axis.set_ylabel("accuracy")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
-
-
-def draw_tradeoff(axis, entries: Mapping[str, dict], title: str) -> None:
-    """Accuracy against speedup over the threshold sweep, measured at batch 32 and ideal, one color per model kind."""
-    from matplotlib.lines import Line2D
-
-    for kind, entry in entries.items():
-        sweep = sorted(entry["sweep"], key=lambda point: point["threshold"])
-        accuracy = [point["accuracy"] for point in sweep]
-        color = COLORS[kind]
-        axis.plot([p["measured_speedup_batch32"] for p in sweep], accuracy, "o-", color=color, label=KINDS[kind])
-        axis.plot([p["ideal_speedup"] for p in sweep], accuracy, ".--", color=color, alpha=0.6)
-        for point in sweep:
-            if point["calibrated"]:
-                axis.plot(point["measured_speedup_batch32"], point["accuracy"], "*", color=color, markersize=14)
-        axis.axhline(sweep[0]["full_accuracy"], color=color, linestyle=":", linewidth=1)
-    styles = [
-        Line2D([], [], color="black", marker="o", label="measured, batch 32"),
-        Line2D([], [], color="black", linestyle="--", alpha=0.6, label="ideal, L / mean exit"),
-        Line2D([], [], color="black", marker="*", markersize=10, linestyle="", label="calibrated threshold"),
-        Line2D([], [], color="black", linestyle=":", linewidth=1, label="full depth"),
-    ]
-    axis.set_xlabel("speedup over full depth")
-    axis.set_ylabel("accuracy")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(handles=[*axis.get_legend_handles_labels()[0], *styles], fontsize="small")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sections
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _missing(outputs: Path, benchmark: str, file: str) -> str:
-    return f"_Not run yet: `{BENCHMARKS[benchmark].command(outputs)}` writes `{file}`._\n"
-
-
-def _command(outputs: Path, manifest: dict, benchmark: str) -> str:
-    """The command that produced a benchmark's JSON: as recorded when `reproduce.py` ran it, else the usual one."""
-    return manifest[benchmark]["command"] if benchmark in manifest else BENCHMARKS[benchmark].command(outputs)
-
-
-def _command_line(outputs: Path, manifest: dict, benchmark: str) -> str:
-    return f"Command: `{_command(outputs, manifest, benchmark)}`\n"
-
-
-def _intro(heading: str, claim: str, command: str = "") -> list[str]:
-    """A section's heading, the claim it checks and, where one script backs the whole section, its command line."""
-    return [f"## {heading}\n", f"Claim: {claim}\n", *([command] if command else [])]
-
-
-def _layer_figure(curves: Mapping[str, Sequence[float]], title: str, path: Path) -> str:
-    """Draws one layer-wise accuracy figure and returns the Markdown that shows it."""
-    figure = _new_figure(6, 4)
-    draw_layer_accuracy(figure.subplots(), curves, title)
-    _save(figure, path)
-    return f"![{title}: accuracy after every layer](figures/{path.name})\n"
-
-
-def _exit_entries(exits: dict, task: str) -> dict[str, dict]:
-    """The early-exit results of one task, by model kind."""
-    return {kind: exits["results"][f"{task}/{kind}"] for kind in KINDS if f"{task}/{kind}" in exits["results"]}
-
-
-def _layer_table(title: str, metrics_by_kind: Mapping[str, Mapping[str, float]]) -> str:
-    """Per-layer accuracy of each kind (from `trainer.evaluate()` metrics) and each one's minimal depth."""
-    columns = {kind: layer_values(metrics) for kind, metrics in metrics_by_kind.items()}
-    num_layers = max(len(values) for values in columns.values())
-    rows = [[layer, *(values[layer - 1] for values in columns.values())] for layer in range(1, num_layers + 1)]
-    rows.append(["minimal depth", *(metrics.get("eval_minimal_depth", "-") for metrics in metrics_by_kind.values())])
-    return print_table(title, ["layer", *(KINDS[kind] for kind in columns)], rows)
-
-
-RECIPES_BLOCKS = (
-    "recipes-accuracy-sst2",
-    "recipes-accuracy-ag_news",
-    "recipes-exits-sst2",
-    "recipes-exits-ag_news",
-    "recipes-targets",
-)
-
-
-def recipes_section(figures: Path) -> str:
-    """Section 0: the recipes benchmark over seeds, rendered from its committed JSON (benchmarks/results/)."""
-    text = _intro(
-        "0. Aligned training over seeds: which recipe",
-        "aligned training keeps the last layer as accurate as standard fine-tuning while making the middle layers "
-        "usable, so that one classifier serves early exit. MiniLM with transformers' default optimization, one "
-        "short epoch, three seeds per variant (mean ± std, accuracy in points); exits calibrated on held-out "
-        "training data with one point of tolerated drop.",
-    )
-    text.append(
-        "Command: `python benchmarks/recipes.py`, then `--phase speed` and `--phase render` "
-        f"(JSON: `{RECIPES_RESULTS.relative_to(REPO)}`, committed).\n"
-    )
-    if not RECIPES_RESULTS.exists():
-        return "\n".join([*text, "Not run yet.\n"])
-    text += [f"<!-- BEGIN {name} -->\n<!-- END {name} -->\n" for name in RECIPES_BLOCKS]
-    text.append(f"![Accuracy after every layer, mean ± std over seeds](figures/{RECIPES_FIGURE.name})\n")
-    results = json.loads(RECIPES_RESULTS.read_text(encoding="utf-8"))
-    draw_layers(results["summary"], figures / RECIPES_FIGURE.name)
-    body = "\n".join(text)
-    return replace_blocks(body, render_blocks(results))
-
-
-def layerwise_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
-    text = _intro(
-        "1. Layer-wise accuracy: standard vs aligned vs per-layer heads",
-        "with aligned training the model's own last-layer classifier works after every layer, far above "
-        "standard fine-tuning at intermediate layers, with accuracy rising with depth; per-layer heads (one "
-        "classifier per layer, same layer weights) are the usual multi-exit baseline. Each row is the accuracy of "
-        "the classifier applied after that layer.",
-    )
-    text += ["### MiniLM on SST-2\n", _command_line(outputs, manifest, "train_aligned")]
-    trained = results["train_aligned/results.json"]
-    if trained is None:
-        text.append(_missing(outputs, "train_aligned", "train_aligned/results.json"))
-    else:
-        settings = trained["settings"]
-        variants = {kind: trained["variants"][kind]["eval"] for kind in KINDS}
-        text.append(
-            f"all-MiniLM-L6-v2 ({trained['pooling']} pooling) fine-tuned on {settings['train_samples']} "
-            f"SST-2 training phrases (batch {settings['batch_size']}, learning rate {settings['learning_rate']}, "
-            f"{settings['max_seq_length']} tokens, layer weights `{settings['aligned_layer_weights']}` for aligned and "
-            "per-layer heads); accuracy on the SST-2 dev sentences.\n"
-        )
-        text.append(_layer_table("**SST-2 dev accuracy after every layer**", variants))
-        text.append(
-            _layer_figure(trained["dev_accuracy_by_layer"], "MiniLM on SST-2 dev", figures / "sst2_layer_accuracy.png")
-        )
-        text.append(
-            print_table(
-                "**Cost of aligned training, measured in the same run** (ratios of step time and memory)",
-                ["ratio", "value"],
-                [[f"`{name}`", value] for name, value in trained["ratios"].items()],
-            )
-        )
-        text.append(
-            print_table(
-                "**The benchmark's own targets**",
-                ["target", "met"],
-                [[name, "yes" if met else "no"] for name, met in trained["targets_met"].items()],
-            )
-        )
-    text += ["### Small ViT on digits\n", _command_line(outputs, manifest, "demo")]
-    demo = results["demo/metrics.json"]
-    if demo is None:
-        text.append(_missing(outputs, "demo", "demo/metrics.json"))
-    else:
-        # The demo names its runs as the report does.
-        metrics = {kind: demo[label] for kind, label in KINDS.items()}
-        text.append(
-            "The `make demo` ViT trained from scratch on scikit-learn's 8x8 digits, three ways; accuracy on its "
-            "held-out images.\n"
-        )
-        text.append(_layer_table("**Digits held-out accuracy after every layer**", metrics))
-        curves = {kind: layer_values(values) for kind, values in metrics.items()}
-        text.append(_layer_figure(curves, "Small ViT on digits", figures / "digits_layer_accuracy.png"))
-    return "\n".join(text)
-
-
-def similarity_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
-    text = _intro(
-        "2. Layer similarity: COS vs CKA",
-        "the sample-wise cosine similarity (COS) between layers' representations agrees with CKA (high rank "
-        "correlation over layer pairs) and both fall with the distance between layers. Layer 0 is the embedding "
-        "output; 'blocks only' leaves it out.",
-        _command_line(outputs, manifest, "similarity"),
-    )
-    minilm = results["similarity/minilm_sst2.json"]
-    if minilm is None:
-        text.append(_missing(outputs, "similarity", "similarity/minilm_sst2.json"))
-    else:
-        models = minilm["models"]
-        text.append(f"### MiniLM on SST-2 dev ({minilm['num_samples']} sentences)\n")
-        text.append(f"Models: {minilm['source']}.\n")
-        rows = [
-            [
-                KINDS[kind],
-                entry["agreement"]["spearman"],
-                entry["agreement"]["pearson"],
-                entry["agreement_blocks"]["spearman"],
-                entry["off_diagonal_mean"]["cos"],
-                entry["off_diagonal_mean"]["cka"],
-            ]
-            for kind, entry in models.items()
-        ]
-        text.append(
-            print_table(
-                "**Agreement of the COS and CKA matrices, and mean off-diagonal similarity**",
-                ["model", "Spearman", "Pearson", "Spearman (blocks only)", "mean COS", "mean CKA"],
-                rows,
-            )
-        )
-        num_blocks = len(next(iter(models.values()))["similarity_to_last_block"]["cos"])
-        rows = [
-            [KINDS[kind], measure.upper(), *entry["similarity_to_last_block"][measure]]
-            for kind, entry in models.items()
-            for measure in ("cos", "cka")
-        ]
-        text.append(
-            print_table(
-                "**Similarity of each block to the last block**",
-                ["model", "measure", *(f"layer {layer}" for layer in range(1, num_blocks + 1))],
-                rows,
-            )
-        )
-        for name, alt in (("minilm_sst2_similarity.png", "COS and CKA heatmaps"), ("minilm_sst2_accuracy.png", "")):
-            source = outputs / "similarity" / name
-            if source.exists():
-                shutil.copyfile(source, figures / name)
-                text.append(f"![{alt or 'Classifier and linear-probe accuracy per layer'}](figures/{name})\n")
-    synthetic = results["similarity/synthetic.json"]
-    if synthetic is None:
-        text.append(_missing(outputs, "similarity", "similarity/synthetic.json"))
-    else:
-        text.append(
-            f"### Synthetic residual stream ({synthetic['num_representations']} representations, "
-            f"{synthetic['num_samples']} samples, width {synthetic['hidden_size']}, {synthetic['device']})\n"
-        )
-        text.append(
-            f"COS-CKA agreement: Spearman {synthetic['agreement']['spearman']:.3f}, Pearson "
-            f"{synthetic['agreement']['pearson']:.3f} over {synthetic['agreement']['num_pairs']} layer pairs.\n"
-        )
-        seconds = synthetic["seconds"]
-        rows = [
-            [
-                measure.upper(),
-                seconds[f"hf_aligned_{measure}"],
-                seconds[f"naive_numpy_{measure}"],
-                synthetic["speed_ratio"][measure],
-                f"{synthetic['max_abs_difference'][measure]:.1e}",
-            ]
-            for measure in ("cos", "cka")
-        ]
-        text.append(
-            print_table(
-                "**hf_aligned's similarity matrices against a naive per-pair numpy loop**",
-                ["matrix", "hf_aligned (s)", "naive numpy (s)", "speed ratio", "max abs difference"],
-                rows,
-            )
-        )
-    return "\n".join(text)
-
-
-def early_exit_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
-    text = _intro(
-        "3. Multi-exit: one shared classifier vs per-layer heads",
-        "served with early exit, the aligned model's single classifier is on par with the standard multi-exit "
-        "model that trains one classifier per layer. Confidence rule (exit when the top softmax probability reaches "
-        "the threshold); the calibrated threshold is chosen on validation data by `calibrate_exits` (at most 1 "
-        "point below full depth), accuracy is on the test set; ideal speedup = L / mean exit layer, measured "
-        "speedup = wall time of the full forward ÷ wall time of `early_exit_predict`.",
-        _command_line(outputs, manifest, "early_exit"),
-    )
-    exits = results["early_exit.json"]
-    if exits is None:
-        text.append(_missing(outputs, "early_exit", "early_exit.json"))
-        return "\n".join(text)
-    text.append(f"torch threads: {exits['torch_threads']}.\n")
-    tasks = [task for task in EXIT_TASKS if any(key.startswith(f"{task}/") for key in exits["results"])]
-    absent = [task for task in EXIT_TASKS if task not in tasks]
-    if absent:
-        text.append(f"_Tasks not in this run: {', '.join(absent)}._\n")
-    rows = []
-    for task in tasks:
-        for kind in ("aligned", "per_layer"):
-            entry = exits["results"].get(f"{task}/{kind}")
-            if entry is None:
-                continue
-            point = next(point for point in entry["sweep"] if point["calibrated"])
-            rows.append(
-                [
-                    task,
-                    KINDS[kind],
-                    point["full_accuracy"],
-                    point["threshold"],
-                    point["accuracy"],
-                    point["mean_exit_layer"],
-                    point["ideal_speedup"],
-                    point["measured_speedup_batch1"],
-                    point["measured_speedup_batch32"],
-                ]
-            )
-    text.append(
-        print_table(
-            "**At the calibrated threshold**",
-            [
-                "task",
-                "model",
-                "full depth",
-                "threshold",
-                "accuracy",
-                "mean exit",
-                "ideal x",
-                "measured x b1",
-                "measured x b32",
-            ],
-            rows,
-        )
-    )
-    figure = _new_figure(6 * len(tasks), 4.5)
-    for axis, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks):
-        draw_tradeoff(axis, _exit_entries(exits, task), task)
-    _save(figure, figures / "early_exit_tradeoff.png")
-    text.append("![Accuracy against speedup](figures/early_exit_tradeoff.png)\n")
-    text.append("<details><summary>Every threshold of the sweep</summary>\n")
-    for name, entry in exits["results"].items():
-        text.append(
-            print_table(
-                f"**{name}** (L = {entry['calibration']['num_layers']})",
-                ["threshold", "accuracy", "mean exit", "ideal x", "measured x b1", "measured x b32", "calibrated"],
-                [
-                    [
-                        point["threshold"],
-                        point["accuracy"],
-                        point["mean_exit_layer"],
-                        point["ideal_speedup"],
-                        point["measured_speedup_batch1"],
-                        point["measured_speedup_batch32"],
-                        "yes" if point["calibrated"] else "",
-                    ]
-                    for point in entry["sweep"]
-                ],
-            )
-        )
-    text.append("</details>\n")
-    return "\n".join(text)
 
 
 SATURATION_TASKS = {
@@ -680,46 +447,19 @@ def _saturation_tables(task: str, by_kind: dict[str, list[dict]]) -> list[str]:
     return [summary, shares, within]
 
 
-def saturation_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
-    text = _intro(
-        "4. Saturation events and probability vs similarity",
-        "(the ICLR version's claims 4 and 5) the more similar layer l is to the last layer, the higher the "
-        "probability the last-layer classifier gives (at l) to the last layer's class; and aligned training brings "
-        "more early saturation events.",
-    )
-    text.append(
-        "A sample's *saturation layer* is the first layer from which the classifier's top-1 prediction stays the "
-        "same up to the last layer L (L when it still changes at L). Early exit's patience rule (leave once the "
-        "prediction has held for p more layers) is its online cousin: a sample saturated at s has left by layer "
-        "min(s + p, L), with the full-depth answer whenever it leaves at or after s. f_l(x) is "
-        "`pooled_layer_states`: block l's "
-        "hidden states pooled with the model's pooling, *before* the classifier's final norm and pooler. The "
-        "Spearman correlations pool every sample of layers 1..L-1 (the last layer, at cosine 1, is left out); "
-        "'of layer means' correlates the L per-layer means. For per-layer heads the classifier at l is head l, "
-        "not the last layer's: the claims concern the standard and aligned models, heads are shown for reference. "
-        "Accuracy claims need 3 seeds; a single seed is marked as such.\n"
-    )
-    payload = results["saturation/results.json"]
-    if payload is None:
-        text.append(_missing(outputs, "saturation", "saturation/results.json"))
-        return "\n".join(text)
-    runs = payload["runs"]
-    commands = list(dict.fromkeys(run["command"] for run in runs))
-    text.append(
-        f"Commands (the script resumes, measuring only what is new): {', '.join(f'`{c}`' for c in commands)}; "
-        f"{len(runs)} invocation(s) totalling {sum(run.get('duration_s', 0) for run in runs) / 60:.1f} min, the last "
-        f"at commit {runs[-1]['machine']['commit']} on {runs[-1]['machine']['cpu']} "
-        f"({runs[-1]['torch_threads']} torch thread(s)).\n"
-    )
-    settings = payload.get("settings", {})
-    if settings:
-        text.append(
+def saturation_blocks(payloads: Mapping[str, dict], figures: Path) -> Blocks:
+    """Per task: saturation and probability-similarity tables over seeds, the verdicts on claims 4 and 5, a figure."""
+    payload = payloads["saturation/results.json"]
+    settings = payload["settings"]
+    blocks = {
+        "saturation-data": (
             f"Data: {'; '.join(f'{task}: {data}' for task, data in settings['data'].items())}. Digits models: "
-            f"{settings['digits_model']}, {settings['digits_training']}. Text: the checkpoints given, "
-            f"{settings['text_max_length']} tokens.\n"
+            f"{settings['digits_model']}, {settings['digits_training']}. Text: the checkpoints of the Sources "
+            f"table's commands, {settings['text_max_length']} tokens."
         )
+    }
     for task, title in SATURATION_TASKS.items():
-        text.append(f"### {title}\n")
+        text = [f"### {title}\n"]
         entries = sorted(
             (entry for entry in payload["results"].values() if entry["task"] == task), key=lambda e: e["seed"]
         )
@@ -732,8 +472,9 @@ def saturation_section(results: dict, outputs: Path, figures: Path, manifest: di
             )
             text.append(
                 f"_Not measured yet: {reason}. Claims 4 and 5 cannot be judged on {task} until "
-                "`benchmarks/saturation.py` runs on its checkpoints._\n"
+                "`benchmarks/saturation.py` runs on its checkpoints._"
             )
+            blocks[f"saturation-{task}"] = "\n".join(text)
             continue
         by_kind = {kind: [entry for entry in entries if entry["variant"] == kind] for kind in KINDS}
         by_kind = {kind: found for kind, found in by_kind.items() if found}
@@ -743,107 +484,173 @@ def saturation_section(results: dict, outputs: Path, figures: Path, manifest: di
         text += _saturation_tables(task, by_kind)
         text += _saturation_verdicts(by_kind)
         text.append(_saturation_figure(by_kind, task, figures / f"{task}_saturation.png"))
-        scatter = outputs / "saturation" / f"{task}_probability_similarity.png"
-        if scatter.exists():
-            shutil.copyfile(scatter, figures / scatter.name)
-            text.append(f"![{task}: per-sample probability against similarity, first seed](figures/{scatter.name})\n")
-    return "\n".join(text)
+        blocks[f"saturation-{task}"] = "\n".join(text)
+    return blocks
 
 
-def draw_headline(results: dict, path: Path) -> bool:
-    """SST-2 layer-wise accuracy next to the accuracy/speedup trade-off of the first exit task run; False if neither
-    was run."""
-    trained, exits = results["train_aligned/results.json"], results["early_exit.json"]
-    panels = []
-    if trained is not None:
-        curves = trained["dev_accuracy_by_layer"]
-        panels.append(lambda axis: draw_layer_accuracy(axis, curves, "MiniLM on SST-2: accuracy after every layer"))
-    task = next((task for task in EXIT_TASKS if exits and f"{task}/aligned" in exits["results"]), None)
-    if task is not None:
-        entries = _exit_entries(exits, task)
-        panels.append(lambda axis: draw_tradeoff(axis, entries, f"{task}: early exit"))
-    if not panels:
-        return False
-    figure = _new_figure(6.5 * len(panels), 4.5)
-    for axis, draw in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
-        draw(axis)
-    _save(figure, path)
-    return True
+# What sections 1 and 3 share: the recipes benchmark's JSON, commands and provenance reader.
+RECIPES = {
+    "files": {"recipes.json": ("runs", "summary", "targets")},
+    "commands": ("python benchmarks/recipes.py", "python benchmarks/recipes.py --phase speed"),
+    "provenance": recipes_provenance,
+}
+SECTIONS: dict[str, Section] = {
+    "layers": Section(
+        title="Layer-wise accuracy: standard vs aligned vs per-layer heads",
+        claim="with aligned training the model's own last-layer classifier works after every layer, far above "
+        "standard fine-tuning at intermediate layers, with accuracy rising with depth; per-layer heads (one "
+        "classifier per layer) are the usual multi-exit baseline. MiniLM fine-tuned with transformers' default "
+        "optimization for one short epoch, each recipe over the seeds its row counts; each cell is the accuracy of "
+        "the classifier applied after that layer, in points, mean ± std over seeds.",
+        render=layers_blocks,
+        **RECIPES,
+    ),
+    "similarity": Section(
+        title="Layer similarity: COS vs CKA",
+        claim="the sample-wise cosine similarity (COS) between layers' representations agrees with CKA (high rank "
+        "correlation over layer pairs) and both fall with the distance between layers. Layer 0 is the embedding "
+        "output; 'blocks only' leaves it out. One checkpoint per model (no accuracy claim is made here).",
+        files={
+            "similarity/minilm_sst2.json": ("source", "num_samples", "models"),
+            "similarity/synthetic.json": ("seconds", "speed_ratio", "max_abs_difference", "agreement"),
+        },
+        commands=("python benchmarks/similarity.py",),
+        render=similarity_blocks,
+    ),
+    "multi_exit": Section(
+        title="Multi-exit: one shared classifier vs per-layer heads",
+        claim="served with early exit, the aligned model's single classifier is on par with the multi-exit model "
+        "that trains one classifier per layer. Confidence rule; the threshold is calibrated by `calibrate_exits` on "
+        "held-out training data (at most 1 point below full depth), then applied to the evaluation split; measured "
+        "speed-up = wall time of the full forward ÷ wall time of `early_exit_predict` at batch 32 (best of three, "
+        "alternated in one process); step time and peak memory against standard fine-tuning of the same seed. "
+        "Mean ± std over seeds. The targets are those of the library's default recipe; why the missed ones are "
+        "missed: [docs/training.md](training.md#which-recipe-measured).",
+        render=exits_blocks,
+        **RECIPES,
+    ),
+    "saturation": Section(
+        title="Saturation events and probability vs similarity",
+        claim="(the ICLR version's claims 4 and 5) the more similar layer l is to the last layer, the higher the "
+        "probability the last-layer classifier gives (at l) to the last layer's class; and aligned training brings "
+        "more early saturation events. A sample's *saturation layer* is the first layer from which the "
+        "classifier's top-1 prediction stays the same up to the last layer L (L when it still changes at L). Early "
+        "exit's patience rule (leave once the prediction has held for p more layers) is its online cousin: a "
+        "sample saturated at s has left by layer min(s + p, L), with the full-depth answer whenever it leaves at or "
+        "after s. f_l(x) is `pooled_layer_states`: block l's hidden states pooled with the model's pooling, "
+        "*before* the classifier's final norm and pooler. The Spearman correlations pool every sample of layers "
+        "1..L-1 (the last layer, at cosine 1, is left out); 'of layer means' correlates the L per-layer means. For "
+        "per-layer heads the classifier at l is head l, not the last layer's: the claims concern the standard and "
+        "aligned models, heads are shown for reference. Claims need 3 seeds; a single seed is marked as such.",
+        files={"saturation/results.json": ("runs", "results", "missing", "settings")},
+        commands=("python benchmarks/saturation.py --text-seed 1",),
+        render=saturation_blocks,
+        provenance=saturation_provenance,
+    ),
+}
 
 
-def provenance(manifest: dict) -> str:
-    """The date, commit and machine lines: the machine of every benchmark `reproduce.py` ran (the benchmarks' own
-    JSON does not record it), else the machine rendering the report."""
-    rendered = describe_machine()
-    machines: dict[str, list[str]] = {}
-    for name, run in manifest.items():
-        machine = run["machine"]
-        machines.setdefault(f"{machine['cpu']}; GPU: {machine['gpu']}; {machine['software']}", []).append(name)
-    lines = [f"Rendered {rendered['date']} at commit {rendered['commit']}.\n"]
-    lines += [f"- Run by `reproduce.py` on {machine}: {', '.join(names)}.\n" for machine, names in machines.items()]
-    if len(manifest) < len(BENCHMARKS):
-        lines.append(
-            "- No machine on record for benchmarks run on their own; this report was rendered on "
-            f"{rendered['cpu']}; GPU: {rendered['gpu']}; {rendered['software']}.\n"
-        )
-    return "".join(lines)
+# ----------------------------------------------------------------------------------------------------------------------
+# Running and rendering
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def sources_section(results: dict, outputs: Path, manifest: dict) -> str:
-    """Each JSON file read, the command that writes it, when it was written and how long its run took."""
-    rows = []
-    for name, benchmark in BENCHMARKS.items():
-        for file in benchmark.files:
-            written = "not run"
-            if results[file] is not None:
-                written = (
-                    f"{datetime.fromtimestamp((outputs / file).stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
+def run_sections(names: Sequence[str]) -> None:
+    """Runs the commands of the named sections in order, each once, each in its own process."""
+    commands = dict.fromkeys(command for name in names for command in SECTIONS[name].commands)
+    for command in commands:
+        print(f"\n>>> {command}", flush=True)
+        argv = shlex.split(command)
+        subprocess.run([sys.executable if argv[0] == "python" else argv[0], *argv[1:]], cwd=REPO, check=True)
+
+
+def load_payloads(results_dir: Path) -> dict[str, dict]:
+    """Every section's JSON, keyed by its path under `results_dir`.
+
+    Raises:
+        FileNotFoundError: a file is missing; the message names the commands that write it.
+        ValueError: a file lacks keys its section reads (written by an older version of its script).
+    """
+    payloads = {}
+    for name, section in SECTIONS.items():
+        commands = " then ".join(f"`{command}`" for command in section.commands)
+        for file, keys in section.files.items():
+            path = results_dir / file
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: section {name!r} reads it; {commands} writes it.")
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            absent = [key for key in keys if key not in payload]
+            if absent:
+                raise ValueError(
+                    f"{path} has no {', '.join(map(repr, absent))}: it is not what section {name!r} reads; "
+                    f"re-run {commands}."
                 )
-            wall_time = f"{manifest[name]['wall_time_s'] / 60:.1f} min" if name in manifest else "-"
-            rows.append([f"`{file}`", f"`{_command(outputs, manifest, name)}`", written, wall_time])
-    return "## Sources\n" + print_table(
-        f"JSON read from `{_shown(str(outputs))}`", ["JSON", "command", "written", "wall time"], rows
+            payloads[file] = payload
+    return payloads
+
+
+def sources_table(payloads: Mapping[str, dict]) -> str:
+    """One row per committed JSON: the commands, seeds, commits, machines and duration it records."""
+    rows = []
+    for section in SECTIONS.values():
+        for file in section.files:
+            if all(row[0] != f"`{file}`" for row in rows):
+                rows.append([f"`{file}`", *section.provenance(payloads[file]).cells()])
+    return print_table(
+        f"JSON read from `{RESULTS_DIR.relative_to(REPO)}/`, with what each records of the runs that wrote it",
+        ["JSON", "commands", "seeds", "commits", "machines", "duration"],
+        rows,
     )
 
 
-def render(outputs: Path = OUTPUTS, docs: Path = DOCS, allow_missing: bool = False) -> Path:
-    """Writes `docs/results.md` and `docs/figures/*.png` from the benchmarks' JSON under `outputs`.
+def _block(name: str, body: str) -> str:
+    return f"<!-- BEGIN {name} -->\n{body.strip()}\n<!-- END {name} -->\n"
 
-    Args:
-        outputs: the folder the benchmarks wrote to.
-        docs: where results.md and figures/ go (figures/ is emptied of PNGs first: it is all generated).
-        allow_missing: render the sections of missing benchmarks as "not run yet" instead of failing.
+
+def render(results_dir: Path = RESULTS_DIR, docs: Path = DOCS) -> Path:
+    """Writes `docs/results.md` and the figures it links (into `docs/figures/`) from the JSON under `results_dir`.
+
+    Raises:
+        ValueError: the results.md already in `docs` holds a block no section renders (its benchmark's entry is
+            missing from `SECTIONS`), or a JSON file is not what its section reads.
+        FileNotFoundError: a section's JSON is missing.
 
     Returns:
         The path of results.md.
     """
-    results = load_results(outputs, allow_missing)
-    manifest_path = outputs / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
+    payloads = load_payloads(results_dir)
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for stale in figures.glob("*.png"):
-        stale.unlink()
     text = [
         "# Reproduction report\n",
-        "<!-- Generated by benchmarks/reproduce.py from the benchmarks' JSON: edit that script, not this file. -->\n",
+        "<!-- Generated by benchmarks/reproduce.py from the JSON under benchmarks/results/: edit that script or the "
+        "benchmark, not this file. -->\n",
         "The claims of *On Layer-wise Representation Similarity: Application for Multi-Exit Models with a Single "
-        "Classifier* (Jiang, Zhou, Zhu, arXiv 2406.14479) checked on the real data here. Regenerate with "
-        "`python benchmarks/reproduce.py` (runs every benchmark) or `python benchmarks/reproduce.py --render-only` "
-        "(re-renders from `outputs/benchmarks/`).\n",
-        provenance(manifest),
+        "Classifier* (Jiang, Zhou, Zhu, arXiv 2406.14479) checked on the real data here. Every number and figure "
+        "below is rendered from the JSON committed under `benchmarks/results/` (`python benchmarks/reproduce.py "
+        "--render-only`); the Sources table at the end gives what each JSON records of the runs that wrote it.\n",
     ]
-    if draw_headline(results, figures / "headline.png"):
-        text.append("![Headline: layer-wise accuracy and early-exit trade-off](figures/headline.png)\n")
-    text += [
-        recipes_section(figures),
-        layerwise_section(results, outputs, figures, manifest),
-        similarity_section(results, outputs, figures, manifest),
-        early_exit_section(results, outputs, figures, manifest),
-        saturation_section(results, outputs, figures, manifest),
-        sources_section(results, outputs, manifest),
-    ]
+    rendered: list[str] = []
+    for number, section in enumerate(SECTIONS.values(), start=1):
+        blocks = section.render({file: payloads[file] for file in section.files}, figures)
+        files = ", ".join(f"`benchmarks/results/{file}`" for file in section.files)
+        commands = " then ".join(f"`{command}`" for command in section.commands)
+        text += [
+            f"## {number}. {section.title}\n",
+            f"Claim: {section.claim}\n",
+            f"JSON: {files}, written by {commands}.\n",
+        ]
+        text += [_block(name, body) for name, body in blocks.items()]
+        rendered += blocks
+    text += ["## Sources\n", _block("report-sources", sources_table(payloads))]
     path = docs / "results.md"
+    if path.exists():
+        orphans = sorted(set(BLOCK.findall(path.read_text(encoding="utf-8"))) - {*rendered, "report-sources"})
+        if orphans:
+            raise ValueError(
+                f"{path} holds block(s) {', '.join(orphans)} that no section of benchmarks/reproduce.py renders: add "
+                "their benchmark's entry to SECTIONS (see its docstring) instead of dropping them."
+            )
     path.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return path
@@ -851,21 +658,17 @@ def render(outputs: Path = OUTPUTS, docs: Path = DOCS, allow_missing: bool = Fal
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--render-only", action="store_true", help="Render from existing JSON; run nothing.")
-    parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="Where the benchmarks write (and are read).")
+    parser.add_argument("--render-only", action="store_true", help="Render from the committed JSON; run nothing.")
+    parser.add_argument(
+        "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="Whose commands to run."
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="Where the JSON is read.")
     parser.add_argument("--docs", type=Path, default=DOCS, help="Where results.md and figures/ are written.")
-    parser.add_argument(
-        "--benchmarks", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS), help="Which ones to run."
-    )
-    parser.add_argument(
-        "--allow-missing", action="store_true", help="Render missing benchmarks as 'not run yet' instead of failing."
-    )
     args = parser.parse_args(argv)
-    outputs = args.outputs.resolve()
     if not args.render_only:
-        run_benchmarks(args.benchmarks, outputs)
+        run_sections(args.sections)
     try:
-        render(outputs, args.docs, args.allow_missing)
+        render(args.results, args.docs)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
 

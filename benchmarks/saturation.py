@@ -11,15 +11,18 @@ per-layer heads), on the task's evaluation data:
   before the classifier's final norm and pooler).
 
 Tasks and data: `sst2` (SST-2 dev, 872 sentences), `ag_news` (the 1,600-item test part of `load_ag_news`), both on
-MiniLM checkpoints found under `--checkpoints-root/<task>/<variant>/` (the recipes benchmark saves its seed-0
-checkpoints there) or given with `--checkpoint TASK/VARIANT=DIR`; `digits` (the 360 held-out images of
+MiniLM checkpoints found under `--checkpoints-root/<task>/<variant>/seed<--text-seed>/` (where the recipes benchmark
+saves them; its `paper` variant is the aligned model) or given with `--checkpoint TASK/VARIANT=DIR`; `digits` (the 360 held-out images of
 `load_digits_dataset`), on a small ViT (8 blocks, width 64) trained here from scratch for each seed when no
 checkpoint is saved yet (about a minute per model on one core).
 
-The JSON (`--output`/results.json) is written after every model and the script resumes from it: models already
-measured from the same checkpoint are skipped. It records every invocation's command, machine, commit and duration.
+The JSON (`--output`/results.json, by default benchmarks/results/saturation/results.json, committed: docs/results.md
+section 4 is rendered from it by `benchmarks/reproduce.py`) is written after every model and the script resumes from
+it: models already measured from the same checkpoint are skipped. It records every invocation's command, seeds,
+machine, commit and duration. Figures (including the per-sample scatter, which the JSON does not hold) go to
+`--figures`.
 
-    python benchmarks/saturation.py                               # everything found (digits: ~15 min on 1 core)
+    python benchmarks/saturation.py --text-seed 1                 # everything found (digits: ~15 min on 1 core)
     python benchmarks/saturation.py --tasks digits --digits-seeds 0 1 2
     python benchmarks/saturation.py --tasks sst2 --checkpoint sst2/aligned=path/to/checkpoint
 """
@@ -50,6 +53,7 @@ from common import (
     train_aligned_model,
     write_json,
 )
+from recipes import CHECKPOINTS
 
 from hf_aligned import (
     AlignedConfig,
@@ -72,18 +76,20 @@ VARIANT_FOLDERS = {
     "aligned": ("aligned", "paper", "aligned_paper"),
     "per_layer": ("per_layer", "per_layer_heads", "per-layer-heads"),
 }
-DEFAULT_CHECKPOINTS = Path("/work/bench/outputs/benchmarks/recipes/checkpoints")
+RESULTS = REPO / "benchmarks" / "results" / "saturation"
 MAX_LENGTH = 64
 DIGITS_EPOCHS = 30
 
 
-def find_checkpoint(root: Path, task: str, variant: str, overrides: dict[str, str]) -> tuple[Path | None, list[str]]:
-    """The checkpoint of one text model: `--checkpoint` first, else the first variant folder under `root` that holds
-    a config.json. Returns it (or None) and the paths tried."""
+def find_checkpoint(
+    root: Path, task: str, variant: str, seed: int, overrides: dict[str, str]
+) -> tuple[Path | None, list[str]]:
+    """The checkpoint of one text model: `--checkpoint` first, else the first `root/<task>/<variant folder>/seed<seed>`
+    that holds a config.json. Returns it (or None) and the paths tried."""
     if f"{task}/{variant}" in overrides:
         candidates = [Path(overrides[f"{task}/{variant}"])]
     else:
-        candidates = [root / task / folder for folder in VARIANT_FOLDERS[variant]]
+        candidates = [root / task / folder / f"seed{seed}" for folder in VARIANT_FOLDERS[variant]]
     found = next((path for path in candidates if (path / "config.json").exists()), None)
     return found, [str(path) for path in candidates]
 
@@ -150,7 +156,7 @@ def jobs(args: argparse.Namespace, overrides: dict[str, str]):
                 for seed in args.digits_seeds:
                     yield f"{task}/{variant}/seed{seed}", task, variant, seed, None, []
             else:
-                checkpoint, tried = find_checkpoint(args.checkpoints_root, task, variant, overrides)
+                checkpoint, tried = find_checkpoint(args.checkpoints_root, task, variant, args.text_seed, overrides)
                 yield f"{task}/{variant}/seed{args.text_seed}", task, variant, args.text_seed, checkpoint, tried
 
 
@@ -175,10 +181,14 @@ def run(args: argparse.Namespace) -> dict:
         "f_l(x) = pooled_layer_states: block l's hidden states pooled with the model's pooling, before the "
         "classifier's final norm and pooler"
     )
+    text_tasks = [task for task in args.tasks if task != "digits"]
     invocation = {
         "command": "python benchmarks/saturation.py " + shlex.join(sys.argv[1:]),
         "machine": describe_machine(),
         "torch_threads": torch.get_num_threads(),
+        "seeds": sorted(
+            {*(args.digits_seeds if "digits" in args.tasks else ()), *((args.text_seed,) if text_tasks else ())}
+        ),
     }
     payload.setdefault("runs", []).append(invocation)
     started = time.perf_counter()
@@ -221,13 +231,14 @@ def run(args: argparse.Namespace) -> dict:
         )
     invocation["duration_s"] = round(time.perf_counter() - started, 1)
     write_json(path, payload)
-    draw(payload, pairs_by_task, args.output)
+    draw(payload, pairs_by_task, args.figures)
     return payload
 
 
 def draw(payload: dict, pairs_by_task: dict[str, dict], output: Path) -> None:
     """Per task: the saturation distributions of its first seed, and the probability-similarity scatter of the models
     measured in this run."""
+    output.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
         entries = [entry for entry in payload["results"].values() if entry["task"] == task]
         if entries:
@@ -264,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--checkpoints-root",
         type=Path,
-        default=DEFAULT_CHECKPOINTS,
-        help="Folder with <task>/<variant>/ text checkpoints (variants: standard, aligned, per_layer).",
+        default=CHECKPOINTS / "checkpoints",
+        help="Folder with <task>/<variant>/seed<N>/ text checkpoints (the recipes benchmark's).",
     )
     parser.add_argument(
         "--checkpoint",
@@ -279,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digits-dir", type=Path, default=OUTPUTS / "saturation_models" / "digits")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own).")
-    parser.add_argument("--output", type=Path, default=OUTPUTS / "saturation")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="Where results.json goes (committed).")
+    parser.add_argument("--figures", type=Path, default=OUTPUTS / "saturation", help="Where the figures go.")
     parser.add_argument("--restart", action="store_true", help="Forget the JSON's earlier results.")
     parser.add_argument(
         "--force", action="store_true", help="Measure again models measured before (and redraw their scatter)."

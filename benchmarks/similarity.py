@@ -7,10 +7,16 @@ checks both give the same numbers (to 1e-5) and reports the speed ratio.
 Part `minilm`: MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on SST-2 with standard training (loss on the last layer
 only), aligned training (linear layer weights, one shared classifier) and per-layer heads (the multi-exit baseline).
 On the SST-2 dev set it reports the COS and CKA matrices, their agreement, the mean off-diagonal similarity and the
-accuracy per layer. Checkpoints come from the trainer benchmark (`outputs/benchmarks/train_aligned/...`); where those
+accuracy per layer. Checkpoints default to the recipes benchmark's seed-1 SST-2 models (standard, the paper's aligned
+loss, per-layer heads; `benchmarks/recipes.py` saves them under outputs/benchmarks/recipes/checkpoints/); where those
 are missing, small ones are trained here with a short plain-PyTorch loop, and the results say so.
 
+The JSON goes to benchmarks/results/similarity/ (committed: docs/results.md section 2 is rendered from it by
+`benchmarks/reproduce.py`, which also draws the figures from it); each file records its provenance (command, seed,
+commit, machine, duration). The same figures go to `--figures` (outputs/benchmarks/similarity/).
+
 Usage:
+    python benchmarks/similarity.py                     # both parts
     python benchmarks/similarity.py --part synthetic
     python benchmarks/similarity.py --part minilm [--standard DIR --aligned DIR --per-layer DIR]
 """
@@ -21,7 +27,10 @@ import argparse
 import csv
 import importlib.resources
 import json
+import shlex
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +52,15 @@ from hf_aligned import (
 )
 from hf_aligned.utils import json_safe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUTPUTS, describe_machine
+from recipes import checkpoint_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-TRAINED_DEFAULTS = ROOT / "outputs" / "benchmarks" / "train_aligned"
+RESULTS = ROOT / "benchmarks" / "results" / "similarity"
+# The recipes benchmark's checkpoint each model defaults to: (variant, seed).
+RECIPES_CHECKPOINTS = {"standard": ("standard", 1), "aligned": ("paper", 1), "per_layer": ("per_layer", 1)}
 # The three models compared: name -> (layer weights, classifier sharing) used when this script trains them itself.
 MODELS = {"standard": ("last", "shared"), "aligned": ("linear", "shared"), "per_layer": ("linear", "per_layer")}
 
@@ -198,19 +213,25 @@ def run_minilm(args: argparse.Namespace) -> dict:
     texts, labels = texts[: args.eval_samples], labels[: args.eval_samples]
     directories = {"standard": args.standard, "aligned": args.aligned, "per_layer": args.per_layer}
     source = "the checkpoints given (--standard, --aligned, --per-layer)"
+    if all(Path(path) == checkpoint_dir("sst2", *RECIPES_CHECKPOINTS[name]) for name, path in directories.items()):
+        source = "the recipes benchmark's seed-1 SST-2 models (standard, paper's aligned loss, per-layer heads)"
     if not all((Path(path) / "config.json").exists() for path in directories.values()):
         source = (
             f"trained here: {args.train_samples} SST-2 train phrases, {args.epochs} epochs, batch {args.batch_size}, "
-            f"lr {args.learning_rate} (the trainer benchmark checkpoints were not found)"
+            f"lr {args.learning_rate} (the checkpoints given were not found)"
         )
-        directories = {name: args.output / "trained" / name for name in MODELS}
+        directories = {name: OUTPUTS / "similarity" / "trained" / name for name in MODELS}
         for name, path in directories.items():
             if not (path / "config.json").exists():
                 train_small(name, path, args, base_tokenizer)
     print(f"\nMiniLM-L6 on SST-2 dev ({len(texts)} sentences); models: {source}")
 
-    results = {"source": source, "num_samples": len(texts), "models": {}}
-    matrices, accuracy_curves, probe_curves = {}, {}, {}
+    results = {
+        "source": source,
+        "num_samples": len(texts),
+        "majority_class_share": max(np.mean(labels), 1 - np.mean(labels)),
+        "models": {},
+    }
     for name, path in directories.items():
         model = AlignedForSequenceClassification.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -247,9 +268,6 @@ def run_minilm(args: argparse.Namespace) -> dict:
             "probe_accuracy": probes.to_dict(),
             "seconds": time.perf_counter() - start,
         }
-        matrices[name] = {"COS": cos, "CKA": cka}
-        accuracy_curves[name] = accuracy
-        probe_curves[f"{name} (probe)"] = probes.test_accuracy[1:]
 
     print(
         f"{'model':<11}{'COS mean':>9}{'CKA mean':>9}{'blocks COS':>11}{'blocks CKA':>11}{'Spearman':>9}{'Pearson':>8}"
@@ -270,19 +288,29 @@ def run_minilm(args: argparse.Namespace) -> dict:
         for kind in ("cos", "cka"):
             values = entry["similarity_to_last_block"][kind]
             print(f"{name + ' ' + kind.upper():<28}" + "".join(f"{float(value):>7.3f}" for value in values))
+    return results
 
+
+def draw(minilm: Mapping, folder: Path) -> tuple[Path, Path]:
+    """The COS and CKA heatmaps of the standard and aligned models, and every model's classifier and probe accuracy
+    per block, drawn from the `minilm` part's JSON into `folder`; returns the two PNG paths."""
+    models = minilm["models"]
+    heatmaps, accuracy = folder / "minilm_sst2_similarity.png", folder / "minilm_sst2_accuracy.png"
     plot_similarity_heatmaps(
-        {name: matrices[name] for name in ("standard", "aligned")},
-        args.output / "minilm_sst2_similarity.png",
+        {name: {"COS": models[name]["cos"], "CKA": models[name]["cka"]} for name in ("standard", "aligned")},
+        heatmaps,
         title="MiniLM-L6 on SST-2 dev: layer similarity (0 = embeddings)",
     )
     plot_layer_accuracy(
-        {**accuracy_curves, **probe_curves},
-        args.output / "minilm_sst2_accuracy.png",
+        {
+            **{name: entry["classifier_accuracy"] for name, entry in models.items()},
+            **{f"{name} (probe)": entry["probe_accuracy"]["test_accuracy"][1:] for name, entry in models.items()},
+        },
+        accuracy,
         title="MiniLM-L6 on SST-2 dev: accuracy per block",
-        chance=max(np.mean(labels), 1 - np.mean(labels)),
+        chance=minilm.get("majority_class_share"),  # not recorded by runs before it was added
     )
-    return results
+    return heatmaps, accuracy
 
 
 def encoded_dataset(encoded: list[dict]):
@@ -301,28 +329,47 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch and numpy's BLAS (default: the libraries')."
     )
-    parser.add_argument("--standard", type=Path, default=TRAINED_DEFAULTS / "standard")
-    parser.add_argument("--aligned", type=Path, default=TRAINED_DEFAULTS / "aligned")
-    parser.add_argument("--per-layer", type=Path, default=TRAINED_DEFAULTS / "per_layer")
+    for name, (variant, seed) in RECIPES_CHECKPOINTS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=Path, default=checkpoint_dir("sst2", variant, seed), help=f"{name} checkpoint")
     parser.add_argument("--train-samples", type=int, default=800, help="SST-2 phrases, when training here.")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--eval-samples", type=int, default=872, help="SST-2 dev sentences (872 = all).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "benchmarks" / "similarity")
+    parser.add_argument("--seed", type=int, default=0, help="Linear probes' split, and models trained here.")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="Where the JSON goes (committed).")
+    parser.add_argument("--figures", type=Path, default=OUTPUTS / "similarity", help="Where the figures go.")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    parts = {"synthetic": ("synthetic.json", run_synthetic), "minilm": ("minilm_sst2.json", run_minilm)}
     with threadpool_limits(limits=args.threads):
-        if args.part in ("synthetic", "all"):
-            results = run_synthetic(args)
-            (args.output / "synthetic.json").write_text(json.dumps(json_safe(results), indent=2))
-        if args.part in ("minilm", "all"):
-            results = run_minilm(args)
-            (args.output / "minilm_sst2.json").write_text(json.dumps(json_safe(results), indent=2))
-    print(f"\nResults written to {args.output}")
+        for part, (file, run) in parts.items():
+            if args.part not in (part, "all"):
+                continue
+            started = time.perf_counter()
+            results = json_safe(run(args))
+            results["provenance"] = provenance(args, time.perf_counter() - started)
+            (args.output / file).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            if part == "minilm":
+                args.figures.mkdir(parents=True, exist_ok=True)
+                draw(results, args.figures)
+    print(f"\nResults written to {args.output}, figures to {args.figures}")
+
+
+def provenance(args: argparse.Namespace, duration_s: float) -> dict:
+    """What docs/results.md's Sources table shows of this run."""
+    machine = describe_machine()
+    return {
+        "command": "python benchmarks/similarity.py " + shlex.join(sys.argv[1:]),
+        "seeds": [args.seed],
+        "commit": machine["commit"],
+        "machine": f"{machine['cpu']}; GPU: {machine['gpu']}; {machine['software']}",
+        "date": machine["date"],
+        "duration_s": round(duration_s, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""benchmarks/reproduce.py: the report's numbers are the JSON's, its figures exist, missing results say what to run."""
+"""benchmarks/reproduce.py: the committed report is exactly the rendering of the committed JSON, its numbers are the
+JSON's, its figures exist and are linked, missing or foreign JSON says what to run, other benchmarks' blocks survive."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib.util
 import json
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,68 +17,58 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = 6
 KIND_LABELS = {"standard": "standard", "aligned": "aligned", "per_layer": "per-layer heads"}
-EXIT_ENTRIES = ("sst2-minilm/aligned", "sst2-minilm/per_layer", "digits-vit/aligned", "digits-vit/per_layer")
 
 
-def load_reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-reproduce = load_reproduce()
+reproduce = load_benchmark("reproduce")
+recipes = sys.modules["recipes"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fixtures: small JSON in each benchmark's format, with random numbers
+# Fixtures: the committed recipes JSON, and small JSON in the other benchmarks' formats with random numbers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def eval_metrics(rng: random.Random) -> dict:
-    metrics = {f"eval_layer_{layer}_accuracy": rng.random() for layer in range(1, LAYERS + 1)}
-    return metrics | {"eval_loss": rng.random(), "eval_minimal_depth": rng.randint(1, LAYERS)}
-
-
-def train_aligned_payload(rng: random.Random) -> dict:
-    variants = {kind: {"eval": eval_metrics(rng), "median_step_time": rng.random()} for kind in KIND_LABELS}
-    return {
-        "dev_accuracy_by_layer": {
-            kind: [variant["eval"][f"eval_layer_{layer}_accuracy"] for layer in range(1, LAYERS + 1)]
-            for kind, variant in variants.items()
-        },
-        "ratios": {"step_time_aligned_vs_standard": rng.uniform(0.5, 2), "peak_rss_aligned_vs_standard": rng.random()},
-        "targets_met": {"step_time_ratio <= 1.10": True, "aligned layer 6 within 1 point of standard": False},
-        "pooling": "mean",
-        "settings": {
-            "train_samples": rng.randint(100, 10_000),
-            "max_seq_length": 64,
-            "batch_size": 32,
-            "learning_rate": 1e-4,
-            "aligned_layer_weights": "linear",
-        },
-        "variants": variants,
-    }
 
 
 def similarity_payloads(rng: random.Random) -> tuple[dict, dict]:
     def agreement():
         return {"spearman": rng.random(), "pearson": rng.random(), "num_pairs": 21}
 
+    def matrix():
+        values = np.array([[rng.random() for _ in range(LAYERS + 1)] for _ in range(LAYERS + 1)])
+        return ((values + values.T) / 2).tolist()
+
     minilm = {
         "source": "trainer benchmark checkpoints",
         "num_samples": rng.randint(100, 900),
+        "majority_class_share": 0.5,
         "models": {
             kind: {
+                "cos": matrix(),
+                "cka": matrix(),
                 "agreement": agreement(),
                 "agreement_blocks": agreement(),
                 "off_diagonal_mean": {"cos": rng.random(), "cka": rng.random()},
                 "similarity_to_last_block": {
                     measure: [rng.random() for _ in range(LAYERS - 1)] for measure in ("cos", "cka")
                 },
+                "classifier_accuracy": [rng.random() for _ in range(LAYERS)],
+                "probe_accuracy": {"test_accuracy": [rng.random() for _ in range(LAYERS + 1)]},
             }
             for kind in KIND_LABELS
+        },
+        "provenance": {
+            "command": "python benchmarks/similarity.py --part minilm",
+            "seeds": [0],
+            "commit": "abc1234",
+            "machine": "Test CPU, 64 cores",
+            "duration_s": 90.0,
         },
     }
     synthetic = {
@@ -93,38 +85,6 @@ def similarity_payloads(rng: random.Random) -> tuple[dict, dict]:
         "agreement": {"spearman": rng.random(), "pearson": rng.random(), "num_pairs": 78},
     }
     return minilm, synthetic
-
-
-def early_exit_payload(rng: random.Random) -> dict:
-    results = {}
-    for name in EXIT_ENTRIES:
-        thresholds = sorted(rng.sample(range(500, 1000), 4))
-        calibrated = rng.randrange(len(thresholds))
-        full_accuracy = rng.random()
-        sweep = [
-            {
-                "threshold": threshold / 1000,
-                "accuracy": rng.random(),
-                "full_accuracy": full_accuracy,
-                "mean_exit_layer": rng.uniform(1, LAYERS),
-                "ideal_speedup": rng.uniform(1, LAYERS),
-                "measured_speedup_batch1": rng.uniform(0.5, 4),
-                "measured_speedup_batch32": rng.uniform(0.5, 4),
-                "measured_over_ideal_batch1": rng.random(),
-                "measured_over_ideal_batch32": rng.random(),
-                "calibrated": index == calibrated,
-            }
-            for index, threshold in enumerate(thresholds)
-        ]
-        results[name] = {
-            "calibration": {"num_layers": LAYERS, "chosen": thresholds[calibrated] / 1000},
-            "sweep": sweep,
-        }
-    return {"torch_threads": 2, "results": results, "tables": []}
-
-
-def demo_payload(rng: random.Random) -> dict:
-    return {label: eval_metrics(rng) for label in KIND_LABELS.values()}
 
 
 def saturation_entry(rng: random.Random, task: str, kind: str, seed: int) -> dict:
@@ -186,36 +146,54 @@ def saturation_payload(rng: random.Random) -> dict:
         "results": results,
         "missing": {f"ag_news/{kind}/seed0": [f"/ckpt/ag_news/{kind}"] for kind in KIND_LABELS},
         "representation": "pooled_layer_states",
+        "settings": {
+            "data": {"sst2": "SST-2 dev", "digits": "digits"},
+            "text_max_length": 64,
+            "digits_model": "a ViT",
+            "digits_training": "30 epochs",
+        },
         "runs": [
             {"command": "python benchmarks/saturation.py", "machine": machine, "duration_s": 120.0, "torch_threads": 1}
         ],
     }
 
 
-@pytest.fixture
-def outputs(tmp_path: Path) -> Path:
-    """A benchmark outputs folder with every JSON the report reads, and the similarity benchmark's two PNGs."""
+def write_results(folder: Path) -> Path:
+    """A results folder with every JSON the report reads: the committed recipes.json, the others random."""
     rng = random.Random(0)
-    folder = tmp_path / "outputs"
     minilm, synthetic = similarity_payloads(rng)
     payloads = {
-        "train_aligned/results.json": train_aligned_payload(rng),
         "similarity/minilm_sst2.json": minilm,
         "similarity/synthetic.json": synthetic,
-        "early_exit.json": early_exit_payload(rng),
-        "demo/metrics.json": demo_payload(rng),
         "saturation/results.json": saturation_payload(rng),
     }
     for file, payload in payloads.items():
         (folder / file).parent.mkdir(parents=True, exist_ok=True)
         (folder / file).write_text(json.dumps(payload), encoding="utf-8")
-    for index, name in enumerate(("minilm_sst2_similarity.png", "minilm_sst2_accuracy.png")):
-        (folder / "similarity" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes([index]) * 64)
+    shutil.copyfile(reproduce.RESULTS_DIR / "recipes.json", folder / "recipes.json")
     return folder
 
 
-def read(outputs: Path, file: str) -> dict:
-    return json.loads((outputs / file).read_text(encoding="utf-8"))
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return write_results(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def rendered_docs(results_dir: Path, tmp_path_factory) -> Path:
+    """The docs folder rendered once from the fixture's JSON (drawing the figures is what takes time)."""
+    docs = tmp_path_factory.mktemp("docs")
+    reproduce.render(results_dir, docs)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rendered(rendered_docs: Path) -> str:
+    return (rendered_docs / "results.md").read_text(encoding="utf-8")
+
+
+def read(folder: Path, file: str) -> dict:
+    return json.loads((folder / file).read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -258,41 +236,52 @@ def same(cell: str, value: float) -> bool:
     return abs(number(cell) - value) <= 5e-4 + 1e-12
 
 
-def assert_layer_table(rows: list[dict[str, str]], metrics_by_label: dict[str, dict]) -> None:
-    assert [row["layer"] for row in rows] == [*(str(layer) for layer in range(1, LAYERS + 1)), "minimal depth"]
-    for label, metrics in metrics_by_label.items():
-        for layer in range(1, LAYERS + 1):
-            assert same(rows[layer - 1][label], metrics[f"eval_layer_{layer}_accuracy"]), (label, layer)
-        assert int(rows[-1][label]) == metrics["eval_minimal_depth"]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def rendered(outputs: Path, tmp_path: Path) -> str:
-    return reproduce.render(outputs, tmp_path / "docs").read_text(encoding="utf-8")
-
-
-def test_layerwise_numbers_are_the_json(rendered, outputs):
-    trained = read(outputs, "train_aligned/results.json")
-    assert_layer_table(
-        table(rendered, "SST-2 dev accuracy after every layer"),
-        {label: trained["variants"][kind]["eval"] for kind, label in KIND_LABELS.items()},
+def test_committed_report_is_the_rendering_of_the_committed_json(tmp_path):
+    """A number typed into docs/results.md by hand, or JSON changed without re-rendering, fails here."""
+    docs = tmp_path / "docs"
+    reproduce.render(reproduce.RESULTS_DIR, docs)
+    committed = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    assert (docs / "results.md").read_text(encoding="utf-8") == committed, (
+        "docs/results.md is out of date: run `python benchmarks/reproduce.py --render-only`"
     )
-    assert f"on {trained['settings']['train_samples']} SST-2 training phrases" in rendered
-    ratios = {row["ratio"].strip("`"): row["value"] for row in table(rendered, "Cost of aligned training")}
-    assert ratios.keys() == trained["ratios"].keys()
-    assert all(same(ratios[name], value) for name, value in trained["ratios"].items())
-    targets = {row["target"]: row["met"] for row in table(rendered, "own targets")}
-    assert targets == {name: "yes" if met else "no" for name, met in trained["targets_met"].items()}
-    assert_layer_table(table(rendered, "Digits held-out accuracy"), read(outputs, "demo/metrics.json"))
+    linked = set(re.findall(r"\]\(figures/([^)]+)\)", committed))
+    assert linked == {png.name for png in (docs / "figures").glob("*.png")}
+    assert all((REPO / "docs" / "figures" / name).is_file() for name in linked)
 
 
-def test_similarity_numbers_are_the_json(rendered, outputs):
-    minilm = read(outputs, "similarity/minilm_sst2.json")
+def test_every_committed_figure_is_linked_from_a_page():
+    pages = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+    linked = set(re.findall(r"figures/([\w.-]+\.png)", text))
+    assert {png.name for png in (REPO / "docs" / "figures").glob("*.png")} == linked
+
+
+def test_sections_hold_the_recipes_blocks_and_every_block_is_the_json(rendered, results_dir):
+    recipes_json = read(results_dir, "recipes.json")
+    assert recipes.replace_blocks(rendered, recipes.render_blocks(recipes_json)) == rendered
+    sections = dict(re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", rendered, re.M | re.S))
+    assert list(sections) == [
+        "1. Layer-wise accuracy: standard vs aligned vs per-layer heads",
+        "2. Layer similarity: COS vs CKA",
+        "3. Multi-exit: one shared classifier vs per-layer heads",
+        "4. Saturation events and probability vs similarity",
+        "Sources",
+    ]
+    layers, exits = sections[next(iter(sections))], sections["3. Multi-exit: one shared classifier vs per-layer heads"]
+    for task in recipes_json["summary"]:
+        assert f"<!-- BEGIN recipes-accuracy-{task} -->" in layers
+        assert f"<!-- BEGIN recipes-exits-{task} -->" in exits
+    assert "<!-- BEGIN recipes-targets -->" in exits
+    assert "figures/recipes_layers.png" in layers
+
+
+def test_similarity_numbers_are_the_json(rendered, results_dir):
+    minilm = read(results_dir, "similarity/minilm_sst2.json")
     assert f"MiniLM on SST-2 dev ({minilm['num_samples']} sentences)" in rendered
     agreement = {row["model"]: row for row in table(rendered, "Agreement of the COS and CKA matrices")}
     for kind, label in KIND_LABELS.items():
@@ -309,7 +298,7 @@ def test_similarity_numbers_are_the_json(rendered, outputs):
         values = minilm["models"][kind]["similarity_to_last_block"][row["measure"].lower()]
         assert all(same(row[f"layer {layer}"], value) for layer, value in enumerate(values, start=1))
 
-    synthetic = read(outputs, "similarity/synthetic.json")
+    synthetic = read(results_dir, "similarity/synthetic.json")
     speed = {row["matrix"]: row for row in table(rendered, "against a naive per-pair numpy loop")}
     for measure in ("cos", "cka"):
         row = speed[measure.upper()]
@@ -320,31 +309,34 @@ def test_similarity_numbers_are_the_json(rendered, outputs):
     assert f"{synthetic['num_samples']} samples" in rendered
 
 
-def test_early_exit_numbers_are_the_json(rendered, outputs):
-    exits = read(outputs, "early_exit.json")["results"]
-    calibrated = table(rendered, "At the calibrated threshold")
-    assert [(row["task"], row["model"]) for row in calibrated] == [
-        (name.split("/")[0], KIND_LABELS[name.split("/")[1]]) for name in EXIT_ENTRIES
+def test_sources_show_what_each_json_records(rendered, results_dir):
+    sources = {row["JSON"]: row for row in table(rendered, "JSON read from `benchmarks/results/`")}
+    assert list(sources) == [
+        "`recipes.json`",
+        "`similarity/minilm_sst2.json`",
+        "`similarity/synthetic.json`",
+        "`saturation/results.json`",
     ]
-    columns = {
-        "full depth": "full_accuracy",
-        "threshold": "threshold",
-        "accuracy": "accuracy",
-        "mean exit": "mean_exit_layer",
-        "ideal x": "ideal_speedup",
-        "measured x b1": "measured_speedup_batch1",
-        "measured x b32": "measured_speedup_batch32",
+    minilm = sources["`similarity/minilm_sst2.json`"]
+    assert minilm == {
+        "JSON": "`similarity/minilm_sst2.json`",
+        "commands": "`python benchmarks/similarity.py --part minilm`",
+        "seeds": "0",
+        "commits": "abc1234",
+        "machines": "Test CPU, 64 cores",
+        "duration": "1.5 min over 1 run(s)",
     }
-    for name, row in zip(EXIT_ENTRIES, calibrated):
-        point = next(point for point in exits[name]["sweep"] if point["calibrated"])
-        assert all(same(row[column], point[key]) for column, key in columns.items()), name
-    for name, entry in exits.items():
-        rows = table(rendered, f"**{name}**")
-        assert len(rows) == len(entry["sweep"])
-        for row, point in zip(rows, entry["sweep"]):
-            assert all(same(row[column], point[key]) for column, key in columns.items() if column != "full depth")
-            assert row["calibrated"] == ("yes" if point["calibrated"] else "")
-    assert "Tasks not in this run: ag_news-minilm." in rendered
+    assert set(sources["`similarity/synthetic.json`"].values()) == {"`similarity/synthetic.json`", "not recorded"}
+    runs = read(results_dir, "recipes.json")["runs"].values()
+    recipes_row = sources["`recipes.json`"]
+    assert recipes_row["seeds"] == ", ".join(map(str, sorted({run["seed"] for run in runs})))
+    assert {f"`{run['provenance']['command']}`" for run in runs} <= set(recipes_row["commands"].split("<br>"))
+    assert recipes_row["duration"].startswith(
+        f"{sum(run['wall_time_s'] for run in runs) / 60:.1f} min over {len(runs)}"
+    )
+    saturation = sources["`saturation/results.json`"]
+    assert saturation["commits"] == "c0" and saturation["duration"] == "2.0 min over 1 run(s)"
+    assert saturation["seeds"] == "0, 1, 2"
 
 
 def spread(values: list[float]) -> tuple[float, float | None]:
@@ -360,8 +352,8 @@ def same_spread(cell: str, values: list[float]) -> bool:
     return len(parts) == 2 and same(parts[0], mean) and same(parts[1], std)
 
 
-def test_saturation_numbers_are_the_json(rendered, outputs):
-    payload = read(outputs, "saturation/results.json")
+def test_saturation_numbers_are_the_json(rendered, results_dir):
+    payload = read(results_dir, "saturation/results.json")
     for task, seeds in SATURATION_SEEDS.items():
         rows = {row["model"]: row for row in table(rendered, f"**{task}: saturation and rank correlation")}
         assert set(rows) == set(KIND_LABELS.values())
@@ -402,146 +394,120 @@ def test_saturation_numbers_are_the_json(rendered, outputs):
     assert "_Not measured yet: no ag_news checkpoint was found (looked in `/ckpt/ag_news/standard`" in rendered
 
 
-def test_saturation_section_without_results_says_what_is_missing(outputs, tmp_path):
-    payload = read(outputs, "saturation/results.json")
+def test_saturation_blocks_say_what_is_missing(results_dir, tmp_path):
+    payload = read(results_dir, "saturation/results.json")
     payload["missing"] = {}
-    payload["results"] = {key: entry for key, entry in payload["results"].items() if entry["variant"] != "standard"}
-    (outputs / "saturation" / "results.json").write_text(json.dumps(payload), encoding="utf-8")
-    rendered = reproduce.render(outputs, tmp_path / "docs").read_text(encoding="utf-8")
-    assert "_Not measured yet: ag_news was not among the tasks run." in rendered
-    assert "_No checkpoint measured for: standard._" in rendered
-    assert "Claim 5 cannot be judged: it needs the standard and the aligned model of the same seed." in rendered
+    payload["results"] = {
+        key: entry
+        for key, entry in payload["results"].items()
+        if entry["variant"] != "standard" and entry["seed"] == 0
+    }
+    blocks = reproduce.saturation_blocks({"saturation/results.json": payload}, tmp_path)
+    assert "_Not measured yet: ag_news was not among the tasks run." in blocks["saturation-ag_news"]
+    assert "_No checkpoint measured for: standard._" in blocks["saturation-sst2"]
+    assert (
+        "Claim 5 cannot be judged: it needs the standard and the aligned model of the same seed."
+        in (blocks["saturation-sst2"])
+    )
 
-    (outputs / "saturation" / "results.json").unlink()
-    rendered = reproduce.render(outputs, tmp_path / "docs", allow_missing=True).read_text(encoding="utf-8")
-    assert "_Not run yet: `python benchmarks/saturation.py --output" in rendered
 
-
-def test_figures_are_written_linked_and_small(rendered, outputs, tmp_path):
-    figures = tmp_path / "docs" / "figures"
+def test_figures_are_written_linked_and_small(rendered, rendered_docs):
     linked = set(re.findall(r"\]\(figures/([^)]+)\)", rendered))
-    assert linked == {png.name for png in figures.glob("*.png")}
-    expected = {
-        "headline.png",
-        "sst2_layer_accuracy.png",
-        "digits_layer_accuracy.png",
-        "early_exit_tradeoff.png",
+    assert linked == {png.name for png in (rendered_docs / "figures").glob("*.png")}
+    assert linked == {
+        "recipes_layers.png",
         "minilm_sst2_similarity.png",
         "minilm_sst2_accuracy.png",
         "sst2_saturation.png",
         "digits_saturation.png",
     }
-    # The recipes section reads the committed benchmarks/results/recipes.json, not the test's outputs folder.
-    if reproduce.RECIPES_RESULTS.exists():
-        expected.add(reproduce.RECIPES_FIGURE.name)
-    assert linked == expected
     for name in linked:
-        data = (figures / name).read_bytes()
+        data = (rendered_docs / "figures" / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) < 300_000, name
-    for name in ("minilm_sst2_similarity.png", "minilm_sst2_accuracy.png"):
-        assert (figures / name).read_bytes() == (outputs / "similarity" / name).read_bytes()
-    assert rendered.index("figures/headline.png") < rendered.index("## 1.")
 
 
-def test_commands_and_machine_come_from_the_manifest(outputs, tmp_path):
-    machine = {
-        "date": "2030-01-02 03:04 UTC",
-        "cpu": "Test CPU, 64 cores",
-        "gpu": "none",
-        "platform": "Linux",
-        "software": "Python 3.11, torch X, transformers Y",
-        "commit": "abc1234",
-    }
-    command = "python benchmarks/early_exit.py --tasks digits"
-    manifest = {"early_exit": {"command": command, "wall_time_s": 90.0, "machine": machine}}
-    (outputs / "reproduce.json").write_text(json.dumps(manifest), encoding="utf-8")
-    rendered = reproduce.render(outputs, tmp_path / "docs").read_text(encoding="utf-8")
-    assert f"Command: `{command}`" in rendered
-    assert (
-        "Run by `reproduce.py` on Test CPU, 64 cores; GPU: none; Python 3.11, torch X, transformers Y: early_exit"
-        in (rendered)
-    )
-    assert "No machine on record for benchmarks run on their own" in rendered
-    sources = {row["JSON"]: row for row in table(rendered, "JSON read from")}
-    assert sources["`early_exit.json`"]["command"] == f"`{command}`"
-    assert sources["`early_exit.json`"]["wall time"] == "1.5 min"
-    assert sources["`demo/metrics.json`"]["wall time"] == "-"
-
-
-def test_missing_json_names_the_command_to_run(outputs, tmp_path, capsys):
-    (outputs / "early_exit.json").unlink()
-    (outputs / "demo" / "metrics.json").unlink()
-    with pytest.raises(
-        FileNotFoundError, match=r"early_exit\.json \(written by `python benchmarks/early_exit\.py"
-    ) as error:
-        reproduce.render(outputs, tmp_path / "docs")
-    assert "`python examples/demo.py --output_dir" in str(error.value)
-    assert "--allow-missing" in str(error.value)
-
+def test_missing_json_names_the_commands_to_run(tmp_path, capsys):
+    results = write_results(tmp_path / "results")
+    (results / "similarity" / "synthetic.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"synthetic\.json is missing: section 'similarity' reads it; "):
+        reproduce.render(results, tmp_path / "docs")
     with pytest.raises(SystemExit) as exit_info:
-        reproduce.main(["--render-only", "--outputs", str(outputs), "--docs", str(tmp_path / "docs")])
+        reproduce.main(["--render-only", "--results", str(results), "--docs", str(tmp_path / "docs")])
     assert exit_info.value.code == 1
-    assert "python benchmarks/early_exit.py --output" in capsys.readouterr().err
-
-    rendered = reproduce.render(outputs, tmp_path / "docs", allow_missing=True).read_text(encoding="utf-8")
-    assert (
-        f"_Not run yet: `{reproduce.BENCHMARKS['early_exit'].command(outputs)}` writes `early_exit.json`._" in rendered
-    )
-    assert "_Not run yet: `python examples/demo.py" in rendered
-    figures = {png.name for png in (tmp_path / "docs" / "figures").glob("*.png")}
-    assert "early_exit_tradeoff.png" not in figures and "digits_layer_accuracy.png" not in figures
-    assert "headline.png" in figures  # still drawn, from the trainer benchmark alone
+    assert "`python benchmarks/similarity.py` writes it" in capsys.readouterr().err
+    assert not (tmp_path / "docs" / "results.md").exists()
 
 
-def test_json_of_another_format_is_refused(outputs, tmp_path):
-    (outputs / "similarity" / "synthetic.json").write_text(json.dumps({"seconds": {}}), encoding="utf-8")
+def test_json_of_another_format_is_refused(tmp_path):
+    results = write_results(tmp_path / "results")
+    (results / "similarity" / "synthetic.json").write_text(json.dumps({"seconds": {}}), encoding="utf-8")
     with pytest.raises(
         ValueError, match=r"synthetic\.json has no 'speed_ratio', 'max_abs_difference', 'agreement'.*re-run"
     ):
-        reproduce.render(outputs, tmp_path / "docs")
+        reproduce.render(results, tmp_path / "docs")
 
 
-def test_benchmarks_reuse_the_trainer_checkpoints(tmp_path):
-    out = tmp_path / "out"
-    checkpoints = {kind: str(out / "train_aligned" / kind) for kind in KIND_LABELS}
-    similarity = reproduce.BENCHMARKS["similarity"].argv(out)
-    for flag, kind in (("--standard", "standard"), ("--aligned", "aligned"), ("--per-layer", "per_layer")):
-        assert similarity[similarity.index(flag) + 1] == checkpoints[kind]
-    early_exit = reproduce.BENCHMARKS["early_exit"].argv(out)
-    assert early_exit[early_exit.index("--sst2-aligned") + 1] == checkpoints["aligned"]
-    assert early_exit[early_exit.index("--sst2-per-layer") + 1] == checkpoints["per_layer"]
-    saturation = reproduce.BENCHMARKS["saturation"].argv(out)
-    given = [saturation[index + 1] for index, flag in enumerate(saturation) if flag == "--checkpoint"]
-    assert given == [f"sst2/{kind}={path}" for kind, path in checkpoints.items()]
-    trainer = reproduce.BENCHMARKS["train_aligned"].argv(out)
-    assert trainer[trainer.index("--output_dir") + 1] == str(out / "train_aligned")
-
-
-@pytest.mark.parametrize("name", list(reproduce.BENCHMARKS))
-def test_every_flag_passed_is_one_the_script_defines(name):
-    benchmark = reproduce.BENCHMARKS[name]
-    script = REPO / benchmark.script
-    if not script.exists():
-        pytest.skip(f"{benchmark.script} is not on this branch yet")
-    source = script.read_text(encoding="utf-8")
-    flags = [argument for argument in benchmark.argv(Path("/out")) if argument.startswith("--")]
-    assert flags and all(f'"{flag}"' in source for flag in flags)
-
-
-def test_run_benchmarks_runs_each_script_and_records_it(tmp_path, monkeypatch):
-    script = tmp_path / "fake_benchmark.py"
-    script.write_text(
-        "import json, sys\nopen(sys.argv[2], 'w').write(json.dumps({'argv': sys.argv[1:]}))\n", encoding="utf-8"
+@pytest.fixture
+def asr_section(tmp_path, monkeypatch):
+    """A benchmark added the way the docstring says: its script's render_blocks, its JSON, one registry entry."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "fake_asr.py").write_text(
+        "def render_blocks(results):\n    return {'asr-wer': f\"| WER |\\n|---|\\n| {results['wer']:.3f} |\"}\n",
+        encoding="utf-8",
     )
-    fake = reproduce.Benchmark(str(script), ("fake.json",), lambda out: ["--output", out / "fake.json"])
-    monkeypatch.setattr(reproduce, "BENCHMARKS", {"fake": fake})
-    outputs = tmp_path / "out"
-    outputs.mkdir()
-    (outputs / "reproduce.json").write_text(json.dumps({"earlier": {"command": "x"}}), encoding="utf-8")
-    reproduce.run_benchmarks(["fake"], outputs)
-    assert read(outputs, "fake.json") == {"argv": ["--output", str(outputs / "fake.json")]}
-    manifest = read(outputs, "reproduce.json")
-    assert manifest["earlier"] == {"command": "x"}
-    assert manifest["fake"]["command"] == f"python {script} --output {outputs / 'fake.json'}"
-    assert manifest["fake"]["wall_time_s"] >= 0
-    assert set(manifest["fake"]["machine"]) == {"date", "cpu", "gpu", "platform", "software", "commit"}
+    monkeypatch.syspath_prepend(str(scripts))
+    results = tmp_path / "results"
+    results.mkdir()
+    provenance = {"command": "python benchmarks/asr.py", "seeds": [0, 1, 2], "commit": "c1", "machine": "m"}
+    (results / "asr.json").write_text(json.dumps({"wer": 0.1234, "provenance": [provenance]}), encoding="utf-8")
+    section = reproduce.Section(
+        title="Speech recognition",
+        claim="aligned training works on speech too.",
+        files={"asr.json": ("wer",)},
+        commands=("python benchmarks/asr.py",),
+        render=reproduce.module_blocks("fake_asr", "asr.json"),
+    )
+    monkeypatch.setattr(reproduce, "SECTIONS", {"asr": section})
+    return results
+
+
+def test_a_new_section_is_one_registry_entry(asr_section, tmp_path):
+    text = reproduce.render(asr_section, tmp_path / "docs").read_text(encoding="utf-8")
+    assert "## 1. Speech recognition\n\nClaim: aligned training works on speech too." in text
+    assert "<!-- BEGIN asr-wer -->\n| WER |\n|---|\n| 0.123 |\n<!-- END asr-wer -->" in text
+    row = table(text, "JSON read from")[0]
+    assert row["commands"] == "`python benchmarks/asr.py`" and row["seeds"] == "0, 1, 2"
+    assert row["duration"] == "not recorded"
+
+
+def test_blocks_no_section_renders_are_refused_not_dropped(asr_section, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    report = "# Report\n<!-- BEGIN causal-lm-perplexity -->\n| 12.3 |\n<!-- END causal-lm-perplexity -->\n"
+    (docs / "results.md").write_text(report, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"block\(s\) causal-lm-perplexity that no section .* add their benchmark"):
+        reproduce.render(asr_section, docs)
+    assert (docs / "results.md").read_text(encoding="utf-8") == report
+
+
+@pytest.mark.parametrize("command", sorted({c for s in reproduce.SECTIONS.values() for c in s.commands}))
+def test_every_command_runs_a_script_with_flags_it_defines(command):
+    program, script, *arguments = command.split()
+    source = (REPO / script).read_text(encoding="utf-8")
+    assert program == "python"
+    assert all(f'"{flag}"' in source for flag in arguments if flag.startswith("--"))
+
+
+def test_run_sections_runs_each_command_once(tmp_path, monkeypatch):
+    script = tmp_path / "fake_benchmark.py"
+    log = tmp_path / "log.txt"
+    script.write_text(f"import sys\nopen({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n", encoding="utf-8")
+    shared = f"python {script} --phase train"
+    sections = {
+        name: reproduce.Section(name, "", {}, commands, render=lambda payloads, figures: {})
+        for name, commands in (("a", (shared, f"python {script} --phase speed")), ("b", (shared,)))
+    }
+    monkeypatch.setattr(reproduce, "SECTIONS", sections)
+    reproduce.run_sections(["a", "b"])
+    assert log.read_text(encoding="utf-8").splitlines() == ["--phase train", "--phase speed"]
