@@ -525,10 +525,33 @@ def draw_layers(summary: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def setup_text(runs: dict) -> str:
+    """The sentence saying what was trained: the training-set sizes and seeds as the runs recorded them."""
+    names = {"sst2": "SST-2 phrases", "ag_news": "AG News items"}
+    parts = []
+    for task, name in names.items():
+        task_runs = [run for run in runs.values() if run["task"] == task]
+        if not task_runs:
+            continue
+        sizes = sorted({run["train_samples"] for run in task_runs})
+        seeds = sorted({run["seed"] for run in task_runs})
+        if len(sizes) != 1:
+            raise ValueError(f"{task} runs trained on different numbers of examples {sizes}; re-run them alike.")
+        parts.append(f"{sizes[0]:,} {name} (seeds {', '.join(map(str, seeds))})")
+    return (
+        f"One epoch on {' and on '.join(parts)}; exits are calibrated on {CALIBRATION_SAMPLES} further training "
+        "examples held out from training."
+    )
+
+
 def render_blocks(results: dict) -> dict[str, str]:
     """Every rendered block, by name: `<!-- BEGIN name -->` ... `<!-- END name -->` in the documents."""
     summary, checks = results["summary"], results["targets"]
-    blocks = {"recipes-targets": targets_table(checks), "recipes-headline": headline_table(summary)}
+    blocks = {
+        "recipes-targets": targets_table(checks),
+        "recipes-headline": headline_table(summary),
+        "recipes-setup": setup_text(results["runs"]),
+    }
     for task in summary:
         blocks[f"recipes-accuracy-{task}"] = accuracy_table(summary, task)
         blocks[f"recipes-exits-{task}"] = exit_table(summary, task)
