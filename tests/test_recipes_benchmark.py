@@ -32,6 +32,7 @@ def fake_run(rng: random.Random, task: str, variant: str, seed: int, layers: int
         "task": task,
         "variant": variant,
         "seed": seed,
+        "train_samples": 100 if task == "sst2" else 80,
         "layer_accuracy": sorted(rng.uniform(0.5, 0.95) for _ in range(layers)),
         "median_step_time_s": rng.uniform(0.5, 1.5),
         "peak_rss_bytes": rng.randint(10**9, 2 * 10**9),
@@ -110,6 +111,11 @@ def test_rendered_tables_show_the_summary_numbers():
     mean, std = results["summary"]["ag_news"]["paper"]["layer_accuracy"][2]
     row = next(line for line in table.splitlines() if line.startswith("| aligned, paper's loss"))
     assert row.split(" | ")[4] == f"{mean * 100:.1f} ± {std * 100:.1f}"
+    setup = recipes.render_blocks(results)["recipes-setup"]
+    assert setup.startswith("One epoch on 100 SST-2 phrases (seeds 0, 1, 2) and on 80 AG News items (seeds 0, 1, 2);")
+    results["runs"]["sst2/paper/1"]["train_samples"] = 99
+    with pytest.raises(ValueError, match=r"sst2 runs trained on different numbers of examples \[99, 100\]"):
+        recipes.render_blocks(results)
 
 
 def test_committed_documents_match_the_committed_results():
