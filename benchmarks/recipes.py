@@ -96,8 +96,20 @@ def load_task(task: str, train_samples: int, seed: int):
     return train, calibration, evaluation
 
 
-def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: int) -> dict:
-    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements."""
+def run_one(
+    task: str,
+    variant: str,
+    seed: int,
+    train_samples: int,
+    max_length: int,
+    model_options: dict | None = None,
+    checkpoint: Path | None = None,
+) -> dict:
+    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements.
+
+    `model_options` adds `AlignedConfig` options on top of the variant's (e.g. `projection_head`); `checkpoint` is
+    where the trained model is saved (default: `checkpoint_dir(task, variant, seed)`).
+    """
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
 
@@ -128,11 +140,15 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     train, calibration, evaluation = (tokenize(split) for split in (train, calibration, evaluation))
     num_labels = train.features["label"].num_classes
     options = dict(VARIANTS[variant])
-    model_options = {key: options.pop(key) for key in ("classifier_sharing",) if key in options}
+    model_options = {
+        **{key: options.pop(key) for key in ("classifier_sharing",) if key in options},
+        **(model_options or {}),
+    }
+    checkpoint = checkpoint or checkpoint_dir(task, variant, seed)
     torch.manual_seed(seed)
     model = AlignedForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels, **model_options)
     args = AlignedTrainingArguments(
-        output_dir=str(CHECKPOINTS / "runs" / f"{task}-{variant}-{seed}"),
+        output_dir=str(checkpoint.parent / f"{checkpoint.name}-run"),
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         num_train_epochs=1,
@@ -169,6 +185,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "distillation_temperature": model.config.distillation_temperature,
             "classifier_sharing": model.config.classifier_sharing,
             "classifier_lr_ratio": trainer.classifier_lr_ratio,
+            "projection_head": model.config.projection_head,
         },
     }
     if variant in EXIT_VARIANTS:
@@ -186,7 +203,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-    trainer.save_model(str(checkpoint_dir(task, variant, seed)))  # the speed phase and the analyses read it
+    trainer.save_model(str(checkpoint))  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 

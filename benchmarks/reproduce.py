@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUTPUTS, REPO, describe_machine, print_table, write_json
+from projection_head import RESULTS as PROJECTION_RESULTS
+from projection_head import render_blocks as projection_blocks
 from recipes import FIGURE as RECIPES_FIGURE
 from recipes import RESULTS as RECIPES_RESULTS
 from recipes import draw_layers, render_blocks, replace_blocks
@@ -321,6 +323,32 @@ def recipes_section(figures: Path) -> str:
     draw_layers(results["summary"], figures / RECIPES_FIGURE.name)
     body = "\n".join(text)
     return replace_blocks(body, render_blocks(results))
+
+
+PROJECTION_BLOCKS = ("projection-accuracy", "projection-transfer", "projection-differences", "projection-verdict")
+
+
+def projection_section() -> str:
+    """The projection-head benchmark (Xue et al.), rendered from its committed JSON (benchmarks/results/)."""
+    text = _intro(
+        "5. Projection head: accuracy, and transfer before vs after it",
+        "(Xue et al., arXiv 2403.11391) representations *before* a projection head transfer better than those after "
+        "it, and lower layers are less specialized; with one classifier shared by every layer, a projection head "
+        "(an MLP before the classification layer, `AlignedConfig(projection_head={})`) is where layer-specific "
+        "differences could be absorbed. MiniLM, SST-2 (the recipes benchmark's settings and seeds; the rows without "
+        "a head are its runs), three seeds, mean ± std in points. Transfer: each frozen SST-2 model probed per layer "
+        "(layer 0: embeddings) with a logistic regression on AG News features, 1,000 probe-training and 1,000 "
+        "probe-test items, read before (`pre`) and after (`post`) the projection head.",
+    )
+    text.append(
+        "Command: `python benchmarks/projection_head.py`, then `--phase render` "
+        f"(JSON: `{PROJECTION_RESULTS.relative_to(REPO)}`, committed).\n"
+    )
+    if not PROJECTION_RESULTS.exists():
+        return "\n".join([*text, "Not run yet.\n"])
+    text += [f"<!-- BEGIN {name} -->\n<!-- END {name} -->\n" for name in PROJECTION_BLOCKS]
+    results = json.loads(PROJECTION_RESULTS.read_text(encoding="utf-8"))
+    return replace_blocks("\n".join(text), projection_blocks(results))
 
 
 def layerwise_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
@@ -841,6 +869,7 @@ def render(outputs: Path = OUTPUTS, docs: Path = DOCS, allow_missing: bool = Fal
         similarity_section(results, outputs, figures, manifest),
         early_exit_section(results, outputs, figures, manifest),
         saturation_section(results, outputs, figures, manifest),
+        projection_section(),
         sources_section(results, outputs, manifest),
     ]
     path = docs / "results.md"
