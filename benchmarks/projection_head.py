@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUTPUTS, REPO, load_ag_news, minilm_path, write_json
-from recipes import TASK_DEFAULTS, isolated, provenance, replace_blocks, run_one
+from recipes import TASK_DEFAULTS, isolated, provenance, run_one, write_blocks
 
 RESULTS = REPO / "benchmarks" / "results" / "projection_head.json"
 RECIPES_RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
@@ -360,20 +360,6 @@ def render_blocks(results: dict) -> dict[str, str]:
     }
 
 
-def render_documents(results: dict, root: Path = REPO) -> list[Path]:
-    """Rewrites the rendered blocks of the docs from `results`; returns the files changed."""
-    blocks = render_blocks(results)
-    changed = []
-    for name in RENDERED_DOCUMENTS:
-        path = root / name
-        text = path.read_text(encoding="utf-8")
-        rendered = replace_blocks(text, blocks)
-        if rendered != text:
-            path.write_text(rendered, encoding="utf-8")
-            changed.append(path)
-    return changed
-
-
 def load_results(path: Path) -> dict:
     results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for table in ("runs", "retrained_baselines", "transfer"):
@@ -418,7 +404,7 @@ def main() -> None:
         print(f"\n{transfer_table(results['summary'])}\n\n{differences_table(results['summary'])}\n")
         print(verdict(results["summary"]))
     if options.phase == "render":
-        for path in render_documents(results):
+        for path in write_blocks(render_blocks(results), RENDERED_DOCUMENTS):
             print(f"rendered {path.relative_to(REPO)}")
 
 

@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -562,9 +563,13 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 
 def render_documents(results: dict, root: Path = REPO) -> list[Path]:
     """Rewrites the rendered blocks of README and docs from `results`; returns the files changed."""
-    blocks = render_blocks(results)
+    return write_blocks(render_blocks(results), RENDERED_DOCUMENTS, root)
+
+
+def write_blocks(blocks: dict[str, str], documents: Sequence[str], root: Path = REPO) -> list[Path]:
+    """Replaces the marked blocks in `documents` (paths relative to `root`); returns the files changed."""
     changed = []
-    for name in RENDERED_DOCUMENTS:
+    for name in documents:
         path = root / name
         text = path.read_text(encoding="utf-8")
         rendered = replace_blocks(text, blocks)

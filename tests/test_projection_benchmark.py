@@ -27,6 +27,7 @@ def load_benchmark():
 
 
 projection_head = load_benchmark()
+replace_blocks = sys.modules["recipes"].replace_blocks
 
 
 def fake_results(seed: int = 0) -> dict:
@@ -108,7 +109,7 @@ def test_committed_documents_match_the_committed_results():
     found = 0
     for name in projection_head.RENDERED_DOCUMENTS:
         text = (REPO / name).read_text(encoding="utf-8")
-        assert projection_head.replace_blocks(text, blocks) == text, f"{name} is out of date: run --phase render"
+        assert replace_blocks(text, blocks) == text, f"{name} is out of date: run --phase render"
         found += sum(f"<!-- BEGIN {block} -->" in text for block in blocks)
     assert found >= len(blocks)
     assert json.loads(json.dumps(projection_head.summarize(results))) == results["summary"]
