@@ -36,6 +36,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -208,49 +209,56 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _per_layer(curves: list[list[float]]) -> list[tuple[float, float]]:
+def _per_layer(curves: Iterable[list[float]]) -> list[tuple[float, float]]:
     return [mean_std(list(values)) for values in zip(*curves)]
+
+
+def _by_seed(records: dict, variant: str, head: bool, field: str) -> dict[int, list[float]]:
+    """One per-layer curve per seed, of the records of one variant with or without the head."""
+    prefix = f"{TASK}/{variant}{'+head' if head else ''}/"
+    return {record["seed"]: record[field] for key, record in records.items() if key.startswith(prefix)}
+
+
+def _paired_difference(first: dict, second: dict) -> list[tuple[float, float]] | None:
+    """Mean ± std over the seeds both hold of `first - second`, per layer."""
+    seeds = sorted(set(first) & set(second))
+    if not seeds:
+        return None
+    return _per_layer([[a - b for a, b in zip(first[seed], second[seed])] for seed in seeds])
 
 
 def summarize(results: dict) -> dict:
     """Mean ± std over seeds: SST-2 accuracy per layer; AG News probe accuracy per layer and stage; and the paired
-    (same seed) differences pre - post and with head - without head."""
+    (same seed) differences: SST-2 accuracy with head - without, AG News pre - post and pre with head - without."""
     runs = {**results["baseline"], **results["runs"]}
     transfer = results["transfer"]
-    summary: dict = {"accuracy": {}, "transfer": {}, "differences": {}}
+    summary: dict = {"accuracy": {}, "accuracy_differences": {}, "transfer": {}, "differences": {}}
     for variant in VARIANTS:
         for head in (False, True):
             name = f"{variant}{'+head' if head else ''}"
-            records = [record for key, record in runs.items() if key.startswith(f"{TASK}/{name}/")]
-            if records:
+            accuracy = _by_seed(runs, variant, head, "layer_accuracy")
+            if accuracy:
                 summary["accuracy"][name] = {
-                    "seeds": sorted(record["seed"] for record in records),
-                    "layer_accuracy": _per_layer([record["layer_accuracy"] for record in records]),
+                    "seeds": sorted(accuracy),
+                    "layer_accuracy": _per_layer(accuracy.values()),
                 }
-            probes = [record for key, record in transfer.items() if key.startswith(f"{TASK}/{name}/")]
-            if probes:
+            stages = {stage: _by_seed(transfer, variant, head, stage) for stage in STAGES}
+            if stages["pre"]:
                 summary["transfer"][name] = {
-                    "seeds": sorted(record["seed"] for record in probes),
-                    **{stage: _per_layer([record[stage] for record in probes]) for stage in STAGES},
+                    "seeds": sorted(stages["pre"]),
+                    **{stage: _per_layer(curves.values()) for stage, curves in stages.items()},
                 }
-    for variant in VARIANTS:
-        with_head = {
-            record["seed"]: record for record in transfer.values() if record["variant"] == variant and record["head"]
-        }
-        without = {
-            record["seed"]: record
-            for record in transfer.values()
-            if record["variant"] == variant and not record["head"]
-        }
-        pairs = [(with_head[seed], without[seed]) for seed in sorted(with_head) if seed in without]
-        if with_head:
-            summary["differences"][f"{variant}: pre - post"] = _per_layer(
-                [[a - b for a, b in zip(record["pre"], record["post"])] for record in with_head.values()]
+        gain = _paired_difference(*(_by_seed(runs, variant, head, "layer_accuracy") for head in (True, False)))
+        if gain:
+            summary["accuracy_differences"][f"{variant}: with head - without head"] = gain
+        headed = _by_seed(transfer, variant, True, "pre")
+        if headed:
+            summary["differences"][f"{variant}: pre - post"] = _paired_difference(
+                headed, _by_seed(transfer, variant, True, "post")
             )
-        if pairs:
-            summary["differences"][f"{variant}: pre with head - without head"] = _per_layer(
-                [[a - b for a, b in zip(head["pre"], plain["pre"])] for head, plain in pairs]
-            )
+        gain = _paired_difference(headed, _by_seed(transfer, variant, False, "pre"))
+        if gain:
+            summary["differences"][f"{variant}: pre with head - without head"] = gain
     return summary
 
 
@@ -286,6 +294,12 @@ def accuracy_table(summary: dict) -> str:
                 f"| {LABELS[name].removesuffix(' + head')} | {'yes' if name.endswith('+head') else 'no'} "
                 f"({source}) | {len(entry['seeds'])} | {cells} |"
             )
+    for name, values in summary["accuracy_differences"].items():
+        variant = name.partition(":")[0]
+        cells = " | ".join(_cell(value, signed=True) for value in values)
+        lines.append(
+            f"| {LABELS[variant]}: difference (pt) | with - without, same seed | {len(entries[variant]['seeds'])} | {cells} |"
+        )
     return "\n".join(lines)
 
 
@@ -329,7 +343,7 @@ def differences_table(summary: dict) -> str:
 
 
 def verdict(summary: dict) -> str:
-    """One sentence per training variant, read off the paired pre - post differences."""
+    """One sentence per training variant, read off the paired pre - post differences and the best probed layers."""
     sentences = []
     for variant in VARIANTS:
         values = summary["differences"].get(f"{variant}: pre - post")
@@ -339,10 +353,15 @@ def verdict(summary: dict) -> str:
         better = sum(mean - std > 0 for mean, std in blocks)
         worse = sum(mean + std < 0 for mean, std in blocks)
         average = statistics.fmean(mean for mean, _ in blocks)
-        sentences.append(
+        sentence = (
             f"{LABELS[variant]}: before the head beats after it by more than one std at {better} of {len(blocks)} "
             f"blocks, loses by more than one std at {worse}; mean difference over blocks {average * 100:+.1f} pt"
         )
+        entry = summary.get("transfer", {}).get(f"{variant}+head")
+        if entry is not None:
+            best = {stage: max(range(len(entry[stage])), key=lambda layer: entry[stage][layer][0]) for stage in STAGES}
+            sentence += f"; AG News is probed best at layer {best['pre']} before the head, {best['post']} after it"
+        sentences.append(sentence)
     return "; ".join(sentences) + "."
 
 

@@ -81,13 +81,31 @@ def test_summary_is_mean_and_std_over_seeds_and_differences_are_paired():
             statistics.mean(gaps)
         )
     assert summary["transfer"]["standard"]["pre"] == summary["transfer"]["standard"]["post"]
+    runs, plain_runs = results["runs"], results["baseline"]
+    for layer in range(6):
+        gaps = [
+            runs[f"sst2/recommended+head/{seed}"]["layer_accuracy"][layer]
+            - plain_runs[f"sst2/recommended/{seed}"]["layer_accuracy"][layer]
+            for seed in range(3)
+        ]
+        assert summary["accuracy_differences"]["recommended: with head - without head"][layer] == pytest.approx(
+            (statistics.mean(gaps), statistics.stdev(gaps))
+        )
 
 
 def test_verdict_follows_the_numbers():
     summary = {"differences": {"standard: pre - post": [(0.0, 0.0)] + [(0.02, 0.01)] * 4 + [(-0.03, 0.01)] * 2}}
-    assert projection_head.verdict(summary) == (
+    expected = (
         "standard fine-tuning: before the head beats after it by more than one std at 4 of 6 blocks, loses by more "
-        "than one std at 2; mean difference over blocks +0.3 pt."
+        "than one std at 2; mean difference over blocks +0.3 pt"
+    )
+    assert projection_head.verdict(summary) == expected + "."
+    curve = [(0.8, 0.01)] * 7
+    summary["transfer"] = {
+        "standard+head": {"pre": [*curve[:2], (0.9, 0.0), *curve[3:]], "post": [*curve[:6], (0.85, 0)]}
+    }
+    assert projection_head.verdict(summary) == (
+        expected + "; AG News is probed best at layer 2 before the head, 6 after it."
     )
 
 
