@@ -369,11 +369,27 @@ def verdict(summary: dict) -> str:
 RENDERED_DOCUMENTS = ("docs/results.md", "docs/training.md")
 
 
+def retrained_note(results: dict) -> str:
+    """Which models without a head were retrained here (their checkpoint was not kept), and how close they came to
+    the recipes benchmark's run of the same seed."""
+    notes = []
+    for key, record in results["retrained_baselines"].items():
+        original = results["baseline"].get(key)
+        reference = f" (recipes.json: {original['layer_accuracy'][-1] * 100:.1f})" if original else ""
+        notes.append(
+            f"{LABELS[record['variant']]} seed {record['seed']}, retrained here with the same settings for its "
+            f"checkpoint: last-layer SST-2 accuracy {record['layer_accuracy'][-1] * 100:.1f}{reference}"
+        )
+    return "Models without a head: the recipes benchmark's checkpoints" + (
+        f", except {'; '.join(notes)}." if notes else "."
+    )
+
+
 def render_blocks(results: dict) -> dict[str, str]:
     summary = results["summary"]
     return {
         "projection-accuracy": accuracy_table(summary),
-        "projection-transfer": transfer_table(summary),
+        "projection-transfer": f"{transfer_table(summary)}\n\n{retrained_note(results)}",
         "projection-differences": differences_table(summary),
         "projection-verdict": verdict(summary),
     }

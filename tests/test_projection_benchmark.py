@@ -32,7 +32,7 @@ replace_blocks = sys.modules["recipes"].replace_blocks
 
 def fake_results(seed: int = 0) -> dict:
     rng = random.Random(seed)
-    results = {"baseline": {}, "runs": {}, "transfer": {}}
+    results = {"baseline": {}, "runs": {}, "transfer": {}, "retrained_baselines": {}}
     for variant in projection_head.VARIANTS:
         for head in (False, True):
             for run_seed in range(3):
@@ -116,6 +116,14 @@ def test_rendered_tables_show_the_summary_numbers():
     mean, std = results["summary"]["transfer"]["recommended+head"]["post"][3]
     row = next(line for line in table.splitlines() if line.startswith("| aligned (library default) | yes | post"))
     assert row.split(" | ")[7] == f"{mean * 100:.1f} ± {std * 100:.1f}"
+    assert table.endswith("Models without a head: the recipes benchmark's checkpoints.")
+    retrained = {**results["baseline"]["sst2/standard/0"], "layer_accuracy": [0.5] * 5 + [0.8123]}
+    results["retrained_baselines"]["sst2/standard/0"] = retrained
+    last = results["baseline"]["sst2/standard/0"]["layer_accuracy"][-1]
+    assert projection_head.render_blocks(results)["projection-transfer"].endswith(
+        "except standard fine-tuning seed 0, retrained here with the same settings for its checkpoint: last-layer "
+        f"SST-2 accuracy 81.2 (recipes.json: {last * 100:.1f})."
+    )
 
 
 def test_committed_documents_match_the_committed_results():
