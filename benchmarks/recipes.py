@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -96,8 +97,20 @@ def load_task(task: str, train_samples: int, seed: int):
     return train, calibration, evaluation
 
 
-def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: int) -> dict:
-    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements."""
+def run_one(
+    task: str,
+    variant: str,
+    seed: int,
+    train_samples: int,
+    max_length: int,
+    model_options: dict | None = None,
+    checkpoint: Path | None = None,
+) -> dict:
+    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements.
+
+    `model_options` adds `AlignedConfig` options on top of the variant's (e.g. `projection_head`); `checkpoint` is
+    where the trained model is saved (default: `checkpoint_dir(task, variant, seed)`).
+    """
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
 
@@ -134,11 +147,15 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     train, calibration, evaluation = (tokenize(split) for split in (train, calibration, evaluation))
     num_labels = train.features["label"].num_classes
     options = dict(VARIANTS[variant])
-    model_options = {key: options.pop(key) for key in ("classifier_sharing",) if key in options}
+    model_options = {
+        **{key: options.pop(key) for key in ("classifier_sharing",) if key in options},
+        **(model_options or {}),
+    }
+    checkpoint = checkpoint or checkpoint_dir(task, variant, seed)
     torch.manual_seed(seed)
     model = AlignedForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels, **model_options)
     args = AlignedTrainingArguments(
-        output_dir=str(CHECKPOINTS / "runs" / f"{task}-{variant}-{seed}"),
+        output_dir=str(checkpoint.parent / f"{checkpoint.name}-run"),
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         num_train_epochs=1,
@@ -175,6 +192,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "distillation_temperature": model.config.distillation_temperature,
             "classifier_sharing": model.config.classifier_sharing,
             "classifier_lr_ratio": trainer.classifier_lr_ratio,
+            "projection_head": model.config.projection_head,
         },
     }
     if variant in EXIT_VARIANTS:
@@ -192,7 +210,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-    trainer.save_model(str(checkpoint_dir(task, variant, seed)))  # the speed phase and the analyses read it
+    trainer.save_model(str(checkpoint))  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -574,9 +592,13 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 
 def render_documents(results: dict, root: Path = REPO) -> list[Path]:
     """Rewrites the rendered blocks of README and docs from `results`; returns the files changed."""
-    blocks = render_blocks(results)
+    return write_blocks(render_blocks(results), RENDERED_DOCUMENTS, root)
+
+
+def write_blocks(blocks: dict[str, str], documents: Sequence[str], root: Path = REPO) -> list[Path]:
+    """Replaces the marked blocks in `documents` (paths relative to `root`); returns the files changed."""
     changed = []
-    for name in RENDERED_DOCUMENTS:
+    for name in documents:
         path = root / name
         text = path.read_text(encoding="utf-8")
         rendered = replace_blocks(text, blocks)

@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from .data import collect_layer_logits
+from .modeling_aligned import REPRESENTATION_STAGES
 from .probes import classifier_layer_accuracy, linear_probe_accuracy
 from .saturation import saturation_layers, summarize_saturation
 from .similarity import layer_representations, layerwise_cka
@@ -41,6 +42,9 @@ class RepresentationDynamicsCallback(TrainerCallback):
             `default_data_collator`.
         max_samples: read at most this many samples of `probe_dataset`.
         pooling: pooling of the representations; defaults to the model's.
+        stage: where the representations are read: `"pre"` (the pooled block outputs, before the classifier) or
+            `"post"` (what the classification layer reads, after the projection head); see
+            `AlignedForSequenceClassification.pooled_layer_states`.
         linear_probes: also train a logistic-regression probe per layer at every evaluation (needs scikit-learn).
         probe_test_size: fraction of the probe set held out to score the linear probes.
         track_saturation: also record, at every evaluation, the probe set's `mean_saturation_layer` and
@@ -65,6 +69,7 @@ class RepresentationDynamicsCallback(TrainerCallback):
         collate_fn: Callable[[list[dict]], Mapping[str, Any]] | None = None,
         max_samples: int | None = None,
         pooling: str | None = None,
+        stage: str = "pre",
         linear_probes: bool = False,
         probe_test_size: float = 0.25,
         track_saturation: bool = False,
@@ -73,11 +78,14 @@ class RepresentationDynamicsCallback(TrainerCallback):
     ):
         if not 0.0 < probe_test_size < 1.0:
             raise ValueError(f"`probe_test_size` must lie strictly between 0 and 1, got {probe_test_size}.")
+        if stage not in REPRESENTATION_STAGES:
+            raise ValueError(f"`stage={stage!r}` is not supported; use one of {REPRESENTATION_STAGES}.")
         self.probe_dataset = probe_dataset
         self.batch_size = batch_size
         self.collate_fn = collate_fn
         self.max_samples = max_samples
         self.pooling = pooling
+        self.stage = stage
         self.linear_probes = linear_probes
         self.probe_test_size = probe_test_size
         self.track_saturation = track_saturation
@@ -116,6 +124,7 @@ class RepresentationDynamicsCallback(TrainerCallback):
             collate_fn=self.collate_fn,
             max_samples=self.max_samples,
             return_labels=True,
+            stage=self.stage,
         )
         if self._initial is None:
             self._initial = reps
@@ -149,6 +158,7 @@ class RepresentationDynamicsCallback(TrainerCallback):
         os.makedirs(args.output_dir, exist_ok=True)
         content = {
             "num_samples": num_samples,
+            "stage": self.stage,
             "num_layers": len(self.records[0]["cka_to_initial"]) - 1,
             "layers": "cka_* and probe_accuracy: embedding output (0) and blocks 1..L; classifier_accuracy and "
             "saturated_by: 1..L",

@@ -89,6 +89,14 @@ def add_analyze_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--pooling", choices=("cls", "last", "mean"), default=None, help="Pooling; defaults to the model's."
     )
+    parser.add_argument(
+        "--stage",
+        choices=("pre", "post"),
+        default="pre",
+        help="Where each layer's representation is read: 'pre', the pooled block output before the classifier "
+        "(default); 'post', what the classification layer reads, after the classifier's final norm, pooler and "
+        "projection head. Needs the model's own pooling.",
+    )
     parser.add_argument("--probes", action="store_true", help="Also train a linear probe per layer (scikit-learn).")
     parser.add_argument("--device", default=None, help="Where to run the model; defaults to cuda when available.")
     parser.add_argument("--output", required=True, help="Folder for similarity.json and the plots.")
@@ -114,6 +122,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     )
     from .utils import json_safe
 
+    if args.stage == "post" and args.pooling is not None:
+        raise ValueError(
+            f"`--stage post` reads the vectors the classifier reads, with the model's own pooling; drop "
+            f"`--pooling {args.pooling}` or use `--stage pre`."
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AlignedForSequenceClassification.from_pretrained(args.model_dir).to(device).eval()
     trained_classifier = isinstance(AutoConfig.from_pretrained(args.model_dir), AlignedConfig)
@@ -142,6 +155,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         collate_fn=collate_fn,
         return_labels=True,
+        stage=args.stage,
     )
     cos, cka = cosine_similarity_matrix(reps), cka_matrix(reps)
     results: dict[str, Any] = {
@@ -150,6 +164,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         "split": str(dataset.split) if dataset.split is not None else args.split,
         "num_samples": reps.shape[1],
         "pooling": args.pooling or model.config.pooling,
+        "stage": args.stage,
         "layers": "rows and columns: embedding output (0) and blocks 1..L",
         "cos": cos,
         "cka": cka,
@@ -214,7 +229,11 @@ def _analyze_saturation(model, processed, collate_fn, args: argparse.Namespace, 
         "model": str(args.model_dir),
         "pooling": args.pooling or model.config.pooling,
         "representation": "f_l(x): block l's hidden states pooled as the similarity analysis does "
-        "(`pooled_layer_states`), before the classifier's final norm and pooler",
+        + (
+            "(`pooled_layer_states`), before the classifier's final norm and pooler"
+            if args.stage == "pre"
+            else "(`pooled_layer_states(stage='post')`), after the classifier's final norm, pooler and projection head"
+        ),
         **saturation_report(reps, layer_logits, labels),
     }
     return report, probability_similarity(reps, layer_logits, labels)

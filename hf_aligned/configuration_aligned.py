@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 
 from .compat import SubConfigSpec, attn_implementation, is_causal_lm_only_type
 from .layouts import BackboneLayout, refusal_reason, table_kind
@@ -14,6 +15,7 @@ POOLING_CHOICES = ("auto", "cls", "last", "mean")
 LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
 CLASSIFIER_SHARING_CHOICES = ("shared", "per_layer")
 CLASSIFIER_UPDATE_CHOICES = ("all", "last")
+PROJECTION_HEAD_KEYS = ("hidden_size", "num_layers", "activation")
 
 
 def num_hidden_layers(config: PreTrainedConfig) -> int:
@@ -124,6 +126,45 @@ def validate_training_options(
         )
 
 
+def resolve_projection_head(projection_head: dict | None, input_size: int) -> dict | None:
+    """Validates a projection-head setting and fills in its defaults.
+
+    Args:
+        projection_head: `None` (no head) or a dict with any of `hidden_size` (width of every layer, default
+            `input_size`), `num_layers` (how many linear + activation layers, default 1) and `activation` (a name
+            in transformers' `ACT2FN`, default `"relu"`).
+        input_size: the width of the pooled vector the head reads (the base model's hidden size).
+
+    Returns:
+        `None`, or the dict with all three keys.
+
+    Raises:
+        TypeError: when `projection_head` is neither `None` nor a dict.
+        ValueError: naming an unknown key, a size or depth that is not a positive integer, or an unknown activation.
+    """
+    if projection_head is None:
+        return None
+    if not isinstance(projection_head, dict):
+        raise TypeError(
+            f"`projection_head` must be None or a dict with keys {PROJECTION_HEAD_KEYS}, got "
+            f"{type(projection_head).__name__}; e.g. `projection_head={{'hidden_size': 256, 'num_layers': 2}}`."
+        )
+    unknown = sorted(set(projection_head) - set(PROJECTION_HEAD_KEYS))
+    if unknown:
+        raise ValueError(f"`projection_head` has unknown keys {unknown}; its keys are {PROJECTION_HEAD_KEYS}.")
+    resolved = {"hidden_size": input_size, "num_layers": 1, "activation": "relu", **projection_head}
+    for key in ("hidden_size", "num_layers"):
+        value = resolved[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`projection_head['{key}']` must be a positive integer, got {value!r}.")
+    if resolved["activation"] not in ACT2FN:
+        raise ValueError(
+            f"`projection_head['activation']={resolved['activation']!r}` is not a known activation; use one of "
+            f"{sorted(ACT2FN)}."
+        )
+    return resolved
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -183,6 +224,12 @@ class AlignedConfig(PreTrainedConfig):
             paper's loss). Single-label classification only.
         distillation_temperature (`float`, *optional*, defaults to 2.0):
             The softmax temperature T of self-distillation.
+        projection_head (`dict`, *optional*):
+            An MLP between the pooled vector and the classification layer, part of the classifier (shared by every
+            layer, or one per layer with `classifier_sharing="per_layer"`): `num_layers` times linear → activation,
+            each `hidden_size` wide. Keys (all optional): `hidden_size` (defaults to the base model's hidden size),
+            `num_layers` (1) and `activation` (`"relu"`, any name of transformers' `ACT2FN`); `{}` gives the
+            defaults. `None` (the default): the classification layer reads the pooled vector directly.
         layout (`dict`, *optional*):
             Where the base model keeps its parts, as dotted paths from the base model: `{"blocks": ...,
             "final_norm": ..., "pooler": ...}` (the last two may be `None`). Overrides the per-family table and the
@@ -217,6 +264,7 @@ class AlignedConfig(PreTrainedConfig):
     classifier_update: Literal["all", "last"] = "all"
     distillation_weight: float = 0.0
     distillation_temperature: float = 2.0
+    projection_head: dict | None = None
     layout: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -254,6 +302,10 @@ class AlignedConfig(PreTrainedConfig):
         )
         self.distillation_weight = float(self.distillation_weight)
         self.distillation_temperature = float(self.distillation_temperature)
+        if self.projection_head is not None:
+            self.projection_head = resolve_projection_head(
+                self.projection_head, self.base_config.get_text_config().hidden_size
+            )
         if self.classifier_dropout is None:
             base = self.base_config
             dropout = getattr(base, "classifier_dropout", None)

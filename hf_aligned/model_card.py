@@ -268,6 +268,7 @@ def build_model_card(
         "labels": labels,
         "pooling": config.pooling,
         "use_pooler": config.use_pooler,
+        "projection_head": config.projection_head,
         "layer_weights_description": _layer_weights_description(config),
         "training_options_description": _training_options_description(config),
         "base_model_markdown": _base_model_markdown(base_model_name, base_model_id, config),

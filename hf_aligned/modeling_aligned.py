@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
@@ -35,6 +36,7 @@ ALIGNED_KWARGS = (
     "classifier_update",
     "distillation_weight",
     "distillation_temperature",
+    "projection_head",
     "use_pooler",
     "layer_weights",
     "aligned_layers",
@@ -46,6 +48,8 @@ ALIGNED_KWARGS = (
     "label2id",
     "problem_type",
 )
+# Where `pooled_layer_states` reads a layer's vector: before the classifier, or where its classification layer reads.
+REPRESENTATION_STAGES = ("pre", "post")
 
 
 @dataclass
@@ -135,11 +139,23 @@ def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor
     return (summed / lengths).to(hidden_states.dtype)
 
 
+def build_projection_head(settings: dict, input_size: int) -> nn.Sequential:
+    """The projection head MLP: `settings["num_layers"]` times linear → activation, each `settings["hidden_size"]`
+    wide (`settings` as resolved by `AlignedConfig`)."""
+    layers, width = [], input_size
+    for _ in range(settings["num_layers"]):
+        layers += [nn.Linear(width, settings["hidden_size"]), ACT2FN[settings["activation"]]]
+        width = settings["hidden_size"]
+    return nn.Sequential(*layers)
+
+
 class ClassificationHead(nn.Module):
-    """The base model's final parts plus a classification layer: final norm → pooling → pooler → dropout → linear.
+    """The base model's final parts plus a classification layer: final norm → pooling → pooler → projection head →
+    dropout → linear.
 
     The norm and the pooler are the base model's own modules (moved here from the base model, so each is applied
-    exactly once, after whichever block the head reads).
+    exactly once, after whichever block the head reads); the projection head (an MLP, optional) and the linear
+    classification layer are new.
     """
 
     def __init__(
@@ -150,13 +166,16 @@ class ClassificationHead(nn.Module):
         pooling: str,
         norm: nn.Module | None,
         pooler: nn.Module | None,
+        projection_head: dict | None = None,
     ):
         super().__init__()
         self.pooling = pooling
         self.norm = norm if norm is not None else nn.Identity()
         self.pooler = pooler
+        self.projection = None if projection_head is None else build_projection_head(projection_head, hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(hidden_size, num_labels)
+        features = hidden_size if projection_head is None else projection_head["hidden_size"]
+        self.out_proj = nn.Linear(features, num_labels)
 
     def represent(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Maps one layer's `(batch, seq, dim)` hidden states to the `(batch, dim)` vector the linear layer reads."""
@@ -168,12 +187,17 @@ class ClassificationHead(nn.Module):
         # The norm acts per token, so norming the selected token alone gives the same vector, cheaper.
         return self.norm(pool_hidden_states(hidden_states, attention_mask, self.pooling))
 
-    def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Maps pooled vectors `(..., dim)` to scores `(..., num_labels)`."""
-        return self.out_proj(self.dropout(pooled))
+    def features(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The vector the classification layer reads: `represent`, then the projection head when there is one."""
+        pooled = self.represent(hidden_states, attention_mask)
+        return pooled if self.projection is None else self.projection(pooled)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Maps the classification layer's input vectors `(..., features)` to scores `(..., num_labels)`."""
+        return self.out_proj(self.dropout(features))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.project(self.represent(hidden_states, attention_mask))
+        return self.project(self.features(hidden_states, attention_mask))
 
 
 class AlignedClassifier(nn.Module):
@@ -204,7 +228,7 @@ class AlignedClassifier(nn.Module):
         if not frozen_layers:
             pooled = torch.stack(
                 [
-                    self.head(layer).represent(hidden, attention_mask)
+                    self.head(layer).features(hidden, attention_mask)
                     for layer, hidden in zip(layers, layer_hidden_states)
                 ]
             )
@@ -217,7 +241,7 @@ class AlignedClassifier(nn.Module):
         scores = []
         for layer, hidden in zip(layers, layer_hidden_states):
             if layer in frozen_layers:
-                pooled = _InputGradientOnly.apply(hidden, lambda states: head.represent(states, attention_mask))
+                pooled = _InputGradientOnly.apply(hidden, lambda states: head.features(states, attention_mask))
                 scores.append(
                     F.linear(head.dropout(pooled), head.out_proj.weight.detach(), _detach(head.out_proj.bias))
                 )
@@ -232,7 +256,7 @@ class _InputGradientOnly(torch.autograd.Function):
     The forward runs without recording a graph; the backward recomputes `function` on the saved input and takes the
     gradient with respect to the input alone, so the parameters' `.grad` never receives this use. No copy of the
     parameters is made and no module state changes, so concurrent calls are safe. `function` must be deterministic
-    (no dropout): the norm, pooling and pooler of a head are.
+    (no dropout): the norm, pooling, pooler and projection head of a head are.
     """
 
     @staticmethod
@@ -395,12 +419,14 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                     pooling=config.pooling,
                     norm=norm if last else copy.deepcopy(norm),
                     pooler=(pooler if last else copy.deepcopy(pooler)) if use_pooler else None,
+                    projection_head=config.projection_head,
                 )
             )
         self.classifier = AlignedClassifier(heads, shared=config.classifier_sharing == "shared")
         self.exit_config = ExitConfig()
-        # Whether a pretrained backbone got a new, untrained classification layer here (the trainer gives such a
-        # layer its own learning rate by default); a reloaded aligned checkpoint's classifier is trained already.
+        # Whether a pretrained backbone got a new, untrained classification layer (and projection head) here (the
+        # trainer gives such layers their own learning rate by default); a reloaded aligned checkpoint's classifier is
+        # trained already.
         self.has_new_classifier = base_model is not None
         if base_model is not None:
             # The wrapped model is already trained: only the new classification layers may be initialized.
@@ -834,13 +860,32 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pooling: str | None = None,
+        stage: str = "pre",
         **inputs,
     ) -> torch.Tensor:
         """Pooled representations of the embedding output and of every block, `(num_layers + 1, batch, dim)`.
 
-        These are the vectors f_l(x) that similarity analyses compare: each layer's hidden states reduced with the
-        model's pooling (or `pooling`), before the classifier's norm and pooler.
+        These are the vectors f_l(x) that similarity analyses compare, read at one of two stages:
+
+        - `"pre"` (default): each layer's hidden states reduced with the model's pooling (or `pooling`), *before*
+          any part of the classifier (its final norm, pooler and projection head); `dim` is the hidden size.
+        - `"post"`: the vector the classification layer reads, after the classifier's final norm, pooler and
+          projection head (`config.projection_head`); `dim` is the head's width. Layer l goes through the head that
+          classifies after block l (the shared one, or head l with per-layer heads); the embedding output (l = 0),
+          which has no head of its own, goes through block 1's. Without a projection head, final norm or pooler the
+          two stages are equal.
+
+        Raises:
+            ValueError: for an unknown `stage`, or a `pooling` other than the model's with `stage="post"` (the
+                classifier pools as it was trained).
         """
+        if stage not in REPRESENTATION_STAGES:
+            raise ValueError(f"`stage={stage!r}` is not supported; use one of {REPRESENTATION_STAGES}.")
+        if stage == "post" and pooling not in (None, self.config.pooling):
+            raise ValueError(
+                f"`pooling={pooling!r}` cannot be combined with `stage='post'`: the classifier reads "
+                f"{self.config.pooling!r} pooling, as trained. Leave `pooling` unset or use `stage='pre'`."
+            )
         pooling = pooling or self.config.pooling
         model_inputs = self._inputs(
             "pooled_layer_states", input_ids=input_ids, attention_mask=attention_mask, **inputs
@@ -848,7 +893,10 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         with self.capture_block_outputs(include_embeddings=True) as captured:
             self.backbone(**model_inputs)
         mask = self.pooling_mask(input_ids, attention_mask)
-        return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
+        if stage == "pre":
+            return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
+        heads = [self.classifier.head(max(layer, 1)) for layer in range(len(captured))]
+        return torch.stack([head.features(hidden, mask) for head, hidden in zip(heads, captured)])
 
 
 def register_hub_pusher(pusher: Callable[..., Any]) -> None:

@@ -1,7 +1,8 @@
 """Layer-wise representation similarity: pooled representations, sample-wise cosine (COS), linear CKA.
 
-The representations compared are the pooled vectors f_l(x) that the shared classifier reads, for the embedding
-output (l = 0) and every block (l = 1..L), as returned by `AlignedForSequenceClassification.pooled_layer_states`.
+The representations compared are the pooled vectors f_l(x) of the embedding output (l = 0) and every block
+(l = 1..L), as returned by `AlignedForSequenceClassification.pooled_layer_states`: before the classifier
+(`stage="pre"`, the default) or where its classification layer reads them, after the projection head (`"post"`).
 Every statistic is accumulated in float64, on the device the representations live on (CPU or GPU).
 """
 
@@ -40,6 +41,7 @@ def iter_layer_representations(
     batch_size: int = 32,
     collate_fn: Callable[[list[dict]], Mapping[str, Any]] | None = None,
     max_samples: int | None = None,
+    stage: str = "pre",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Streams pooled representations batch by batch: `([L + 1, B, D] float32 on the model's device, labels)`.
 
@@ -52,9 +54,11 @@ def iter_layer_representations(
             f"{type(model).__name__} has no `pooled_layer_states`; load the model as "
             "`AlignedForSequenceClassification.from_pretrained(...)` (it wraps any base checkpoint)."
         )
+    # The default stage is not passed on, so models whose `pooled_layer_states` has no stages work as well.
+    options = {"pooling": pooling} if stage == "pre" else {"pooling": pooling, "stage": stage}
     with eval_mode(model), torch.no_grad():
         for inputs, labels in iter_model_batches(model, data, batch_size, collate_fn, max_samples):
-            yield model.pooled_layer_states(**inputs, pooling=pooling).float(), labels
+            yield model.pooled_layer_states(**inputs, **options).float(), labels
 
 
 def layer_representations(
@@ -66,6 +70,7 @@ def layer_representations(
     max_samples: int | None = None,
     device: str | torch.device = "cpu",
     return_labels: bool = False,
+    stage: str = "pre",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Pooled representations of the embedding output and of every block, `[L + 1, N, D]` float32.
 
@@ -80,6 +85,9 @@ def layer_representations(
         max_samples: read at most this many samples.
         device: where the result is gathered (`"cpu"` by default, to keep accelerator memory free).
         return_labels: also return the labels found in the batches (`labels` / `label` / `label_ids`), or `None`.
+        stage: `"pre"`: the pooled block outputs, before any part of the classifier; `"post"`: the vectors the
+            classification layer reads, after the classifier's final norm, pooler and projection head (see
+            `AlignedForSequenceClassification.pooled_layer_states`).
 
     Returns:
         The representations, or `(representations, labels)` when `return_labels` is set.
@@ -92,7 +100,7 @@ def layer_representations(
     ```
     """
     chunks, label_chunks = [], []
-    for states, labels in iter_layer_representations(model, data, pooling, batch_size, collate_fn, max_samples):
+    for states, labels in iter_layer_representations(model, data, pooling, batch_size, collate_fn, max_samples, stage):
         chunks.append(states.to(device))
         label_chunks.append(labels)
     if not chunks:

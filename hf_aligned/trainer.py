@@ -279,8 +279,9 @@ class AlignedTrainer(Trainer):
 
 
 def _is_new_classifier_parameter(name: str) -> bool:
-    """Whether a parameter (by its name in a possibly peft-wrapped model) belongs to a new classification layer."""
+    """Whether a parameter (by its name in a possibly peft-wrapped model) belongs to a new part of the classifier: the
+    classification layer or the projection head, both of which start from random weights."""
     parts = name.split(".")
     # peft wraps the classifier (`classifier.modules_to_save.default.heads.0.out_proj.weight`); the backbone's own
     # modules never sit under `classifier`.
-    return "classifier" in parts and "out_proj" in parts
+    return "classifier" in parts and ("out_proj" in parts or "projection" in parts)

@@ -53,9 +53,9 @@ class AlignedTrainingArguments(TrainingArguments):
         distillation_temperature (`float`, *optional*):
             Overrides the model config's `distillation_temperature`. `None` keeps the model's own.
         classifier_lr_ratio (`float`, *optional*):
-            The new classification layer(s) of the classifier (`out_proj`, which starts from random weights) train
-            at `classifier_lr_ratio * learning_rate`, in their own optimizer parameter groups; the pretrained
-            backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike. Defaults
+            The new classification layer(s) of the classifier (`out_proj`, and the projection head when the model
+            has one: both start from random weights) train at `classifier_lr_ratio * learning_rate`, in their own
+            optimizer parameter groups; the pretrained backbone, final norm and pooler keep `learning_rate`. The schedule applies to both rates alike. Defaults
             to the recipe's value, else to 100 when the classification layer is new on a pretrained backbone
             (`from_pretrained` on a base checkpoint) and 1 otherwise (a model built from a config trains every part
             from scratch; a reloaded aligned checkpoint's classifier is trained already). Note the default is not the
@@ -110,8 +110,8 @@ class AlignedTrainingArguments(TrainingArguments):
     classifier_lr_ratio: float | None = field(
         default=None,
         metadata={
-            "help": "The new classification layer trains at this multiple of learning_rate (its own parameter "
-            "group); the pretrained parts keep learning_rate. Defaults to the recipe's, else 100 for a pretrained "
+            "help": "The new classification layer (and projection head) trains at this multiple of learning_rate "
+            "(its own parameter group); the pretrained parts keep learning_rate. Defaults to the recipe's, else 100 for a pretrained "
             "backbone and 1 for a model built from a config."
         },
     )
