@@ -155,8 +155,10 @@ def train_aligned_model(
     batch_size: int,
     learning_rate: float,
     seed: int = 0,
+    fold_asr_on_save: bool = False,
 ):
-    """Trains an aligned model with `AlignedTrainer` (the model's own layer weights) and saves it to `output_dir`."""
+    """Trains an aligned model with `AlignedTrainer` (the model's own layer weights) and saves it to `output_dir`
+    (with `fold_asr_on_save`, a model trained with ASR scales is saved folded)."""
     from hf_aligned import AlignedTrainer, AlignedTrainingArguments
 
     args = AlignedTrainingArguments(
@@ -171,6 +173,7 @@ def train_aligned_model(
         report_to="none",
         seed=seed,
         dataloader_num_workers=0,
+        fold_asr_on_save=fold_asr_on_save,
     )
     trainer = AlignedTrainer(
         model=model,

@@ -96,12 +96,29 @@ def load_task(task: str, train_samples: int, seed: int):
     return train, calibration, evaluation
 
 
-def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: int) -> dict:
-    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements."""
+def run_one(
+    task: str,
+    variant: str,
+    seed: int,
+    train_samples: int,
+    max_length: int,
+    asr: bool = False,
+    checkpoints: Path = CHECKPOINTS,
+) -> dict:
+    """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements.
+
+    With `asr`, the model trains with ASR scales (`add_asr`, benchmarks/asr.py) and is saved folded.
+    """
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
 
-    from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments, layer_values
+    from hf_aligned import (
+        AlignedForSequenceClassification,
+        AlignedTrainer,
+        AlignedTrainingArguments,
+        add_asr,
+        layer_values,
+    )
     from hf_aligned.calibration import calibrate_exits, simulate_exits
 
     class StepTimer(TrainerCallback):
@@ -131,8 +148,10 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
     model_options = {key: options.pop(key) for key in ("classifier_sharing",) if key in options}
     torch.manual_seed(seed)
     model = AlignedForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels, **model_options)
+    if asr:
+        add_asr(model, seed=seed)
     args = AlignedTrainingArguments(
-        output_dir=str(CHECKPOINTS / "runs" / f"{task}-{variant}-{seed}"),
+        output_dir=str(checkpoints / "runs" / f"{task}-{variant}-{seed}"),
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         num_train_epochs=1,
@@ -141,6 +160,7 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
         report_to="none",
         seed=seed,
         disable_tqdm=True,
+        fold_asr_on_save=asr,
         **options,
     )
     collator = DataCollatorWithPadding(tokenizer)
@@ -186,13 +206,15 @@ def run_one(task: str, variant: str, seed: int, train_samples: int, max_length: 
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-    trainer.save_model(str(checkpoint_dir(task, variant, seed)))  # the speed phase and the analyses read it
+    trainer.save_model(
+        str(checkpoint_dir(task, variant, seed, checkpoints))
+    )  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def checkpoint_dir(task: str, variant: str, seed: int) -> Path:
-    return CHECKPOINTS / "checkpoints" / task / variant / f"seed{seed}"
+def checkpoint_dir(task: str, variant: str, seed: int, checkpoints: Path = CHECKPOINTS) -> Path:
+    return checkpoints / "checkpoints" / task / variant / f"seed{seed}"
 
 
 def measure_speed(task: str, variant: str, seed: int, max_length: int, timed_samples: int) -> dict:
