@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import asr as asr_benchmark
 from common import OUTPUTS, REPO, describe_machine, print_table, write_json
 from recipes import FIGURE as RECIPES_FIGURE
 from recipes import RESULTS as RECIPES_RESULTS
@@ -321,6 +322,32 @@ def recipes_section(figures: Path) -> str:
     draw_layers(results["summary"], figures / RECIPES_FIGURE.name)
     body = "\n".join(text)
     return replace_blocks(body, render_blocks(results))
+
+
+ASR_BLOCKS = ("asr-accuracy-digits", "asr-accuracy-sst2", "asr-effects")
+
+
+def asr_section() -> str:
+    """Section 5: ASR scales trained and folded away, rendered from the ASR benchmark's committed JSON."""
+    text = _intro(
+        "5. ASR: folded channel scales",
+        "ASR (Zhong et al., arXiv 2304.06345), a constant per-channel scale on every block's attention and MLP "
+        "outputs, learned through a small MLP from a learned constant input and folded into the output projections "
+        "after training, changes accuracy at no inference cost; checked here with standard and aligned training. "
+        "Three seeds per row (mean ± std, accuracy in points); differences to the same training without ASR paired "
+        "by seed; times in one process, one thread, alternating, best of N.",
+    )
+    results_path = asr_benchmark.RESULTS
+    text.append(
+        "Command: `python benchmarks/asr.py`, then `--phase timing` and `--phase render` "
+        f"(JSON: `{results_path.relative_to(REPO)}`, committed). The SST-2 rows without ASR are the recipes "
+        "benchmark's runs of the same settings and seeds (section 0).\n"
+    )
+    if not results_path.exists():
+        return "\n".join([*text, "Not run yet.\n"])
+    text += [f"<!-- BEGIN {name} -->\n<!-- END {name} -->\n" for name in ASR_BLOCKS]
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    return replace_blocks("\n".join(text), asr_benchmark.render_blocks(results))
 
 
 def layerwise_section(results: dict, outputs: Path, figures: Path, manifest: dict) -> str:
@@ -841,6 +868,7 @@ def render(outputs: Path = OUTPUTS, docs: Path = DOCS, allow_missing: bool = Fal
         similarity_section(results, outputs, figures, manifest),
         early_exit_section(results, outputs, figures, manifest),
         saturation_section(results, outputs, figures, manifest),
+        asr_section(),
         sources_section(results, outputs, manifest),
     ]
     path = docs / "results.md"
