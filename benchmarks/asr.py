@@ -42,8 +42,8 @@ from recipes import (
     load_task,
     mean_std,
     provenance,
-    replace_blocks,
     run_one,
+    write_blocks,
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "asr.json"
@@ -376,16 +376,7 @@ def render_blocks(results: dict) -> dict[str, str]:
 
 def render_documents(results: dict, root: Path = REPO) -> list[Path]:
     """Rewrites the rendered blocks of the documents from `results`; returns the files changed."""
-    blocks = render_blocks(results)
-    changed = []
-    for name in RENDERED_DOCUMENTS:
-        path = root / name
-        text = path.read_text(encoding="utf-8")
-        rendered = replace_blocks(text, blocks)
-        if rendered != text:
-            path.write_text(rendered, encoding="utf-8")
-            changed.append(path)
-    return changed
+    return write_blocks(render_blocks(results), RENDERED_DOCUMENTS, root)
 
 
 def main() -> None:

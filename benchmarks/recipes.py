@@ -567,9 +567,13 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 
 def render_documents(results: dict, root: Path = REPO) -> list[Path]:
     """Rewrites the rendered blocks of README and docs from `results`; returns the files changed."""
-    blocks = render_blocks(results)
+    return write_blocks(render_blocks(results), RENDERED_DOCUMENTS, root)
+
+
+def write_blocks(blocks: dict[str, str], documents: tuple[str, ...], root: Path = REPO) -> list[Path]:
+    """Replaces the marked blocks in each of `documents` (paths relative to `root`); returns the files changed."""
     changed = []
-    for name in RENDERED_DOCUMENTS:
+    for name in documents:
         path = root / name
         text = path.read_text(encoding="utf-8")
         rendered = replace_blocks(text, blocks)
