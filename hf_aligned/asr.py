@@ -7,8 +7,8 @@ before the residual add. Training sees the extra parameters; after [`fold_asr`] 
 again, with the scale multiplied into the projections' weight rows and biases, and costs nothing at inference.
 
 The scale is `2 * sigmoid(MLP(v))` with the MLP's last layer initialized to zero, so a freshly added ASR multiplies
-by exactly 1: a pretrained model starts from its own function (the paper trains from scratch with `sigmoid(...)`
-in (0, 1); the factor 2 centres the same sigmoid on the identity).
+by exactly 1: a pretrained model starts from its own function (the paper's scale is `sigmoid(...)`, in (0, 1); the
+factor 2 centres the same sigmoid on the identity).
 
 Each scaled projection holds its [`ASRScale`] as a child module named `asr` and one forward hook, a module-level
 function that keeps no per-call state, so one model may serve several threads and survives `copy.deepcopy`.
@@ -82,14 +82,14 @@ def add_asr(
         TypeError: when a path leads to a module that is not a linear layer (`nn.Linear` or GPT-2's `Conv1D`).
     """
     if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"`reduction={reduction!r}` must be a positive integer (the paper's is 4).")
+        raise ValueError(f"`reduction={reduction!r}` must be a positive integer (default 4).")
     if has_asr(model):
         raise ValueError("This model has ASR scales already; `fold_asr(model)` first to add new ones.")
     projections = list(_branch_projections(model, branch_outputs))
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        for _, projection in projections:
+        for projection in projections:
             weight = projection.weight
             scale = ASRScale(_out_features(projection), reduction).to(device=weight.device, dtype=weight.dtype)
             projection.add_module(ASR_NAME, scale)
@@ -168,8 +168,8 @@ def asr_folded_state_dict(
     return folded
 
 
-def _branch_projections(model: nn.Module, branch_outputs: Sequence[str] | None) -> Iterator[tuple[str, nn.Module]]:
-    """Every block's branch output projections, checked, as `(path in the block, module)`."""
+def _branch_projections(model: nn.Module, branch_outputs: Sequence[str] | None) -> Iterator[nn.Module]:
+    """Every block's branch output projections, checked."""
     blocks, model_type = _blocks(model)
     if branch_outputs is None:
         if model_type not in BRANCH_OUTPUTS:
@@ -198,7 +198,7 @@ def _branch_projections(model: nn.Module, branch_outputs: Sequence[str] | None) 
                     f"`branch_outputs` names {path!r}, a {type(projection).__name__} in block {layer}; ASR folds "
                     "only into linear layers (`nn.Linear`, GPT-2's `Conv1D`)."
                 )
-            yield path, projection
+            yield projection
 
 
 def _blocks(model: nn.Module) -> tuple[nn.ModuleList, str]:
