@@ -33,7 +33,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, REPO, best_times, digits_vit_config, load_digits_dataset, minilm_path, write_json
+from common import (
+    OUTPUTS,
+    REPO,
+    asr_scale_deviation,
+    best_times,
+    digits_vit_config,
+    load_digits_dataset,
+    minilm_path,
+    write_json,
+)
 from recipes import (
     TASK_DEFAULTS,
     checkpoint_dir,
@@ -103,6 +112,8 @@ def run_digits(variant: str, seed: int, checkpoints: Path) -> dict:
         fold_asr_on_save=asr,
     )
     result = {"layer_accuracy": layer_accuracy(model, splits["test"])}
+    if asr:
+        result["asr_scale_deviation"] = asr_scale_deviation(model)
     reloaded = AlignedForSequenceClassification.from_pretrained(output)
     result["reloaded_layer_accuracy"] = layer_accuracy(reloaded, splits["test"])
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -297,6 +308,15 @@ def summarize(results: dict, recipes: dict) -> dict:
                 entry["middle_layer_vs_without"] = mean_std(
                     [a["layer_accuracy"][middle] - b["layer_accuracy"][middle] for a, b in paired]
                 )
+            deviations = [
+                record["asr_scale_deviation"] for record in records.values() if "asr_scale_deviation" in record
+            ]
+            if deviations:
+                entry["asr_scale_deviation"] = {
+                    "runs": len(deviations),
+                    "mean": mean_std([deviation["mean"] for deviation in deviations]),
+                    "max": max(deviation["max"] for deviation in deviations),
+                }
             if asr:
                 entry["reloaded_max_accuracy_change"] = max(
                     abs(x - y)
@@ -345,8 +365,9 @@ def effects_table(summary: dict, timing: dict) -> str:
     lines = [
         "| model | training | last layer, ASR - without (pt) | middle layer, ASR - without (pt) | "
         "folded checkpoint: largest accuracy change (pt) | training step time, ASR / without | "
-        "inference time, folded / never had ASR | inference time, unfolded ASR / without | ASR parameters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "inference time, folded / never had ASR | inference time, unfolded ASR / without | ASR parameters | "
+        "trained scales: mean \\|s - 1\\| (largest) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in TASK_VARIANTS:
         for training in LAYER_WEIGHTS:
@@ -360,9 +381,17 @@ def effects_table(summary: dict, timing: dict) -> str:
                 f"{times['inference_time_ratio_folded']:.3f}" if times else "",
                 f"{times['inference_time_ratio_unfolded']:.3f}" if times else "",
                 f"{times['asr_parameters'] / times['parameters'] * 100:.1f}% of the model" if times else "",
+                _deviation_cell(entry.get("asr_scale_deviation"), len(entry.get("seeds", []))),
             ]
             lines.append(f"| {TASK_LABELS[task].split(' (')[0]} | {training} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _deviation_cell(deviation: dict | None, seeds: int) -> str:
+    if not deviation:
+        return ""
+    runs = "" if deviation["runs"] == seeds else f" ({deviation['runs']} of {seeds} seeds)"
+    return f"{_cell(deviation['mean'], scale=1, digits=4)} ({deviation['max']:.4f}){runs}"
 
 
 def render_blocks(results: dict) -> dict[str, str]:

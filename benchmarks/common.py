@@ -145,6 +145,16 @@ def write_json(path: Path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def asr_scale_deviation(model) -> dict[str, float]:
+    """How far a model's trained ASR scales moved from the identity they start at: mean and largest |scale - 1|."""
+    import torch
+
+    from hf_aligned import asr_scales
+
+    deviation = (torch.cat(list(asr_scales(model).values())) - 1).abs()
+    return {"mean": deviation.mean().item(), "max": deviation.max().item()}
+
+
 def train_aligned_model(
     model,
     train_dataset: Dataset,

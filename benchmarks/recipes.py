@@ -43,7 +43,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-from common import OUTPUTS, REPO, best_times, load_ag_news, load_sst2, minilm_path, write_json
+from common import (
+    OUTPUTS,
+    REPO,
+    asr_scale_deviation,
+    best_times,
+    load_ag_news,
+    load_sst2,
+    minilm_path,
+    write_json,
+)
 
 RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
 FIGURE = REPO / "docs" / "figures" / "recipes_layers.png"
@@ -206,9 +215,10 @@ def run_one(
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
-    trainer.save_model(
-        str(checkpoint_dir(task, variant, seed, checkpoints))
-    )  # the speed phase and the analyses read it
+    if asr:
+        result["asr_scale_deviation"] = asr_scale_deviation(model)
+    # The speed phase and the analyses read the checkpoint.
+    trainer.save_model(str(checkpoint_dir(task, variant, seed, checkpoints)))
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 

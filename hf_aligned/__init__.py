@@ -6,7 +6,7 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from .asr import ASRScale, add_asr, asr_folded_state_dict, fold_asr, has_asr
+from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr
 from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
@@ -89,6 +89,7 @@ __all__ = [
     "SaturationSummary",
     "add_asr",
     "asr_folded_state_dict",
+    "asr_scales",
     "build_model_card",
     "calibrate_exits",
     "cka_matrix",

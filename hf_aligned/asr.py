@@ -25,7 +25,7 @@ from .backbones import find_layout
 from .compat import Conv1D
 from .layouts import BRANCH_OUTPUTS
 
-__all__ = ["ASRScale", "add_asr", "asr_folded_state_dict", "fold_asr", "has_asr"]
+__all__ = ["ASRScale", "add_asr", "asr_folded_state_dict", "asr_scales", "fold_asr", "has_asr"]
 
 ASR_NAME = "asr"
 
@@ -100,6 +100,12 @@ def add_asr(
 def has_asr(model: nn.Module) -> bool:
     """Whether any module of `model` carries an ASR scale that [`fold_asr`] has not folded yet."""
     return any(isinstance(module, ASRScale) for module in model.modules())
+
+
+@torch.no_grad()
+def asr_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The current per-channel scale of every ASR-scaled projection, by the projection's name in `model`."""
+    return {name: getattr(projection, ASR_NAME)().detach() for name, projection in _scaled_projections(model)}
 
 
 def _scaled_projections(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -15,6 +15,7 @@ from hf_aligned import (
     ASRScale,
     add_asr,
     asr_folded_state_dict,
+    asr_scales,
     fold_asr,
     has_asr,
 )
@@ -53,6 +54,7 @@ def test_folding_is_exact_and_equals_scaling_the_projections_by_hand(model_type)
     inputs = family_inputs(model_type)
     add_asr(model, seed=0)
     assert torch.equal(outputs(model, inputs), outputs(plain, inputs))  # a new ASR multiplies by exactly 1
+    assert all(torch.equal(scale, torch.ones_like(scale)) for scale in asr_scales(model).values())
     perturb(model)
     with_asr = outputs(model, inputs)
     # The same function written by hand: every listed projection of the plain model, its output rows scaled.
@@ -63,6 +65,7 @@ def test_folding_is_exact_and_equals_scaling_the_projections_by_hand(model_type)
             assert name.endswith(BRANCH_OUTPUTS[model_type])
             reference = by_hand.get_submodule(name)
             scale = hand_scale(projection.asr).detach()
+            torch.testing.assert_close(asr_scales(model)[name], scale)
             with torch.no_grad():
                 transposed = type(reference).__name__ == "Conv1D"  # GPT-2 stores (in, out)
                 reference.weight.mul_(scale[None, :] if transposed else scale[:, None])

@@ -33,6 +33,8 @@ def fake_run(rng: random.Random, task: str, variant: str, seed: int) -> dict:
     run = {"task": task, "variant": variant, "seed": seed, "layer_accuracy": accuracy}
     if variant.endswith("_asr"):
         run["reloaded_layer_accuracy"] = [value + rng.choice([0.0, 0.0, 0.002]) for value in accuracy]
+        if seed > 0:  # the first SST-2 ASR runs predate the measurement
+            run["asr_scale_deviation"] = {"mean": rng.uniform(0, 0.1), "max": rng.uniform(0.1, 0.5)}
     return run
 
 
@@ -73,6 +75,10 @@ def test_summary_is_mean_and_std_and_asr_differences_are_paired_by_seed():
     changes = [abs(a - b) for run in runs for a, b in zip(run["layer_accuracy"], run["reloaded_layer_accuracy"])]
     assert entry["reloaded_max_accuracy_change"] == pytest.approx(max(changes))
     assert "last_layer_vs_without" not in summary["digits"]["aligned"]
+    deviations = [run["asr_scale_deviation"] for run in runs[1:]]
+    assert entry["asr_scale_deviation"]["runs"] == 2
+    assert entry["asr_scale_deviation"]["mean"][0] == pytest.approx(statistics.mean(d["mean"] for d in deviations))
+    assert entry["asr_scale_deviation"]["max"] == max(d["max"] for d in deviations)
 
 
 def test_sst2_rows_without_asr_are_the_recipes_runs_of_the_same_settings():
@@ -107,7 +113,8 @@ def test_rendered_tables_show_the_summary_numbers():
     row = next(line for line in blocks["asr-accuracy-digits"].splitlines() if line.startswith("| standard + ASR |"))
     assert row.split(" | ")[4] == f"{mean * 100:.1f} ± {std * 100:.1f}"
     effects = next(line for line in blocks["asr-effects"].splitlines() if line.startswith("| digits ViT | aligned"))
-    assert "| 1.234 | 1.010 | 1.200 | 1.0% of the model |" in effects
+    assert "| 1.234 | 1.010 | 1.200 | 1.0% of the model | " in effects
+    assert effects.endswith("(2 of 3 seeds) |")
 
 
 def test_committed_documents_match_the_committed_results():
