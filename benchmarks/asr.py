@@ -157,6 +157,7 @@ def train_phase(options: argparse.Namespace, results: dict) -> None:
                 if task == "sst2":
                     record["train_samples"] = SST2_SAMPLES
                 results["runs"][key] = record
+                results["summary"] = summarize(results, load_results(RECIPES_RESULTS))
                 write_json(options.results, results)
                 print(f"    layers {[round(value, 3) for value in record['layer_accuracy']]}", flush=True)
 

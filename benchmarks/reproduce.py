@@ -331,9 +331,10 @@ def asr_section() -> str:
     """Section 5: ASR scales trained and folded away, rendered from the ASR benchmark's committed JSON."""
     text = _intro(
         "5. ASR: folded channel scales",
-        "ASR (Zhong et al., arXiv 2304.06345), a constant per-channel scale on every block's attention and MLP "
-        "outputs, learned through a small MLP from a learned constant input and folded into the output projections "
-        "after training, changes accuracy at no inference cost; checked here with standard and aligned training. "
+        "(of the ASR paper, Zhong et al., arXiv 2304.06345) a constant per-channel scale on every block's attention "
+        "and MLP outputs, learned through a small MLP from a learned constant input and folded into the output "
+        "projections after training, improves accuracy at no inference cost. Checked here with standard and aligned "
+        "training. "
         "Three seeds per row (mean ± std, accuracy in points); differences to the same training without ASR paired "
         "by seed; times in one process, one thread, alternating, best of N.",
     )
