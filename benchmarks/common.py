@@ -145,6 +145,16 @@ def write_json(path: Path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def asr_scale_deviation(model) -> dict[str, float]:
+    """How far a model's trained ASR scales moved from the identity they start at: mean and largest |scale - 1|."""
+    import torch
+
+    from hf_aligned import asr_scales
+
+    deviation = (torch.cat(list(asr_scales(model).values())) - 1).abs()
+    return {"mean": deviation.mean().item(), "max": deviation.max().item()}
+
+
 def train_aligned_model(
     model,
     train_dataset: Dataset,
@@ -155,8 +165,10 @@ def train_aligned_model(
     batch_size: int,
     learning_rate: float,
     seed: int = 0,
+    fold_asr_on_save: bool = False,
 ):
-    """Trains an aligned model with `AlignedTrainer` (the model's own layer weights) and saves it to `output_dir`."""
+    """Trains an aligned model with `AlignedTrainer` (the model's own layer weights) and saves it to `output_dir`
+    (with `fold_asr_on_save`, a model trained with ASR scales is saved folded)."""
     from hf_aligned import AlignedTrainer, AlignedTrainingArguments
 
     args = AlignedTrainingArguments(
@@ -171,6 +183,7 @@ def train_aligned_model(
         report_to="none",
         seed=seed,
         dataloader_num_workers=0,
+        fold_asr_on_save=fold_asr_on_save,
     )
     trainer = AlignedTrainer(
         model=model,

@@ -37,14 +37,22 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-from common import OUTPUTS, REPO, best_times, load_ag_news, load_sst2, minilm_path, write_json
+from common import (
+    OUTPUTS,
+    REPO,
+    asr_scale_deviation,
+    best_times,
+    load_ag_news,
+    load_sst2,
+    minilm_path,
+    write_json,
+)
 
 RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
 FIGURE = REPO / "docs" / "figures" / "recipes_layers.png"
@@ -105,11 +113,13 @@ def run_one(
     max_length: int,
     model_options: dict | None = None,
     checkpoint: Path | None = None,
+    asr: bool = False,
 ) -> dict:
     """Trains and evaluates one (task, variant, seed) in this fresh process; returns its measurements.
 
     `model_options` adds `AlignedConfig` options on top of the variant's (e.g. `projection_head`); `checkpoint` is
-    where the trained model is saved (default: `checkpoint_dir(task, variant, seed)`).
+    where the trained model is saved (default: `checkpoint_dir(task, variant, seed)`). With `asr`, the model trains
+    with ASR scales (`add_asr`, benchmarks/asr.py) and is saved folded.
     """
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
@@ -118,6 +128,7 @@ def run_one(
         AlignedForSequenceClassification,
         AlignedTrainer,
         AlignedTrainingArguments,
+        add_asr,
         calibrate_exits,
         layer_values,
         simulate_exits,
@@ -154,6 +165,8 @@ def run_one(
     checkpoint = checkpoint or checkpoint_dir(task, variant, seed)
     torch.manual_seed(seed)
     model = AlignedForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels, **model_options)
+    if asr:
+        add_asr(model, seed=seed)
     args = AlignedTrainingArguments(
         output_dir=str(checkpoint.parent / f"{checkpoint.name}-run"),
         per_device_train_batch_size=32,
@@ -164,6 +177,7 @@ def run_one(
         report_to="none",
         seed=seed,
         disable_tqdm=True,
+        fold_asr_on_save=asr,
         **options,
     )
     collator = DataCollatorWithPadding(tokenizer)
@@ -210,13 +224,15 @@ def run_one(
             "mean_exit_layer": exit_layers.float().mean().item(),
             "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
         }
+    if asr:
+        result["asr_scale_deviation"] = asr_scale_deviation(model)
     trainer.save_model(str(checkpoint))  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def checkpoint_dir(task: str, variant: str, seed: int) -> Path:
-    return CHECKPOINTS / "checkpoints" / task / variant / f"seed{seed}"
+def checkpoint_dir(task: str, variant: str, seed: int, checkpoints: Path = CHECKPOINTS) -> Path:
+    return checkpoints / "checkpoints" / task / variant / f"seed{seed}"
 
 
 def measure_speed(task: str, variant: str, seed: int, max_length: int, timed_samples: int) -> dict:
@@ -595,8 +611,8 @@ def render_documents(results: dict, root: Path = REPO) -> list[Path]:
     return write_blocks(render_blocks(results), RENDERED_DOCUMENTS, root)
 
 
-def write_blocks(blocks: dict[str, str], documents: Sequence[str], root: Path = REPO) -> list[Path]:
-    """Replaces the marked blocks in `documents` (paths relative to `root`); returns the files changed."""
+def write_blocks(blocks: dict[str, str], documents: tuple[str, ...], root: Path = REPO) -> list[Path]:
+    """Replaces the marked blocks in each of `documents` (paths relative to `root`); returns the files changed."""
     changed = []
     for name in documents:
         path = root / name

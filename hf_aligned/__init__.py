@@ -6,6 +6,7 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr
 from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
@@ -13,7 +14,7 @@ from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .data import collect_layer_logits
 from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
-from .layouts import LAYOUTS
+from .layouts import BRANCH_OUTPUTS, LAYOUTS
 from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
 from .model_card import AlignedModelCardData, build_model_card, write_model_card
 from .modeling_aligned import (
@@ -66,7 +67,9 @@ AutoModelForSequenceClassification.register(AlignedConfig, AlignedForSequenceCla
 AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "BRANCH_OUTPUTS",
     "LAYOUTS",
+    "ASRScale",
     "AlignedConfig",
     "AlignedForSequenceClassification",
     "AlignedModelCardData",
@@ -85,6 +88,9 @@ __all__ = [
     "ProbeResults",
     "RepresentationDynamicsCallback",
     "SaturationSummary",
+    "add_asr",
+    "asr_folded_state_dict",
+    "asr_scales",
     "build_model_card",
     "calibrate_exits",
     "cka_matrix",
@@ -92,7 +98,9 @@ __all__ = [
     "collect_layer_logits",
     "cosine_similarity_matrix",
     "find_layout",
+    "fold_asr",
     "format_layer_table",
+    "has_asr",
     "iter_layer_representations",
     "layer_representations",
     "layer_values",

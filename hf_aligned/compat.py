@@ -13,9 +13,11 @@ import os
 from torch import nn
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import TransformersKwargs, cached_file
 
 __all__ = [
+    "Conv1D",
     "SubConfigSpec",
     "attn_implementation",
     "backbone_keyword_names",

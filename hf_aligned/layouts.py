@@ -169,3 +169,22 @@ def refusal_reason(model_type: str, is_encoder_decoder: bool) -> str | None:
             "blocks all keep the hidden size (ViT, DeiT, BEiT, Dinov2)."
         )
     return None
+
+
+# model_type -> the output projections of each block's attention and MLP branches, relative to the block: the linear
+# layers whose outputs are added to the residual stream (`asr.add_asr` scales them, `asr.fold_asr` folds the scale into
+# their weights). Verified on every family by tests/test_asr.py. `add_asr(model, branch_outputs=...)` overrides it.
+BRANCH_OUTPUTS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra"), ("attention.output.dense", "output.dense")
+    ),
+    "distilbert": ("attention.out_lin", "ffn.lin2"),
+    "mpnet": ("attention.attn.o", "output.dense"),
+    "modernbert": ("attn.Wo", "mlp.Wo"),
+    **dict.fromkeys(("vit", "deit", "beit", "dinov2"), ("attention.o_proj", "mlp.fc2")),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo"),
+        ("self_attn.o_proj", "mlp.down_proj"),
+    ),
+}

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .asr import asr_folded_state_dict, has_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
 from .metrics import LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
@@ -222,6 +223,13 @@ class AlignedTrainer(Trainer):
             self._layer_loss_sum = None
             self._layer_loss_batches = 0
         super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves as Trainer does; with `fold_asr_on_save`, the ASR scales folded into the saved weights (only)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.fold_asr_on_save and has_asr(model):
+            state_dict = asr_folded_state_dict(model, state_dict)
+        super()._save(output_dir, state_dict=state_dict)
 
     def create_model_card(
         self,

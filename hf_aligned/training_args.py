@@ -71,6 +71,14 @@ class AlignedTrainingArguments(TrainingArguments):
         minimal_depth_tolerance (`float`, *optional*, defaults to `0.01`):
             `evaluate()` reports as `eval_minimal_depth` the first layer whose accuracy is at most this far (absolute,
             as a fraction) below the last layer's accuracy.
+
+        > Saving
+
+        fold_asr_on_save (`bool`, *optional*, defaults to `False`):
+            For a model trained with ASR scales ([`add_asr`]): every checkpoint the trainer saves holds the folded
+            weights ([`asr_folded_state_dict`]), the plain architecture that loads with plain transformers. The live
+            model keeps its ASR scales and trains on; a run resumed from such a checkpoint continues from the same
+            function with fresh ASR scales (a new ASR multiplies by 1).
     """
 
     layer_weights: list[float] | str | None = field(
@@ -127,6 +135,14 @@ class AlignedTrainingArguments(TrainingArguments):
         metadata={
             "help": "The reported minimal depth is the first layer whose eval accuracy is within this absolute "
             "tolerance of the last layer's."
+        },
+    )
+
+    fold_asr_on_save: bool = field(
+        default=False,
+        metadata={
+            "help": "Save checkpoints of a model trained with ASR scales (add_asr) with the scales folded into the "
+            "projections: plain checkpoints. The live model keeps training with its scales."
         },
     )
 
