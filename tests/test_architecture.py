@@ -54,6 +54,7 @@ def test_imports_flow_from_higher_layers_to_lower_ones():
     for path in sorted(PACKAGE.glob("*.py")):
         if path.stem == "__init__":
             continue
+        assert path.stem in layers, f"{path.stem} is not in the module table of docs/architecture.md"
         for module in sorted(package_imports(path) - {""}):
             if module in layers and layers[module] > layers[path.stem]:
                 upward.append(f"{path.stem} (layer {layers[path.stem]}) imports {module} (layer {layers[module]})")
