@@ -14,14 +14,21 @@ from .data import collect_layer_logits
 from .exits import ExitConfig
 from .hub import HubPushError, push_aligned_model
 from .layouts import LAYOUTS
-from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
-from .model_card import AlignedModelCardData, build_model_card, write_model_card
+from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
+from .model_card import AlignedModelCardData, build_causal_lm_card, build_model_card, write_model_card
 from .modeling_aligned import (
     AlignedForSequenceClassification,
     AlignedPreTrainedModel,
     AlignedSequenceClassifierOutput,
     EarlyExitOutput,
     pool_hidden_states,
+)
+from .modeling_causal_lm import (
+    AlignedCausalLMOutput,
+    AlignedForCausalLM,
+    CausalAlignment,
+    SpeculationEstimate,
+    suggest_assistant_early_exit,
 )
 from .plotting import (
     plot_dynamics,
@@ -66,7 +73,9 @@ AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassi
 
 __all__ = [
     "LAYOUTS",
+    "AlignedCausalLMOutput",
     "AlignedConfig",
+    "AlignedForCausalLM",
     "AlignedForSequenceClassification",
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
@@ -75,6 +84,8 @@ __all__ = [
     "AlignedTrainingArguments",
     "BackboneLayout",
     "CalibrationResult",
+    "CausalAlignment",
+    "CausalLayerwiseMetrics",
     "EarlyExitOutput",
     "ExitConfig",
     "HubPushError",
@@ -84,6 +95,8 @@ __all__ = [
     "ProbeResults",
     "RepresentationDynamicsCallback",
     "SaturationSummary",
+    "SpeculationEstimate",
+    "build_causal_lm_card",
     "build_model_card",
     "calibrate_exits",
     "cka_matrix",
@@ -115,6 +128,7 @@ __all__ = [
     "saturation_report",
     "similarity_agreement",
     "similarity_by_distance",
+    "suggest_assistant_early_exit",
     "summarize_saturation",
     "unbiased_hsic_matrix",
     "write_model_card",
