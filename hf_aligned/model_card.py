@@ -340,9 +340,9 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
     if suggestion:
         lines += [
             "",
-            f"Suggested `assistant_early_exit={exit_layer}` (expected {suggestion.expected_speedup:.2f}x fewer "
-            f"layer evaluations with drafts of {suggestion.num_assistant_tokens} tokens, agreement "
-            f"{suggestion.acceptance:.3f}).",
+            f"Suggested `assistant_early_exit={exit_layer}`: layer {exit_layer} agrees with the last layer on "
+            f"{suggestion.acceptance:.1%} of tokens, for an expected {suggestion.expected_speedup:.2f}x speed-up of "
+            "greedy decoding when blocks dominate the cost (`hf_aligned.suggest_assistant_early_exit`).",
         ]
     model_path = data.model_id or "path/to/checkpoint"
     lines += [

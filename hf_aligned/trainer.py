@@ -49,6 +49,12 @@ class AlignedTrainer(Trainer):
     - **overrides** of the model config's `layer_weights` / `aligned_layers` from [`AlignedTrainingArguments`],
       written into `model.config` so saved checkpoints record what they were trained with.
 
+    An [`AlignedForCausalLM`] trains through the same calls (with a causal-LM collator such as
+    `DataCollatorForLanguageModeling(tokenizer, mlm=False)`); its evaluation returns `eval_layer_{l}_loss`,
+    `eval_layer_{l}_perplexity`, `eval_layer_{l}_agreement` (top-1 next-token agreement with the last layer),
+    `eval_perplexity` and `eval_minimal_depth` by perplexity (see [`CausalLayerwiseMetrics`]), and its model card
+    shows them with the suggested `assistant_early_exit`.
+
     Standard fine-tuning (`layer_weights="last"`) and the standard multi-exit baseline with one classifier per layer
     (a model built with `classifier_sharing="per_layer"`) train and evaluate through the same calls.
 
