@@ -150,9 +150,9 @@ class AlignedForCausalLM:
         if issubclass(base_class, AlignedForCausalLM):
             return base_class
         if base_class not in cls._aligned_classes:
-            # The base class's module: transformers reads it to decide what the model supports (attention kinds).
-            attributes = {"__module__": base_class.__module__, "__doc__": AlignedForCausalLM.__doc__}
-            cls._aligned_classes[base_class] = type(f"Aligned{base_class.__name__}", (cls, base_class), attributes)
+            name = f"Aligned{base_class.__name__}"
+            attributes = {"__module__": __name__, "__qualname__": name, "__doc__": AlignedForCausalLM.__doc__}
+            cls._aligned_classes[base_class] = type(name, (AlignedForCausalLM, base_class), attributes)
         return cls._aligned_classes[base_class]
 
     @classmethod
@@ -419,6 +419,16 @@ class AlignedForCausalLM:
 
 
 _ALIGNMENT_FIELDS = frozenset(item.name for item in fields(CausalAlignment))
+
+
+def __getattr__(name: str) -> type:
+    """`AlignedLlamaForCausalLM` and its kind, made on first use, so pickled aligned models load in a new process."""
+    import transformers
+
+    base_class = getattr(transformers, name.removeprefix("Aligned"), None) if name.startswith("Aligned") else None
+    if isinstance(base_class, type) and issubclass(base_class, PreTrainedModel):
+        return AlignedForCausalLM.aligned_class(base_class)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -253,3 +254,26 @@ def test_trainer_refuses_classifier_options_for_a_language_model(tmp_path):
     args = AlignedTrainingArguments(output_dir=str(tmp_path), distillation_weight=0.5, report_to="none")
     with pytest.raises(ValueError, match="do not apply to AlignedForCausalLM"):
         AlignedTrainer(tiny_causal_lm("gpt2"), args)
+
+
+def test_pickled_model_round_trips():
+    model = tiny_causal_lm("gpt2", layer_weights="uniform")
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy) is type(model) and copy.alignment == model.alignment
+    input_ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids).logits, model(input_ids).logits)
+
+
+def test_lora_adapters_train_with_the_aligned_loss_and_merge_into_a_plain_checkpoint(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    input_ids = tokens()
+    out = model(input_ids=input_ids, labels=input_ids)
+    assert out.layer_losses.shape == (NUM_LAYERS,)
+    out.loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
