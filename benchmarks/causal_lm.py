@@ -30,13 +30,11 @@ import resource
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUTPUTS, REPO, load_ag_news, load_sst2, write_json
-from recipes import load_results, provenance, replace_blocks
+from recipes import isolated, load_results, provenance, replace_blocks
 
 RESULTS = REPO / "benchmarks" / "results" / "causal_lm.json"
 RENDERED_DOCUMENTS = ("README.md", "docs/causal_lm.md")
@@ -200,12 +198,6 @@ def own_acceptance(model, sequences) -> list[float]:
         labels[:, :PROMPT_TOKENS] = -100  # score only the generated tokens
         sums += model(input_ids=sequence, labels=labels).layer_agreement
     return (sums / len(sequences))[:-1].tolist()
-
-
-def isolated(function, *args):
-    """Runs `function(*args)` in a fresh spawned process (its own peak memory and one thread)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
 
 
 def summarize(results: dict) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, pipeline
 
 from hf_aligned import (
     AlignedForCausalLM,
@@ -20,7 +20,7 @@ from hf_aligned import (
     suggest_assistant_early_exit,
 )
 
-from .testing_utils import DECODER_FAMILIES, FINAL_NORM, VOCAB_SIZE, tiny_base_config
+from .testing_utils import DECODER_FAMILIES, FINAL_NORM, VOCAB_SIZE, tiny_base_config, tiny_tokenizer
 
 NUM_LAYERS = 4
 
@@ -128,6 +128,10 @@ def test_saved_checkpoint_is_plain_and_reloads_with_its_settings(family, tmp_pat
     input_ids = tokens()
     with torch.no_grad():
         assert torch.equal(plain(input_ids).logits, model(input_ids).logits)
+    if family == "llama":  # the text-generation pipeline serves the checkpoint as it serves the base model
+        tiny_tokenizer(tmp_path)
+        generator = pipeline("text-generation", model=str(tmp_path), max_new_tokens=4, do_sample=False)
+        assert generator("w1 w2 w3")[0]["generated_text"].startswith("w1 w2 w3")
     reloaded = AlignedForCausalLM.from_pretrained(tmp_path)
     assert reloaded.alignment == model.alignment
     assert AlignedForCausalLM.from_pretrained(tmp_path, layer_weights="last").alignment.layer_weights == "last"
