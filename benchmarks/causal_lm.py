@@ -283,6 +283,10 @@ def targets_table(results: dict) -> str:
         value = check["value"]
         shown = f"{value:+.1%}" if "perplexity" in name else f"{value:.2f}x"
         lines.append(f"| {name} | {shown} | {'yes' if check['met'] else 'no'} |")
+    lines.append(
+        f"| (memory added by training, above the loaded process) | {summary['training_memory_ratio']:.2f}x | - |"
+    )
+    lines.append(f"| (median step time vs standard) | {summary['step_time_ratio']:.2f}x | - |")
     if "best_k" in summary:
         lines.append(
             f"| (standard model, same k = {summary['best_k']}) | {summary['standard_speedup_same_k']:.2f}x "
