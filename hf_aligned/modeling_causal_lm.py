@@ -400,6 +400,10 @@ class AlignedForCausalLM:
         k blocks draft tokens and the full model verifies them (assisted generation with [`early_exit_draft`]), for
         every family, GPT-2 included. Greedy output equals plain greedy decoding.
 
+        The draft's settings `num_assistant_tokens`, `num_assistant_tokens_schedule` and
+        `assistant_confidence_threshold` come from this call (keywords or `generation_config`), else from the model's
+        generation config, else transformers' defaults (20 tokens, constant, a draft stops below confidence 0.4).
+
         Raises:
             ValueError: for a `k` outside [1, L - 1], or together with an `assistant_model`.
         """
@@ -415,9 +419,16 @@ class AlignedForCausalLM:
             kwargs["generation_config"] = copy.deepcopy(source)
             kwargs["generation_config"].assistant_early_exit = None
         draft = self.early_exit_draft(assistant_early_exit)
+        for name in DRAFT_SETTINGS:
+            value = kwargs.pop(name, None)
+            value = value if value is not None else getattr(source, name, None)
+            if value is not None:
+                setattr(draft.generation_config, name, value)
         return super().generate(*args, assistant_model=draft, **kwargs)
 
 
+# Generation settings of the draft (transformers reads them from the assistant model's generation config).
+DRAFT_SETTINGS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
 _ALIGNMENT_FIELDS = frozenset(item.name for item in fields(CausalAlignment))
 
 

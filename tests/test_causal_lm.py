@@ -146,6 +146,9 @@ def test_self_speculative_greedy_output_equals_plain_greedy(family):
     assert plain.shape[1] == 5 + 24
     for layer in range(1, NUM_LAYERS):
         assert torch.equal(model.generate(prompt, assistant_early_exit=layer, **settings), plain), layer
+    # The draft's own settings (a fixed draft length, no confidence stop) change the speed, never the tokens.
+    drafts = {"num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0}
+    assert torch.equal(model.generate(prompt, assistant_early_exit=1, **drafts, **settings), plain)
     # The draft really runs `layer` blocks (GPT-2's forward would otherwise run them all), through the same head.
     with torch.no_grad():
         hidden = model(prompt, output_hidden_states=True).hidden_states

@@ -35,12 +35,17 @@ def fake_results() -> dict:
             "median_step_time_s": step,
         }
 
-    def speed(speedups, identical=(True, True)):
-        return {"speedup": speedups, "identical": list(identical), "acceptance": [0.4, 0.8]}
+    def speed(speedups, helper, identical=(True, True)):
+        return {
+            "speedup": speedups,
+            "speedup_helper_drafts": helper,
+            "identical": list(identical),
+            "acceptance": [0.4, 0.8],
+        }
 
     return {
         "runs": {"standard": run([90.0, 60.0, 40.0], 1000, 600, 1.0), "aligned": run([50, 45, 41.0], 1100, 600, 1.5)},
-        "speed": {"standard": speed([0.6, 0.9]), "aligned": speed([1.2, 1.6])},
+        "speed": {"standard": speed([0.6, 0.9], [0.7, 1.1]), "aligned": speed([1.2, 1.6], [1.4, 1.3])},
     }
 
 
@@ -50,7 +55,8 @@ def test_summary_and_targets_follow_the_numbers():
     assert summary["perplexity_gap"] == pytest.approx(41 / 40 - 1)
     assert summary["memory_ratio"] == pytest.approx(1.1)
     assert summary["training_memory_ratio"] == pytest.approx(500 / 400)
-    assert (summary["best_k"], summary["speedup"], summary["standard_speedup_same_k"]) == (2, 1.6, 0.9)
+    assert (summary["best_k"], summary["best_drafts"], summary["speedup"]) == (2, "default", 1.6)
+    assert (summary["standard_speedup_same_setting"], summary["standard_best_speedup"]) == (0.9, 1.1)
     checks = benchmark.targets(summary)
     assert [check["met"] for check in checks.values()] == [True, True, True]
     results["speed"]["aligned"]["identical"] = [True, False]
@@ -63,7 +69,7 @@ def test_rendered_tables_show_the_numbers():
     results["targets"] = benchmark.targets(results["summary"])
     blocks = benchmark.render_blocks(results)
     assert "| 3 | 40.0 | 1.000 | 41.0 | 1.000 |" in blocks["causal-lm-layers"]
-    assert "| 2 | 0.800 | 0.90x | 0.800 | 1.60x | yes |" in blocks["causal-lm-speed"]
+    assert "| 2 | 0.800 | 0.90x / 1.10x | 0.800 | 1.60x / 1.30x | yes |" in blocks["causal-lm-speed"]
     assert "| +2.5% | yes |" in blocks["causal-lm-targets"]
 
 
