@@ -15,14 +15,21 @@ from .data import collect_layer_logits
 from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
 from .layouts import BRANCH_OUTPUTS, LAYOUTS
-from .metrics import LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
-from .model_card import AlignedModelCardData, build_model_card, write_model_card
+from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
+from .model_card import AlignedModelCardData, build_causal_lm_card, build_model_card, write_model_card
 from .modeling_aligned import (
     AlignedForSequenceClassification,
     AlignedPreTrainedModel,
     AlignedSequenceClassifierOutput,
     EarlyExitOutput,
     pool_hidden_states,
+)
+from .modeling_causal_lm import (
+    AlignedCausalLMOutput,
+    AlignedForCausalLM,
+    CausalAlignment,
+    SpeculationEstimate,
+    suggest_assistant_early_exit,
 )
 from .plotting import (
     plot_calibration,
@@ -70,7 +77,9 @@ __all__ = [
     "BRANCH_OUTPUTS",
     "LAYOUTS",
     "ASRScale",
+    "AlignedCausalLMOutput",
     "AlignedConfig",
+    "AlignedForCausalLM",
     "AlignedForSequenceClassification",
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
@@ -79,6 +88,8 @@ __all__ = [
     "AlignedTrainingArguments",
     "BackboneLayout",
     "CalibrationResult",
+    "CausalAlignment",
+    "CausalLayerwiseMetrics",
     "EarlyExitOutput",
     "ExitConfig",
     "HubPushError",
@@ -88,9 +99,11 @@ __all__ = [
     "ProbeResults",
     "RepresentationDynamicsCallback",
     "SaturationSummary",
+    "SpeculationEstimate",
     "add_asr",
     "asr_folded_state_dict",
     "asr_scales",
+    "build_causal_lm_card",
     "build_model_card",
     "calibrate_exits",
     "cka_matrix",
@@ -126,6 +139,7 @@ __all__ = [
     "similarity_agreement",
     "similarity_by_distance",
     "simulate_exits",
+    "suggest_assistant_early_exit",
     "summarize_saturation",
     "unbiased_hsic_matrix",
     "write_model_card",

@@ -22,6 +22,7 @@ __all__ = [
     "attn_implementation",
     "backbone_keyword_names",
     "cached_file_or_none",
+    "causal_lm_class",
     "is_causal_lm_only_type",
     "is_image_classification_only_type",
     "mark_initialized",
@@ -72,3 +73,11 @@ def is_image_classification_only_type(model_type: str) -> bool:
         model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
         and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     )
+
+
+def causal_lm_class(config: PreTrainedConfig) -> type:
+    """The causal-LM class `AutoModelForCausalLM` builds for a config (`LlamaForCausalLM` for a `LlamaConfig`)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    return _get_model_class(config, AutoModelForCausalLM._model_mapping)

@@ -165,3 +165,44 @@ def format_layer_table(
     depths = [str(metrics.get(f"{prefix}_minimal_depth", "-")) for metrics in metrics_by_run.values()]
     lines.append("minimal depth".ljust(13) + "".join(depth.rjust(width + 2) for depth in depths))
     return "\n".join(lines)
+
+
+class CausalLayerwiseMetrics:
+    """A `compute_metrics` for [`AlignedForCausalLM`] evaluated by [`AlignedTrainer`]: next-token loss, perplexity
+    and top-1 agreement with the last layer after every layer.
+
+    [`AlignedTrainer`] reduces every evaluation batch to per-layer sums, `predictions` of shape
+    `(batches, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last layer) and `label_ids` of shape
+    `(batches,)` (tokens counted), so the metrics are exact token averages over the whole set with no logits kept.
+    It returns `layer_{l}_loss`, `layer_{l}_perplexity` and `layer_{l}_agreement` for every 1-based layer `l`, the
+    last layer's `perplexity`, and `minimal_depth`: the first layer whose perplexity is at most
+    (1 + `tolerance`) times the last layer's.
+    """
+
+    def __init__(self, tolerance: float = 0.01):
+        self.tolerance = tolerance
+
+    def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        sums = np.asarray(eval_pred.predictions, dtype=np.float64)
+        counts = np.asarray(eval_pred.label_ids, dtype=np.float64)
+        if sums.ndim != 3 or sums.shape[2] != 2:
+            raise ValueError(
+                f"Causal-LM layer metrics expect per-batch sums of shape (batches, layers, 2), got {sums.shape}."
+            )
+        tokens = max(counts.sum(), 1.0)
+        losses = sums[:, :, 0].sum(axis=0) / tokens
+        agreement = sums[:, :, 1].sum(axis=0) / tokens
+        perplexities = np.exp(losses)
+        result = {}
+        for layer, (loss, perplexity, agree) in enumerate(zip(losses, perplexities, agreement), start=1):
+            result.update(
+                {
+                    f"layer_{layer}_loss": float(loss),
+                    f"layer_{layer}_perplexity": float(perplexity),
+                    f"layer_{layer}_agreement": float(agree),
+                }
+            )
+        result["perplexity"] = float(perplexities[-1])
+        limit = perplexities[-1] * (1.0 + self.tolerance) * (1 + 1e-12)
+        result["minimal_depth"] = next(layer for layer, value in enumerate(perplexities, start=1) if value <= limit)
+        return result

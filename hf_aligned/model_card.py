@@ -29,6 +29,7 @@ from transformers.utils import logging
 from .compat import is_image_classification_only_type
 from .configuration_aligned import AlignedConfig
 from .exits import EXIT_CONFIG_NAME
+from .modeling_causal_lm import ALIGNED_TRAINING_KEY, AlignedForCausalLM, suggest_assistant_early_exit
 
 logger = logging.get_logger(__name__)
 
@@ -208,6 +209,8 @@ def build_model_card(
         ValueError: if the data contradicts the model (a layer that does not exist) or a calibration point lacks a
             key.
     """
+    if isinstance(model_or_config, AlignedForCausalLM):
+        return build_causal_lm_card(model_or_config, data)
     config = getattr(model_or_config, "config", model_or_config)
     if not isinstance(config, AlignedConfig):
         raise TypeError(
@@ -292,6 +295,81 @@ def build_model_card(
         "versions": _framework_versions(),
     }
     return ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **context)
+
+
+def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData | None = None) -> ModelCard:
+    """The card of an aligned causal LM: how it was trained, every layer's perplexity and agreement with the last
+    layer (from `eval_metrics`), the suggested `assistant_early_exit`, and usage without hf_aligned."""
+    data = data or AlignedModelCardData()
+    num_layers = model.num_layers
+    layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
+    if any(not 1 <= layer <= num_layers for layer in layers):
+        raise ValueError(f"`eval_metrics` has layers outside 1..{num_layers}; pass this model's evaluation metrics.")
+    model_type = model.config.model_type
+    model_name = data.model_id or f"aligned-{model_type}"
+    base_model_id = _hub_model_id(data.base_model or model.config._name_or_path or None)
+    card_data = ModelCardData(
+        base_model=base_model_id,
+        datasets=data.datasets,
+        language=data.language,
+        license=data.license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[*DEFAULT_TAGS, "self-speculative-decoding", model_type, *(data.tags or [])],
+    )
+    lines = [
+        f"# {model_name.split('/')[-1]}",
+        "",
+        f"A {model_type} language model of {num_layers} layers trained with **hf_aligned**'s aligned "
+        "training ([arXiv:2406.14479](https://arxiv.org/abs/2406.14479)): its own final norm and LM head "
+        "predict the next token after every layer, so its first layers draft tokens for self-speculative decoding. "
+        "The checkpoint is a plain transformers checkpoint; hf_aligned is not needed to use it.",
+        "",
+        f"Trained with `{ALIGNED_TRAINING_KEY}` = `{json.dumps(model.alignment.to_dict())}` (also in `config.json`).",
+    ]
+    agreement = [layers.get(layer, {}).get("agreement") for layer in range(1, num_layers + 1)]
+    suggestion = None if None in agreement else suggest_assistant_early_exit(agreement)
+    exit_layer = suggestion.assistant_early_exit if suggestion else max(1, num_layers // 4)
+    if layers:
+        names = [name for name in ("loss", "perplexity", "agreement") if any(name in row for row in layers.values())]
+        lines += ["", "## Every layer as a next-token predictor", ""]
+        lines += ["| Layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [
+            f"| {layer} | " + " | ".join(_format_metric(row.get(name)) for name in names) + " |"
+            for layer, row in layers.items()
+        ]
+        lines += ["", "Agreement: the share of tokens whose top-1 prediction equals the last layer's."]
+    if suggestion:
+        lines += [
+            "",
+            f"Suggested `assistant_early_exit={exit_layer}`: layer {exit_layer} agrees with the last layer on "
+            f"{suggestion.acceptance:.1%} of tokens, for an expected {suggestion.expected_speedup:.2f}x speed-up of "
+            "greedy decoding when blocks dominate the cost (`hf_aligned.suggest_assistant_early_exit`).",
+        ]
+    model_path = data.model_id or "path/to/checkpoint"
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
+        'inputs = tokenizer("An example prompt", return_tensors="pt")',
+        f"output = model.generate(**inputs, max_new_tokens=40, assistant_early_exit={exit_layer})",
+        "```",
+        "",
+        "For families whose forward runs every block whatever `num_hidden_layers` says (GPT-2), load it with "
+        "`hf_aligned.AlignedForCausalLM.from_pretrained` for the same call.",
+    ]
+    hyperparameters = training_hyperparameters(data.training_args or {})
+    if hyperparameters:
+        lines += ["", "## Training hyperparameters", ""]
+        lines += [f"- {name}: {value}" for name, value in hyperparameters.items()]
+    versions = ", ".join(f"{name} {version}" for name, version in _framework_versions().items())
+    lines += ["", f"Framework versions: {versions}.", ""]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def write_model_card(

@@ -13,9 +13,10 @@ from transformers.utils import logging
 
 from .asr import asr_folded_state_dict, has_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
-from .metrics import LayerwiseMetrics
+from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
 from .modeling_aligned import AlignedSequenceClassifierOutput
+from .modeling_causal_lm import AlignedForCausalLM, shifted_labels
 from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -49,6 +50,12 @@ class AlignedTrainer(Trainer):
       which the top-1 prediction no longer changes, see [`saturation_layers`]);
     - **overrides** of the model config's `layer_weights` / `aligned_layers` from [`AlignedTrainingArguments`],
       written into `model.config` so saved checkpoints record what they were trained with.
+
+    An [`AlignedForCausalLM`] trains through the same calls (with a causal-LM collator such as
+    `DataCollatorForLanguageModeling(tokenizer, mlm=False)`); its evaluation returns `eval_layer_{l}_loss`,
+    `eval_layer_{l}_perplexity`, `eval_layer_{l}_agreement` (top-1 next-token agreement with the last layer),
+    `eval_perplexity` and `eval_minimal_depth` by perplexity (see [`CausalLayerwiseMetrics`]), and its model card
+    shows them with the suggested `assistant_early_exit`.
 
     Standard fine-tuning (`layer_weights="last"`) and the standard multi-exit baseline with one classifier per layer
     (a model built with `classifier_sharing="per_layer"`) train and evaluate through the same calls.
@@ -110,21 +117,33 @@ class AlignedTrainer(Trainer):
         self._layer_loss_names: list[str] = []
         self._layer_loss_batches = 0
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
-        self.compute_metrics = LayerwiseMetrics(
-            self.accelerator.unwrap_model(self.model), compute_metrics, args.minimal_depth_tolerance
-        )
+        if _causal_lm(self.model) is not None:
+            if compute_metrics is not None:
+                raise ValueError(
+                    "`compute_metrics` is not supported for AlignedForCausalLM: evaluation reports every layer's "
+                    "loss, perplexity and agreement from per-batch sums, without keeping logits."
+                )
+            self.compute_metrics = CausalLayerwiseMetrics(args.minimal_depth_tolerance)
+        else:
+            self.compute_metrics = LayerwiseMetrics(
+                self.accelerator.unwrap_model(self.model), compute_metrics, args.minimal_depth_tolerance
+            )
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(list(self._tag_names))
 
     @staticmethod
     def _prepare_aligned_model(model: nn.Module, args: AlignedTrainingArguments) -> None:
         """Checks that `model` is an aligned model and writes the arguments' loss settings into its config."""
+        causal = _causal_lm(model)
+        if causal is not None:
+            AlignedTrainer._prepare_causal_lm(causal, args)
+            return
         config = getattr(model, "config", None)
         if not isinstance(config, AlignedConfig):
             raise TypeError(
                 f"AlignedTrainer trains aligned models, got {type(model).__name__}. Wrap the base model with "
-                "`AlignedForSequenceClassification.from_pretrained(...)` (use `layer_weights='last'` for standard "
-                "fine-tuning)."
+                "`AlignedForSequenceClassification.from_pretrained(...)` or, for a language model, "
+                "`AlignedForCausalLM.from_pretrained(...)` (use `layer_weights='last'` for standard fine-tuning)."
             )
         overrides = {
             name: getattr(args, name)
@@ -147,6 +166,20 @@ class AlignedTrainer(Trainer):
             values["aligned_layers"] = sorted(set(values["aligned_layers"]))
         for name, value in values.items():
             setattr(config, name, value)
+
+    @staticmethod
+    def _prepare_causal_lm(model: AlignedForCausalLM, args: AlignedTrainingArguments) -> None:
+        """Writes the arguments' `layer_weights` / `aligned_layers` into an aligned causal LM's settings."""
+        if args.classifier_update == "last" or (args.distillation_weight or 0.0) > 0:
+            raise ValueError(
+                "`classifier_update='last'` and `distillation_weight > 0` train a classification head and do not "
+                "apply to AlignedForCausalLM; leave them unset."
+            )
+        overrides = {name: getattr(args, name) for name in ("layer_weights", "aligned_layers")}
+        overrides = {name: value for name, value in overrides.items() if value is not None}
+        if overrides:
+            logger.info(f"Training with {overrides} (from the training arguments).")
+            model.configure_alignment(**overrides)
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -172,6 +205,8 @@ class AlignedTrainer(Trainer):
                 recorded.append(outputs["layer_distillation_losses"][:-1])
                 self._layer_loss_names += [f"layer_{layer}_distillation_loss" for layer in range(1, len(layer_losses))]
             recorded = torch.cat(recorded).detach().float()
+            # Layers an aligned causal LM skipped this step (`layers_per_step`) are nan: count each layer's own steps.
+            recorded = torch.stack([recorded.nan_to_num(0.0), (~recorded.isnan()).float()])
             self._layer_loss_sum = recorded if self._layer_loss_sum is None else self._layer_loss_sum + recorded
             self._layer_loss_batches += 1
         return (loss, outputs) if return_outputs else loss
@@ -216,10 +251,9 @@ class AlignedTrainer(Trainer):
         """Adds the mean per-layer training losses since the last log to training logs, then logs as usual."""
         if "loss" in logs and self._layer_loss_sum is not None:
             # One collective per log, on every process alike: Trainer calls `log` on all of them.
-            local = torch.cat([self._layer_loss_sum, self._layer_loss_sum.new_tensor([self._layer_loss_batches])])
-            total = self.accelerator.gather(local[None]).sum(dim=0)
-            means = (total[:-1] / total[-1]).tolist()
-            logs = {**logs, **dict(zip(self._layer_loss_names, means))}
+            total = self.accelerator.gather(self._layer_loss_sum[None]).sum(dim=0)
+            means = (total[0] / total[1]).tolist()
+            logs = {**logs, **{name: mean for name, mean in zip(self._layer_loss_names, means) if mean == mean}}
             self._layer_loss_sum = None
             self._layer_loss_batches = 0
         super().log(logs, start_time)
@@ -274,7 +308,11 @@ class AlignedTrainer(Trainer):
         predictions (Trainer gathers and concatenates predictions along dim 0).
 
         The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
+        For an [`AlignedForCausalLM`] the predictions are the batch's per-layer sums `(1, num_layers, 2)` (summed
+        cross-entropy, tokens agreeing with the last layer) and the labels its counted tokens `(1,)`.
         """
+        if _causal_lm(model) is not None:
+            return self._causal_prediction_step(model, inputs, prediction_loss_only)
         loss, layer_logits, labels = super().prediction_step(
             model,
             {**inputs, "early_exit": False},
@@ -284,6 +322,37 @@ class AlignedTrainer(Trainer):
         if layer_logits is not None:
             layer_logits = layer_logits.transpose(0, 1).contiguous()
         return loss, layer_logits, labels
+
+    def _causal_prediction_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], prediction_loss_only: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "Evaluating an AlignedForCausalLM needs `labels` (the input ids, -100 on padding): use "
+                "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`."
+            )
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        loss = outputs.loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        counted = (shifted_labels(labels) != -100).sum().to(outputs.layer_losses.dtype)
+        sums = torch.stack([outputs.layer_losses * counted, outputs.layer_agreement * counted], dim=-1)
+        return loss, sums[None].detach(), counted.reshape(1)
+
+
+def _causal_lm(model: nn.Module | None) -> AlignedForCausalLM | None:
+    """The aligned causal LM inside `model` (itself, or the base model of a peft / DDP wrapper), if any."""
+    for _ in range(3):
+        if isinstance(model, AlignedForCausalLM):
+            return model
+        inner = getattr(model, "module", None)
+        if inner is None and hasattr(model, "get_base_model"):
+            inner = model.get_base_model()
+        model = inner
+    return None
 
 
 def _is_new_classifier_parameter(name: str) -> bool:

@@ -70,7 +70,8 @@ class AlignedTrainingArguments(TrainingArguments):
 
         minimal_depth_tolerance (`float`, *optional*, defaults to `0.01`):
             `evaluate()` reports as `eval_minimal_depth` the first layer whose accuracy is at most this far (absolute,
-            as a fraction) below the last layer's accuracy.
+            as a fraction) below the last layer's accuracy; for an [`AlignedForCausalLM`], the first layer whose
+            perplexity is at most (1 + tolerance) times the last layer's.
 
         > Saving
 
@@ -134,7 +135,8 @@ class AlignedTrainingArguments(TrainingArguments):
         default=0.01,
         metadata={
             "help": "The reported minimal depth is the first layer whose eval accuracy is within this absolute "
-            "tolerance of the last layer's."
+            "tolerance of the last layer's (for AlignedForCausalLM: whose perplexity is at most (1 + tolerance) "
+            "times the last layer's)."
         },
     )
 

@@ -175,3 +175,24 @@ def test_demo_prints_one_table_for_the_three_trainings_and_saves_a_plot(tmp_path
     ):
         config = AutoConfig.from_pretrained(tmp_path / folder)
         assert (config.layer_weights, config.classifier_sharing) == (weights, sharing)
+
+
+def test_causal_lm_example_trains_a_small_model_from_a_config_and_saves_a_plain_checkpoint(tmp_path):
+    texts = tmp_path / "texts.txt"
+    words = ["the", "market", "team", "film", "won", "fell", "new", "game", "stocks", "is", "a", "good"]
+    texts.write_text("\n".join(" ".join(words[(i * 7 + j) % 12] for j in range(9)) for i in range(200)) + "\n")
+    output = tmp_path / "lm"
+    stdout = run_script(
+        [sys.executable, "examples/run_causal_lm.py", "--output_dir", str(output), "--model_type", "llama",
+         "--config_overrides", "hidden_size=16,intermediate_size=32,num_hidden_layers=3,num_attention_heads=2,"
+         "num_key_value_heads=2", "--train_tokenizer_vocab_size", "300", "--train_file", str(texts),
+         "--block_size", "16", "--max_steps", "3", "--per_device_train_batch_size", "4", "--report_to", "none",
+         "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
+    )  # fmt: skip
+    assert "suggested assistant_early_exit:" in stdout
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert all(f"eval_layer_{layer}_perplexity" in metrics for layer in (1, 2, 3))
+    config = json.loads((output / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["aligned_training"]["layer_weights"] == "linear"
+    assert "eval_layer_1_perplexity" not in (output / "README.md").read_text()  # the card shows a table instead
+    assert "| 1 |" in (output / "README.md").read_text()

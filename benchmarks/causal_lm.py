@@ -1,0 +1,382 @@
+"""Causal-LM benchmark: a small Llama trained from scratch, standard vs aligned, then self-speculative decoding.
+
+The texts of ../shared/data (SST-2 training phrases and the AG News training split; evaluation on the SST-2 dev
+sentences and the AG News test split) are tokenized with a byte-level BPE tokenizer trained on the training texts
+(`tokenizers`, 2,048 entries), joined with an end-of-text token and cut into blocks of 64 tokens. The model is a
+Llama of 8 blocks, width 256, MLP 688, 4 heads, tied embeddings: per token the blocks cost about 12 times the LM head,
+as in real LLMs. Both variants train through `AlignedTrainer` for the same steps with the same data order and
+optimization (AdamW, learning rate 1e-3, 5% warm-up, linear decay, batch 16):
+
+- `standard`: `layer_weights="last"`, i.e. ordinary language-model training (the loss of the plain model);
+- `aligned`: the paper's loss, linear λ over all 8 blocks, every block read by the model's own norm and LM head.
+
+Each run (its own process) reports every block's perplexity and top-1 agreement with the last block on the
+evaluation blocks, the median step time and the peak resident memory. The `speed` phase loads both checkpoints in one
+process and decodes greedily at batch 1 on one CPU thread: for each prompt (the first 16 tokens of evaluation texts,
+48 new tokens, no end-of-text stop), plain greedy `generate` and `generate(assistant_early_exit=k)` for every k, timed
+alternately, best of `--repeats`; it checks that every output is token-for-token the plain greedy one and measures
+the draft acceptance on the model's own greedy continuations (the share of generated tokens that block k's top-1
+predicts). Results go to benchmarks/results/causal_lm.json after every step; a rerun skips what is there.
+
+    python benchmarks/causal_lm.py                  # train both variants, measure speed, render README / docs
+    python benchmarks/causal_lm.py --steps 60 --results /tmp/causal.json --no-render   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUTPUTS, REPO, load_ag_news, load_sst2, write_json
+from recipes import isolated, load_results, provenance, replace_blocks
+
+RESULTS = REPO / "benchmarks" / "results" / "causal_lm.json"
+RENDERED_DOCUMENTS = ("README.md", "docs/causal_lm.md")
+VARIANTS = {"standard": "last", "aligned": "linear"}
+MODEL = {
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+BLOCK_SIZE = 64
+PROMPT_TOKENS = 16
+NEW_TOKENS = 48
+TARGETS = {"speedup": 1.5, "perplexity_gap": 0.03, "memory_ratio": 1.3}
+
+
+def corpus(split: str) -> list[str]:
+    """SST-2 and AG News texts: the training texts, or the held-out ones (`"eval"`)."""
+    if split == "train":
+        return list(load_sst2("train")["text"]) + list(load_ag_news()["train"]["text"])
+    return list(load_sst2("dev")["text"]) + list(load_ag_news()["test"]["text"])
+
+
+def tokenizer_for(outputs: Path):
+    """The BPE tokenizer trained on the training texts (trained once, then loaded from `outputs`)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = outputs / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(corpus("train"), vocab_size=MODEL["vocab_size"], special_tokens=["<|endoftext|>"])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        tokenizer.save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def packed_blocks(texts: list[str], tokenizer, limit: int | None = None):
+    """The texts joined with end-of-text tokens and cut into `BLOCK_SIZE`-token blocks (a `datasets.Dataset`)."""
+    from datasets import Dataset
+
+    ids = []
+    for encoded in tokenizer(texts)["input_ids"]:
+        ids += [*encoded, tokenizer.eos_token_id]
+    blocks = [ids[start : start + BLOCK_SIZE] for start in range(0, len(ids) - BLOCK_SIZE + 1, BLOCK_SIZE)]
+    return Dataset.from_dict({"input_ids": blocks[:limit] if limit else blocks})
+
+
+def train_one(variant: str, seed: int, steps: int, outputs: str) -> dict:
+    """Trains one variant from scratch in this (fresh) process and evaluates every block."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling, LlamaConfig, TrainerCallback
+
+    from hf_aligned import AlignedForCausalLM, AlignedTrainer, AlignedTrainingArguments
+
+    torch.set_num_threads(1)
+    outputs = Path(outputs)
+    tokenizer = tokenizer_for(outputs)
+    train, evaluation = packed_blocks(corpus("train"), tokenizer), packed_blocks(corpus("eval"), tokenizer, 300)
+    config = LlamaConfig(**MODEL, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AlignedForCausalLM.from_config(config, layer_weights=VARIANTS[variant])
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    args = AlignedTrainingArguments(
+        output_dir=str(outputs / f"{variant}-{seed}"),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=1e-3,
+        warmup_steps=0.05,
+        weight_decay=0.01,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=True,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = AlignedTrainer(
+        model, args, train_dataset=train, eval_dataset=evaluation, data_collator=collator, callbacks=[StepTimer()]
+    )
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    tokenizer.save_pretrained(args.output_dir)
+    layers = range(1, MODEL["num_hidden_layers"] + 1)
+    return {
+        "layer_perplexity": [metrics[f"eval_layer_{layer}_perplexity"] for layer in layers],
+        "layer_agreement": [metrics[f"eval_layer_{layer}_agreement"] for layer in layers],
+        "minimal_depth": metrics["eval_minimal_depth"],
+        "eval_tokens": len(evaluation) * (BLOCK_SIZE - 1),
+        "train_tokens": steps * 16 * BLOCK_SIZE,
+        "median_step_time_s": statistics.median(times[5:] or times),
+        "peak_rss_bytes": peak,
+        "rss_before_training_bytes": rss_start,
+        "wall_time_s": round(wall, 1),
+    }
+
+
+def measure_speed(outputs: str, seed: int, prompts: int, repeats: int, draft_tokens: dict[str, int]) -> dict:
+    """Plain vs self-speculative greedy decoding of both checkpoints, alternating, best of `repeats`: every k with
+    transformers' default draft settings, and with the helper's (`draft_tokens[variant]` tokens, no confidence stop)."""
+    import torch
+
+    from hf_aligned import AlignedForCausalLM
+
+    torch.set_num_threads(1)
+    tokenizer = tokenizer_for(Path(outputs))
+    texts = [text for text in corpus("eval") if len(tokenizer(text)["input_ids"]) >= PROMPT_TOKENS][::37][:prompts]
+    inputs = [torch.tensor([tokenizer(text)["input_ids"][:PROMPT_TOKENS]]) for text in texts]
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    models = {v: AlignedForCausalLM.from_pretrained(Path(outputs) / f"{v}-{seed}").eval() for v in VARIANTS}
+    depth = MODEL["num_hidden_layers"]
+    drafts = {"default": lambda variant: {}}
+    drafts["helper"] = lambda variant: {
+        "num_assistant_tokens": draft_tokens[variant],
+        "assistant_confidence_threshold": 0.0,
+    }
+    per_model = [(None, "default")] + [(k, name) for k in range(1, depth) for name in drafts]
+    runs = [(variant, k, name) for variant in VARIANTS for k, name in per_model]
+    best = dict.fromkeys(runs, math.inf)
+    identical = dict.fromkeys(runs, True)
+    reference = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for variant, k, name in runs:
+                extra = drafts[name](variant) if k else {}
+                start = time.perf_counter()
+                results = [
+                    models[variant].generate(ids, assistant_early_exit=k, **settings, **extra) for ids in inputs
+                ]
+                best[variant, k, name] = min(best[variant, k, name], time.perf_counter() - start)
+                reference.setdefault(variant, results)
+                identical[variant, k, name] &= all(torch.equal(a, b) for a, b in zip(results, reference[variant]))
+        acceptance = {variant: own_acceptance(models[variant], reference[variant]) for variant in VARIANTS}
+    record = {}
+    for variant in VARIANTS:
+        plain = best[variant, None, "default"]
+        record[variant] = {
+            "plain_tokens_per_s": len(inputs) * NEW_TOKENS / plain,
+            "speedup": [plain / best[variant, k, "default"] for k in range(1, depth)],
+            "speedup_helper_drafts": [plain / best[variant, k, "helper"] for k in range(1, depth)],
+            "identical": [
+                identical[variant, k, "default"] and identical[variant, k, "helper"] for k in range(1, depth)
+            ],
+            "acceptance": acceptance[variant],
+            "draft_tokens": draft_tokens[variant],
+        }
+    return {**record, "prompts": len(inputs), "repeats": repeats}
+
+
+def own_acceptance(model, sequences) -> list[float]:
+    """Per block k < L: the share of the model's own greedy tokens that block k's top-1 predicts."""
+    import torch
+
+    sums = torch.zeros(model.num_layers)
+    for sequence in sequences:
+        labels = sequence.clone()
+        labels[:, :PROMPT_TOKENS] = -100  # score only the generated tokens
+        sums += model(input_ids=sequence, labels=labels).layer_agreement
+    return (sums / len(sequences))[:-1].tolist()
+
+
+def summarize(results: dict) -> dict:
+    """The headline numbers and the targets, from the runs and the speed record."""
+    standard, aligned = results["runs"]["standard"], results["runs"]["aligned"]
+    summary = {
+        "perplexity_gap": aligned["layer_perplexity"][-1] / standard["layer_perplexity"][-1] - 1,
+        "memory_ratio": aligned["peak_rss_bytes"] / standard["peak_rss_bytes"],
+        "training_memory_ratio": (aligned["peak_rss_bytes"] - aligned["rss_before_training_bytes"])
+        / (standard["peak_rss_bytes"] - standard["rss_before_training_bytes"]),
+        "step_time_ratio": aligned["median_step_time_s"] / standard["median_step_time_s"],
+    }
+    speed = results.get("speed")
+    if speed:
+        k, drafts, speedup = best_speedup(speed["aligned"])
+        summary.update(
+            best_k=k,
+            best_drafts=drafts,
+            speedup=speedup,
+            standard_speedup_same_setting=speed["standard"][DRAFT_KEYS[drafts]][k - 1],
+            standard_best_speedup=best_speedup(speed["standard"])[2],
+            all_identical=all(all(speed[variant]["identical"]) for variant in VARIANTS),
+        )
+    return summary
+
+
+DRAFT_KEYS = {"default": "speedup", "helper": "speedup_helper_drafts"}
+
+
+def best_speedup(record: dict) -> tuple[int, str, float]:
+    """The fastest (k, draft settings, speed-up) of one model's speed record."""
+    options = [
+        (k, name, record[key][k - 1]) for name, key in DRAFT_KEYS.items() for k in range(1, len(record[key]) + 1)
+    ]
+    return max(options, key=lambda option: option[2])
+
+
+def targets(summary: dict) -> dict:
+    checks = {
+        f"aligned last-layer perplexity within {TARGETS['perplexity_gap']:.0%} of standard": (
+            summary["perplexity_gap"],
+            summary["perplexity_gap"] <= TARGETS["perplexity_gap"],
+        ),
+        f"peak training memory <= {TARGETS['memory_ratio']}x standard": (
+            summary["memory_ratio"],
+            summary["memory_ratio"] <= TARGETS["memory_ratio"],
+        ),
+    }
+    if "speedup" in summary:
+        checks[f"self-speculative greedy >= {TARGETS['speedup']}x tokens/s, identical output"] = (
+            summary["speedup"],
+            summary["speedup"] >= TARGETS["speedup"] and summary["all_identical"],
+        )
+    return {name: {"value": value, "met": met} for name, (value, met) in checks.items()}
+
+
+def layers_table(results: dict) -> str:
+    runs = results["runs"]
+    depth = len(runs["standard"]["layer_perplexity"])
+    lines = [
+        "| Layer | standard: perplexity | standard: agreement | aligned: perplexity | aligned: agreement |",
+        "|---|---|---|---|---|",
+    ]
+    for layer in range(depth):
+        cells = [
+            f"{runs[variant][name][layer]:{'.1f' if name == 'layer_perplexity' else '.3f'}}"
+            for variant in VARIANTS
+            for name in ("layer_perplexity", "layer_agreement")
+        ]
+        lines.append(f"| {layer + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speed_table(results: dict) -> str:
+    speed = results["speed"]
+    lines = [
+        "| `assistant_early_exit` | standard: acceptance | standard: tokens/s vs greedy, default drafts / helper's "
+        "| aligned: acceptance | aligned: tokens/s vs greedy, default drafts / helper's | identical output |",
+        "|---|---|---|---|---|---|",
+    ]
+    for index in range(len(speed["aligned"]["speedup"])):
+        cells = [
+            f"{speed[v]['acceptance'][index]:.3f} | {speed[v]['speedup'][index]:.2f}x / "
+            f"{speed[v]['speedup_helper_drafts'][index]:.2f}x"
+            for v in VARIANTS
+        ]
+        same = all(speed[variant]["identical"][index] for variant in VARIANTS)
+        lines.append(f"| {index + 1} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
+def targets_table(results: dict) -> str:
+    summary, checks = results["summary"], results["targets"]
+    lines = ["| Target | Measured | Met |", "|---|---|---|"]
+    for name, check in checks.items():
+        value = check["value"]
+        shown = f"{value:+.1%}" if "perplexity" in name else f"{value:.2f}x"
+        lines.append(f"| {name} | {shown} | {'yes' if check['met'] else 'no'} |")
+    lines.append(
+        f"| (memory added by training, above the loaded process) | {summary['training_memory_ratio']:.2f}x | - |"
+    )
+    lines.append(f"| (median step time vs standard) | {summary['step_time_ratio']:.2f}x | - |")
+    if "best_k" in summary:
+        lines.append(
+            f"| (aligned at its best: k = {summary['best_k']}, {summary['best_drafts']} draft settings; the standard "
+            f"model there) | {summary['standard_speedup_same_setting']:.2f}x (at its best: "
+            f"{summary['standard_best_speedup']:.2f}x) | - |"
+        )
+    return "\n".join(lines)
+
+
+def render_blocks(results: dict) -> dict[str, str]:
+    """Every rendered block, by name."""
+    blocks = {"causal-lm-targets": targets_table(results), "causal-lm-layers": layers_table(results)}
+    if "speed" in results:
+        blocks["causal-lm-speed"] = speed_table(results)
+    return blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps of both variants")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=6, help="prompts decoded in the speed phase")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (best of)")
+    parser.add_argument("--outputs", type=Path, default=OUTPUTS / "causal_lm", help="tokenizer and checkpoints")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-render", action="store_true", help="leave README and docs alone")
+    options = parser.parse_args()
+    results = load_results(options.results)
+    results.setdefault(
+        "setup", {"model": MODEL, "block_size": BLOCK_SIZE, "steps": options.steps, "seed": options.seed}
+    )
+    for variant in VARIANTS:
+        if variant not in results["runs"]:
+            print(f"=== training {variant}", flush=True)
+            record = isolated(train_one, variant, options.seed, options.steps, str(options.outputs))
+            results["runs"][variant] = {**record, "provenance": provenance(sys.argv)}
+            write_json(options.results, results)
+    if "speed" not in results:
+        print("=== speed", flush=True)
+        from hf_aligned import suggest_assistant_early_exit
+
+        draft_tokens = {
+            variant: suggest_assistant_early_exit(results["runs"][variant]["layer_agreement"]).num_assistant_tokens
+            for variant in VARIANTS
+        }
+        speed = isolated(
+            measure_speed, str(options.outputs), options.seed, options.prompts, options.repeats, draft_tokens
+        )
+        results["speed"] = {**speed, "provenance": provenance(sys.argv)}
+    results["summary"] = summarize(results)
+    results["targets"] = targets(results["summary"])
+    write_json(options.results, results)
+    for name, block in render_blocks(results).items():
+        print(f"\n{name}\n\n{block}\n")
+    if not options.no_render:
+        blocks = render_blocks(results)
+        for name in RENDERED_DOCUMENTS:
+            path = REPO / name
+            text = path.read_text(encoding="utf-8")
+            if replace_blocks(text, blocks) != text:
+                path.write_text(replace_blocks(text, blocks), encoding="utf-8")
+                print(f"rendered {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""AlignedForCausalLM: the aligned next-token loss, plain checkpoints, self-speculative decoding and the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, pipeline
+
+from hf_aligned import (
+    AlignedForCausalLM,
+    AlignedTrainer,
+    AlignedTrainingArguments,
+    resolve_layer_weights,
+    suggest_assistant_early_exit,
+)
+
+from .testing_utils import DECODER_FAMILIES, FINAL_NORM, VOCAB_SIZE, tiny_base_config, tiny_tokenizer
+
+NUM_LAYERS = 4
+
+
+def tiny_causal_lm(family: str, seed: int = 0, **settings):
+    torch.manual_seed(seed)
+    config = tiny_base_config(family, num_layers=NUM_LAYERS)
+    model = AlignedForCausalLM.from_config(config, **settings)
+    return model.eval()
+
+
+def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB_SIZE, (batch, length), generator=generator)
+
+
+def hand_layer_losses(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Every block's mean next-token cross-entropy, from the plain model's `output_hidden_states`: the model's final
+    norm and LM head on each block's output (the last entry of `hidden_states` is already normed)."""
+    family = model.config.model_type
+    base = model.transformer if family == "gpt2" else model.model
+    norm = getattr(base, FINAL_NORM[family])
+    outputs = model(input_ids=input_ids, output_hidden_states=True)
+    targets = labels[:, 1:].reshape(-1)
+    losses = []
+    for layer in range(1, NUM_LAYERS + 1):
+        hidden = outputs.hidden_states[layer]
+        logits = model.lm_head(hidden if layer == NUM_LAYERS else norm(hidden))
+        losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB_SIZE), targets, ignore_index=-100))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_aligned_loss_equals_a_hand_computation_with_ignored_labels(family):
+    model = tiny_causal_lm(family, layer_weights="linear", loss_chunk_size=5)
+    input_ids = tokens()
+    labels = input_ids.clone()
+    labels[0, :3] = -100
+    labels[1, -2:] = -100
+    out = model(input_ids=input_ids, labels=labels)
+    expected = hand_layer_losses(model, input_ids, labels)
+    weights = torch.tensor(resolve_layer_weights("linear", NUM_LAYERS))
+    torch.testing.assert_close(out.layer_losses, expected)
+    torch.testing.assert_close(out.loss, (weights * expected).sum())
+    assert out.logits.shape == (2, 9, VOCAB_SIZE)
+    # The gradient through the chunked, recomputed loss equals the gradient of the hand computation.
+    out.loss.backward()
+    grads = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
+    model.zero_grad()
+    (weights * hand_layer_losses(model, input_ids, labels)).sum().backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, msg=name)
+
+
+def test_last_layer_weights_give_the_plain_model_loss_and_evaluation_reports_agreement():
+    model = tiny_causal_lm("llama", layer_weights="last")
+    input_ids = tokens()
+    out = model(input_ids=input_ids, labels=input_ids)
+    plain = LlamaForCausalLM.forward(model, input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out.loss, plain.loss)
+    assert torch.isnan(out.layer_losses[:-1]).all()  # weight 0 in training: not computed
+    with torch.no_grad():
+        evaluated = model(input_ids=input_ids, labels=input_ids)
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(evaluated.layer_losses, hand_layer_losses(model, input_ids, input_ids))
+    top_last = evaluated.logits[:, :-1].argmax(-1)
+    for layer in range(1, NUM_LAYERS):
+        top = model.lm_head(model.model.norm(hidden[layer]))[:, :-1].argmax(-1)
+        assert evaluated.layer_agreement[layer - 1].item() == pytest.approx((top == top_last).float().mean().item())
+    assert evaluated.layer_agreement[-1] == 1
+
+
+def test_layers_per_step_draws_layers_with_unbiased_weights():
+    model = tiny_causal_lm("llama", layer_weights="linear", layers_per_step=1).train()
+    input_ids = tokens()
+    with torch.no_grad():
+        full = hand_layer_losses(model, input_ids, input_ids)
+    weights = resolve_layer_weights("linear", NUM_LAYERS)
+    drawn = set()
+    torch.manual_seed(0)
+    for _ in range(12):
+        out = model(input_ids=input_ids, labels=input_ids)
+        computed = [layer for layer in range(1, NUM_LAYERS) if not torch.isnan(out.layer_losses[layer - 1])]
+        assert len(computed) == 1
+        (layer,) = computed
+        drawn.add(layer)
+        # The drawn layer counts (earlier aligned layers / drawn) = 3 times, so the mean over draws is the full loss.
+        expected = weights[-1] * full[-1] + 3 * weights[layer - 1] * full[layer - 1]
+        torch.testing.assert_close(out.loss.detach(), expected)
+    assert drawn == {1, 2, 3}
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_saved_checkpoint_is_plain_and_reloads_with_its_settings(family, tmp_path):
+    model = tiny_causal_lm(family, layer_weights="uniform", aligned_layers=[2, 4])
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    plain_class = type(model).__mro__[2].__name__
+    assert saved["architectures"] == [plain_class]
+    assert saved["aligned_training"]["aligned_layers"] == [2, 4]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(plain).__name__ == plain_class and not isinstance(plain, AlignedForCausalLM)
+    input_ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids).logits, model(input_ids).logits)
+    if family == "llama":  # the text-generation pipeline serves the checkpoint as it serves the base model
+        tiny_tokenizer(tmp_path)
+        generator = pipeline("text-generation", model=str(tmp_path), max_new_tokens=4, do_sample=False)
+        assert generator("w1 w2 w3")[0]["generated_text"].startswith("w1 w2 w3")
+    reloaded = AlignedForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.alignment == model.alignment
+    assert AlignedForCausalLM.from_pretrained(tmp_path, layer_weights="last").alignment.layer_weights == "last"
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_self_speculative_greedy_output_equals_plain_greedy(family):
+    model = tiny_causal_lm(family, seed=3)
+    prompt = tokens(batch=1, length=5, seed=4)
+    settings = {"max_new_tokens": 24, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    plain = model.generate(prompt, **settings)
+    assert plain.shape[1] == 5 + 24
+    for layer in range(1, NUM_LAYERS):
+        assert torch.equal(model.generate(prompt, assistant_early_exit=layer, **settings), plain), layer
+    # The draft's own settings (a fixed draft length, no confidence stop) change the speed, never the tokens.
+    drafts = {"num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0}
+    assert torch.equal(model.generate(prompt, assistant_early_exit=1, **drafts, **settings), plain)
+    # The draft really runs `layer` blocks (GPT-2's forward would otherwise run them all), through the same head.
+    with torch.no_grad():
+        hidden = model(prompt, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(model.early_exit_draft(2)(prompt).logits, model.layer_logits(hidden[2]))
+    assert model.config.num_hidden_layers == NUM_LAYERS and len(model.aligned_blocks) == NUM_LAYERS
+
+
+def test_transformers_own_early_exit_on_the_plain_llama_checkpoint_agrees(tmp_path):
+    tiny_causal_lm("llama", seed=3).save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = tokens(batch=1, length=5, seed=4)
+    settings = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    expected = plain.generate(prompt, **settings)
+    assert torch.equal(plain.generate(prompt, assistant_early_exit=1, **settings), expected)
+
+
+def test_bad_settings_and_calls_are_errors_naming_the_fix():
+    model = tiny_causal_lm("gpt2")
+    prompt = tokens(batch=1, length=4)
+    with pytest.raises(ValueError, match=r"`assistant_early_exit=4` must be an integer between 1 and 3"):
+        model.generate(prompt, max_new_tokens=2, assistant_early_exit=4)
+    with pytest.raises(ValueError, match="either `assistant_early_exit` or `assistant_model`"):
+        model.generate(prompt, max_new_tokens=2, assistant_early_exit=1, assistant_model=model)
+    with pytest.raises(TypeError, match=r"unknown settings \['layer_weight'\]"):
+        model.configure_alignment(layer_weight="linear")
+    with pytest.raises(ValueError, match="`layers_per_step=0` must be a positive integer"):
+        model.configure_alignment(layers_per_step=0)
+    assert model.alignment.layers_per_step is None  # the bad value changed nothing
+    with pytest.raises(ValueError, match="without `use_cache=True`"):
+        model(input_ids=prompt, labels=prompt, use_cache=True)
+    with pytest.raises(ValueError, match="'bert' is not a decoder-only language model"):
+        AlignedForCausalLM.from_config(tiny_base_config("bert"))
+
+
+def test_suggested_early_exit_follows_the_cost_model():
+    # Layer 1 agrees half the time, layer 2 always: drafting with layer 2 (cost 1/2 per token) is exact and wins.
+    estimate = suggest_assistant_early_exit([0.5, 1.0, 1.0, 1.0], max_assistant_tokens=4)
+    assert estimate.assistant_early_exit == 2 and estimate.num_assistant_tokens == 4
+    assert estimate.expected_speedup == pytest.approx(5 / (4 * 0.5 + 1))
+    # With no agreement anywhere, a one-token draft is the least bad: (1 token) / (cost + 1).
+    estimate = suggest_assistant_early_exit([0.0, 0.0, 1.0], max_assistant_tokens=3)
+    assert (estimate.assistant_early_exit, estimate.num_assistant_tokens) == (1, 1)
+    assert estimate.expected_speedup == pytest.approx(1 / (1 / 3 + 1))
+    with pytest.raises(ValueError, match="one value in \\[0, 1\\] per block"):
+        suggest_assistant_early_exit([1.2, 1.0])
+
+
+def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
+    model = tiny_causal_lm("llama").train()
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, VOCAB_SIZE, (12, 8), generator=generator)
+    lengths = [8, 5, 7, 8, 6, 8, 8, 4, 8, 8, 7, 8]
+    data = Dataset.from_dict({"input_ids": [row[:length].tolist() for row, length in zip(rows, lengths)]})
+
+    def collate(examples):
+        width = max(len(example["input_ids"]) for example in examples)
+        ids = torch.zeros(len(examples), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for index, example in enumerate(examples):
+            ids[index, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
+            mask[index, : len(example["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    args = AlignedTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        per_device_eval_batch_size=5,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        layer_weights="uniform",
+        use_cpu=True,
+    )
+    trainer = AlignedTrainer(model, args, train_dataset=data, eval_dataset=data, data_collator=collate)
+    assert model.alignment.layer_weights == "uniform"  # the arguments' override is recorded in the config
+    trainer.train()
+    assert "layer_1_loss" in trainer.state.log_history[0]
+    metrics = trainer.evaluate()
+    # Independent computation: token-weighted per-layer losses and agreement over the whole set, batch by batch.
+    model.eval()
+    sums, agree, count = torch.zeros(NUM_LAYERS), torch.zeros(NUM_LAYERS), 0
+    with torch.no_grad():
+        for start in range(0, 12, 5):
+            batch = collate([data[index] for index in range(start, min(start + 5, 12))])
+            losses = hand_layer_losses(model, batch["input_ids"], batch["labels"])
+            counted = int((batch["labels"][:, 1:] != -100).sum())
+            out = model(**batch)
+            sums += losses * counted
+            agree += out.layer_agreement * counted
+            count += counted
+    for layer in range(1, NUM_LAYERS + 1):
+        loss = (sums[layer - 1] / count).item()
+        assert metrics[f"eval_layer_{layer}_loss"] == pytest.approx(loss, rel=1e-5)
+        assert metrics[f"eval_layer_{layer}_perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+        assert metrics[f"eval_layer_{layer}_agreement"] == pytest.approx((agree[layer - 1] / count).item(), rel=1e-5)
+    assert metrics["eval_perplexity"] == metrics[f"eval_layer_{NUM_LAYERS}_perplexity"]
+    assert 1 <= metrics["eval_minimal_depth"] <= NUM_LAYERS
+    trainer.save_model()
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card
+    assert f"| 1 | {metrics['eval_layer_1_loss']:.4f}" in card
+    assert "assistant_early_exit=" in card
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_trainer_refuses_classifier_options_for_a_language_model(tmp_path):
+    args = AlignedTrainingArguments(output_dir=str(tmp_path), distillation_weight=0.5, report_to="none")
+    with pytest.raises(ValueError, match="do not apply to AlignedForCausalLM"):
+        AlignedTrainer(tiny_causal_lm("gpt2"), args)
+
+
+def test_pickled_model_round_trips():
+    model = tiny_causal_lm("gpt2", layer_weights="uniform")
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy) is type(model) and copy.alignment == model.alignment
+    input_ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids).logits, model(input_ids).logits)
+
+
+def test_lora_adapters_train_with_the_aligned_loss_and_merge_into_a_plain_checkpoint(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    input_ids = tokens()
+    out = model(input_ids=input_ids, labels=input_ids)
+    assert out.layer_losses.shape == (NUM_LAYERS,)
+    out.loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
