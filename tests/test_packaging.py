@@ -1,6 +1,8 @@
 """The wheel built from the repository works on its own: installed into a fresh virtual environment, away from the
 source tree, it imports, carries the model card template and writes a card."""
 
+import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,9 +35,14 @@ WRITE_CARD = textwrap.dedent(
 
 @pytest.mark.slow
 def test_wheel_installs_in_a_fresh_venv_and_writes_a_card(tmp_path):
+    # Built from a copy of what the wheel is made of, so the build leaves nothing in the working tree.
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "hf_aligned", source / "hf_aligned", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     wheel_dir = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheel_dir, REPO],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheel_dir, source],
         check=True,
         cwd=tmp_path,
     )
@@ -60,7 +67,8 @@ def test_wheel_installs_in_a_fresh_venv_and_writes_a_card(tmp_path):
     card_dir.mkdir()
     script = tmp_path / "write_card.py"
     script.write_text(WRITE_CARD)
-    result = subprocess.run([python, script, card_dir], capture_output=True, text=True, cwd=tmp_path)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # nothing but the venv's own path
+    result = subprocess.run([python, script, card_dir], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     card = (card_dir / "README.md").read_text()
     assert "library_name: hf-aligned" in card
