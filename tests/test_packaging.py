@@ -52,6 +52,7 @@ def test_wheel_installs_in_a_fresh_venv_and_writes_a_card(tmp_path):
     assert not [name for name in names if name.startswith(("tests/", "benchmarks/", "examples/"))]
 
     venv = tmp_path / "venv"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # the venv sees only its own path
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = venv / "bin" / "python"
     # The dependencies come from this environment (no network); hf_aligned itself only from the wheel.
@@ -61,13 +62,12 @@ def test_wheel_installs_in_a_fresh_venv_and_writes_a_card(tmp_path):
         ).strip()
     )
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], check=True, env=env)
 
     card_dir = tmp_path / "card"
     card_dir.mkdir()
     script = tmp_path / "write_card.py"
     script.write_text(WRITE_CARD)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # nothing but the venv's own path
     result = subprocess.run([python, script, card_dir], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     card = (card_dir / "README.md").read_text()
