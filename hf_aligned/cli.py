@@ -105,49 +105,15 @@ def add_analyze_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Runs `hf-aligned analyze` (see `hf-aligned analyze --help`)."""
-    import torch
-    from transformers import AutoConfig, DataCollatorWithPadding, default_data_collator
-
-    from .configuration_aligned import AlignedConfig
-    from .modeling_aligned import AlignedForSequenceClassification
-    from .plotting import plot_layer_accuracy, plot_similarity_heatmaps
-    from .probes import classifier_layer_accuracy, linear_probe_accuracy
-    from .similarity import (
-        cka_matrix,
-        cosine_similarity_matrix,
-        layer_representations,
-        off_diagonal_mean,
-        similarity_agreement,
-        similarity_by_distance,
-    )
-    from .utils import json_safe
+    from .similarity import layer_representations
 
     if args.stage == "post" and args.pooling is not None:
         raise ValueError(
             f"`--stage post` reads the vectors the classifier reads, with the model's own pooling; drop "
             f"`--pooling {args.pooling}` or use `--stage pre`."
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AlignedForSequenceClassification.from_pretrained(args.model_dir).to(device).eval()
-    trained_classifier = isinstance(AutoConfig.from_pretrained(args.model_dir), AlignedConfig)
-    dataset = _load_split(args.dataset, args.dataset_config, args.split)
-    if args.max_samples is not None and args.max_samples < len(dataset):
-        dataset = dataset.select(range(args.max_samples))
-    has_labels = args.label_column in dataset.column_names
-    if not has_labels:
-        logger.info(f"No column {args.label_column!r}: skipping per-layer accuracy.")
-    if model.base_model.main_input_name == "pixel_values":
-        processed = _process_images(dataset, args, has_labels)
-        collate_fn = default_data_collator
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        # transformers 5 may leave `label2id` unset when only `id2label` was given: invert the latter.
-        label2id = {name: int(index) for index, name in (model.config.id2label or {}).items()}
-        processed = _tokenize(dataset, tokenizer, args, has_labels, label2id)
-        collate_fn = DataCollatorWithPadding(tokenizer)
-
+    model, trained_classifier = _load_analyzed_model(args)
+    dataset, processed, collate_fn = _load_analyzed_data(model, args)
     reps, labels = layer_representations(
         model,
         processed,
@@ -157,48 +123,14 @@ def run_analyze(args: argparse.Namespace) -> int:
         return_labels=True,
         stage=args.stage,
     )
-    cos, cka = cosine_similarity_matrix(reps), cka_matrix(reps)
-    results: dict[str, Any] = {
-        "model": str(args.model_dir),
-        "dataset": str(args.dataset),
-        "split": str(dataset.split) if dataset.split is not None else args.split,
-        "num_samples": reps.shape[1],
-        "pooling": args.pooling or model.config.pooling,
-        "stage": args.stage,
-        "layers": "rows and columns: embedding output (0) and blocks 1..L",
-        "cos": cos,
-        "cka": cka,
-        "agreement": similarity_agreement(cos, cka),
-        "off_diagonal_mean": {"cos": off_diagonal_mean(cos), "cka": off_diagonal_mean(cka)},
-        "by_distance": {"cos": similarity_by_distance(cos), "cka": similarity_by_distance(cka)},
-    }
-    curves = {}
-    if labels is not None and trained_classifier:
-        results["classifier_accuracy"] = classifier_layer_accuracy(
-            model, processed, batch_size=args.batch_size, collate_fn=collate_fn
-        )
-        curves["shared classifier"] = results["classifier_accuracy"]
-    elif labels is not None:
-        logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
+    results = _similarity_results(reps, model, dataset, args)
+    curves = _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
     if trained_classifier and _single_label(model):
         saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
     else:
         saturation = None
         logger.info("Saturation skipped: it needs an aligned checkpoint of a single-label classifier.")
-    if labels is not None and args.probes:
-        probes = linear_probe_accuracy(reps, labels)
-        results["probe_accuracy"] = probes.to_dict()
-        curves["linear probe"] = probes.test_accuracy[1:]
-
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "similarity.json", "w", encoding="utf-8") as handle:
-        json.dump(json_safe(results), handle, indent=2, allow_nan=False)
-    plot_similarity_heatmaps({"COS": cos, "CKA": cka}, output / "similarity.png", title=str(args.model_dir))
-    if curves:
-        plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))
-    if saturation is not None:
-        _write_saturation(saturation, output, str(args.model_dir))
+    output = _write_analysis(args, results, curves, saturation)
     agreement = results["agreement"]
     print(
         f"{reps.shape[1]} samples, {reps.shape[0]} layers: mean off-diagonal COS "
@@ -213,6 +145,104 @@ def run_analyze(args: argparse.Namespace) -> int:
             f"the last layer's class probability {report['probability_similarity']['last_class']['spearman']:.4f}."
         )
     return 0
+
+
+def _load_analyzed_model(args: argparse.Namespace):
+    """The model to analyze, on its device and in eval mode, and whether its classifier was trained (an aligned
+    checkpoint) rather than new (a base checkpoint)."""
+    import torch
+    from transformers import AutoConfig
+
+    from .configuration_aligned import AlignedConfig
+    from .modeling_aligned import AlignedForSequenceClassification
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AlignedForSequenceClassification.from_pretrained(args.model_dir).to(device).eval()
+    return model, isinstance(AutoConfig.from_pretrained(args.model_dir), AlignedConfig)
+
+
+def _load_analyzed_data(model, args: argparse.Namespace):
+    """The split to analyze: raw, processed for the model, and its collator."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
+
+    dataset = _load_split(args.dataset, args.dataset_config, args.split)
+    if args.max_samples is not None and args.max_samples < len(dataset):
+        dataset = dataset.select(range(args.max_samples))
+    has_labels = args.label_column in dataset.column_names
+    if not has_labels:
+        logger.info(f"No column {args.label_column!r}: skipping per-layer accuracy.")
+    if model.base_model.main_input_name == "pixel_values":
+        return dataset, _process_images(dataset, args, has_labels), default_data_collator
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    # transformers 5 may leave `label2id` unset when only `id2label` was given: invert the latter.
+    label2id = {name: int(index) for index, name in (model.config.id2label or {}).items()}
+    processed = _tokenize(dataset, tokenizer, args, has_labels, label2id)
+    return dataset, processed, DataCollatorWithPadding(tokenizer)
+
+
+def _similarity_results(reps, model, dataset, args: argparse.Namespace) -> dict[str, Any]:
+    """COS and CKA between every pair of layers, their agreement and summaries, with what was analyzed."""
+    from .similarity import (
+        cka_matrix,
+        cosine_similarity_matrix,
+        off_diagonal_mean,
+        similarity_agreement,
+        similarity_by_distance,
+    )
+
+    cos, cka = cosine_similarity_matrix(reps), cka_matrix(reps)
+    return {
+        "model": str(args.model_dir),
+        "dataset": str(args.dataset),
+        "split": str(dataset.split) if dataset.split is not None else args.split,
+        "num_samples": reps.shape[1],
+        "pooling": args.pooling or model.config.pooling,
+        "stage": args.stage,
+        "layers": "rows and columns: embedding output (0) and blocks 1..L",
+        "cos": cos,
+        "cka": cka,
+        "agreement": similarity_agreement(cos, cka),
+        "off_diagonal_mean": {"cos": off_diagonal_mean(cos), "cka": off_diagonal_mean(cka)},
+        "by_distance": {"cos": similarity_by_distance(cos), "cka": similarity_by_distance(cka)},
+    }
+
+
+def _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results) -> dict:
+    """Per-layer accuracy of the shared classifier (trained checkpoints) and of linear probes (`--probes`), added to
+    `results` and returned as curves to plot."""
+    from .probes import classifier_layer_accuracy, linear_probe_accuracy
+
+    curves = {}
+    if labels is not None and trained_classifier:
+        results["classifier_accuracy"] = classifier_layer_accuracy(
+            model, processed, batch_size=args.batch_size, collate_fn=collate_fn
+        )
+        curves["shared classifier"] = results["classifier_accuracy"]
+    elif labels is not None:
+        logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
+    if labels is not None and args.probes:
+        probes = linear_probe_accuracy(reps, labels)
+        results["probe_accuracy"] = probes.to_dict()
+        curves["linear probe"] = probes.test_accuracy[1:]
+    return curves
+
+
+def _write_analysis(args: argparse.Namespace, results: dict, curves: dict, saturation) -> Path:
+    """Writes similarity.json, the heatmaps, the accuracy plot and the saturation files; returns the folder."""
+    from .plotting import plot_layer_accuracy, plot_similarity_heatmaps
+    from .utils import json_safe
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "similarity.json", "w", encoding="utf-8") as handle:
+        json.dump(json_safe(results), handle, indent=2, allow_nan=False)
+    matrices = {"COS": results["cos"], "CKA": results["cka"]}
+    plot_similarity_heatmaps(matrices, output / "similarity.png", title=str(args.model_dir))
+    if curves:
+        plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))
+    if saturation is not None:
+        _write_saturation(saturation, output, str(args.model_dir))
+    return output
 
 
 def _single_label(model) -> bool:
