@@ -217,12 +217,6 @@ def build_model_card(
             f"`model_or_config` must be an aligned model or an `AlignedConfig`, got {type(model_or_config).__name__}."
         )
     data = data or AlignedModelCardData()
-    exit_config = data.exit_config
-    if exit_config is None:
-        exit_config = _as_dict(getattr(model_or_config, "exit_config", None), "the model's exit_config")
-    exit_settings = _exit_settings(exit_config or {})
-    calibration = data.calibration or {}
-
     num_layers = config.num_layers
     layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
     for layer in layers:
@@ -232,19 +226,14 @@ def build_model_card(
                 "metrics of this model's evaluation."
             )
     minimal_depth = _minimal_depth(data, num_layers)
-    exit_rule = calibration.get("rule") or exit_settings.get("rule")
-    chosen = calibration.get("chosen")
-    if chosen is None and exit_settings.get("rule") == exit_rule:
-        chosen = exit_settings.get(RULE_PARAMETERS.get(exit_rule))
-    exit_rows = _exit_rows(calibration.get("curve", []), chosen)
-
+    exits = _exit_summary(model_or_config, data)
     base_model_name = data.base_model or config.base_config._name_or_path or None
     base_model_id = _hub_model_id(base_model_name)
     task = "image-classification" if _is_image_model(config) else "text-classification"
     model_name = data.model_id or f"aligned-{config.base_config.model_type}"
     dataset_name = data.dataset_name or (data.datasets[0] if data.datasets else None)
     metric_names = _ordered_metric_names(layers)
-    eval_results = _eval_results(layers, exit_rows, exit_rule, task, dataset_name, data.eval_split)
+    eval_results = _eval_results(layers, exits["rows"], exits["rule"], task, dataset_name, data.eval_split)
     card_data = ModelCardData(
         base_model=base_model_id,
         datasets=data.datasets,
@@ -284,17 +273,37 @@ def build_model_card(
         ],
         "minimal_depth": minimal_depth,
         "minimal_depth_note": _minimal_depth_note(layers, minimal_depth, num_layers),
-        "exit_settings": ", ".join(f"`{name}={value}`" for name, value in exit_settings.items()),
-        "exit_rule": exit_rule,
-        "exit_parameter": "Patience" if exit_rule == "patience" else "Threshold",
-        "full_accuracy": _format_metric(calibration.get("full_accuracy")) if "full_accuracy" in calibration else None,
-        "exit_rows": _rows_shown(exit_rows),
-        "num_exit_settings": len(exit_rows),
+        "exit_settings": ", ".join(f"`{name}={value}`" for name, value in exits["settings"].items()),
+        "exit_rule": exits["rule"],
+        "exit_parameter": "Patience" if exits["rule"] == "patience" else "Threshold",
+        "full_accuracy": exits["full_accuracy"],
+        "exit_rows": _rows_shown(exits["rows"]),
+        "num_exit_settings": len(exits["rows"]),
         "hyperparameters": training_hyperparameters(data.training_args or {}),
         "plots": [{"path": path, "title": Path(path).stem.replace("_", " ")} for path in data.plots or []],
         "versions": _framework_versions(),
     }
     return ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **context)
+
+
+def _exit_summary(model_or_config: PreTrainedModel | AlignedConfig, data: AlignedModelCardData) -> dict[str, Any]:
+    """The saved exit rule's settings, the calibrated rule, its curve as table rows (the chosen one marked) and the
+    calibration's full-depth accuracy, from the card data or else the model's own `exit_config`."""
+    exit_config = data.exit_config
+    if exit_config is None:
+        exit_config = _as_dict(getattr(model_or_config, "exit_config", None), "the model's exit_config")
+    settings = _exit_settings(exit_config or {})
+    calibration = data.calibration or {}
+    rule = calibration.get("rule") or settings.get("rule")
+    chosen = calibration.get("chosen")
+    if chosen is None and settings.get("rule") == rule:
+        chosen = settings.get(RULE_PARAMETERS.get(rule))
+    return {
+        "settings": settings,
+        "rule": rule,
+        "rows": _exit_rows(calibration.get("curve", []), chosen),
+        "full_accuracy": _format_metric(calibration["full_accuracy"]) if "full_accuracy" in calibration else None,
+    }
 
 
 def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData | None = None) -> ModelCard:
