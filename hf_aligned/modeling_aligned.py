@@ -641,22 +641,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 f"forward() does not take the ExitConfig fields {exit_fields}: pass them to `early_exit_predict`, or "
                 "set `model.exit_config`."
             )
-        if early_exit is None:
-            early_exit = not (
-                self.training
-                or labels is not None
-                or output_hidden_states
-                or output_attentions
-                or torch.is_grad_enabled()
-                or torch.compiler.is_compiling()
-            )
-        elif early_exit and (labels is not None or output_hidden_states or output_attentions):
-            raise ValueError(
-                "`early_exit=True` returns each sample's logits at its exit layer only: it computes no loss, hidden "
-                "states or attentions. Leave `early_exit` unset (or pass False) with `labels`, "
-                "`output_hidden_states` or `output_attentions`."
-            )
-        if early_exit:
+        if self._serves_with_early_exit(
+            early_exit, bool(labels is not None or output_hidden_states or output_attentions)
+        ):
             result = self.early_exit_predict(**base_inputs)
             return AlignedSequenceClassifierOutput(logits=result.logits, exit_layers=result.exit_layers)
         model_inputs = self._inputs(
@@ -673,15 +660,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         )
         loss = layer_losses = distillation_losses = None
         if labels is not None:
-            layer_losses = self.layer_losses(layer_logits, labels)
-            weighted = layer_losses
-            if self.config.distillation_weight > 0:
-                distillation_losses = self.layer_distillation_losses(layer_logits, labels)
-                alpha = self.config.distillation_weight
-                mixed = (1.0 - alpha) * layer_losses + alpha * distillation_losses
-                weighted = torch.cat([mixed[:-1], layer_losses[-1:]])
-            weights = torch.tensor(self.config.resolved_layer_weights, device=layer_losses.device)
-            loss = (weights.to(weighted.dtype) * weighted).sum()
+            loss, layer_losses, distillation_losses = self.aligned_loss(layer_logits, labels)
         return AlignedSequenceClassifierOutput(
             loss=loss,
             logits=layer_logits[-1],
@@ -691,6 +670,43 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             hidden_states=getattr(base_outputs, "hidden_states", None),
             attentions=getattr(base_outputs, "attentions", None),
         )
+
+    def _serves_with_early_exit(self, early_exit: bool | None, needs_full_forward: bool) -> bool:
+        """Whether `forward` serves the call with early exit: as asked, else for a serving call (see `forward`).
+
+        Raises:
+            ValueError: for `early_exit=True` with labels, hidden states or attentions (`needs_full_forward`).
+        """
+        if early_exit is None:
+            return not (
+                self.training or needs_full_forward or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            )
+        if early_exit and needs_full_forward:
+            raise ValueError(
+                "`early_exit=True` returns each sample's logits at its exit layer only: it computes no loss, hidden "
+                "states or attentions. Leave `early_exit` unset (or pass False) with `labels`, "
+                "`output_hidden_states` or `output_attentions`."
+            )
+        return early_exit
+
+    def aligned_loss(
+        self, layer_logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The aligned loss: Σ_l λ_l · loss_l, where each earlier layer's loss mixes in self-distillation when
+        `config.distillation_weight > 0`.
+
+        Returns:
+            The loss, the per-layer task losses `(num_layers,)` and the per-layer distillation losses (or `None`).
+        """
+        layer_losses = self.layer_losses(layer_logits, labels)
+        weighted, distillation_losses = layer_losses, None
+        if self.config.distillation_weight > 0:
+            distillation_losses = self.layer_distillation_losses(layer_logits, labels)
+            alpha = self.config.distillation_weight
+            mixed = (1.0 - alpha) * layer_losses + alpha * distillation_losses
+            weighted = torch.cat([mixed[:-1], layer_losses[-1:]])
+        weights = torch.tensor(self.config.resolved_layer_weights, device=layer_losses.device)
+        return (weights.to(weighted.dtype) * weighted).sum(), layer_losses, distillation_losses
 
     def layer_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of each layer's scores, `(num_layers,)`, for the configured (or inferred) problem type.
