@@ -87,6 +87,15 @@ TASK_DEFAULTS = {
     "ag_news": {"train_samples": 2400, "max_length": 128},
 }
 CALIBRATION_SAMPLES = 500
+# The model options every run records (with the classifier learning-rate ratio the trainer used).
+RECORDED_OPTIONS = (
+    "layer_weights",
+    "classifier_update",
+    "distillation_weight",
+    "distillation_temperature",
+    "classifier_sharing",
+    "projection_head",
+)
 SKIPPED_STEPS = 5
 
 
@@ -122,40 +131,26 @@ def run_one(
     with ASR scales (`add_asr`, benchmarks/asr.py) and is saved folded.
     """
     import torch
-    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainerCallback
+    from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from hf_aligned import (
         AlignedForSequenceClassification,
         AlignedTrainer,
         AlignedTrainingArguments,
         add_asr,
-        calibrate_exits,
         layer_values,
-        simulate_exits,
     )
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    train, calibration, evaluation = load_task(task, train_samples, seed)
-
-    def tokenize(dataset):
-        return dataset.map(
+    train, calibration, evaluation = (
+        split.map(
             lambda rows: tokenizer(rows["text"], truncation=True, max_length=max_length),
             batched=True,
             remove_columns=["text"],
         )
-
-    train, calibration, evaluation = (tokenize(split) for split in (train, calibration, evaluation))
+        for split in load_task(task, train_samples, seed)
+    )
     num_labels = train.features["label"].num_classes
     options = dict(VARIANTS[variant])
     model_options = {
@@ -181,7 +176,7 @@ def run_one(
         **options,
     )
     collator = DataCollatorWithPadding(tokenizer)
-    timer = StepTimer()
+    timer = step_timer()
     trainer = AlignedTrainer(
         model, args, train_dataset=train, eval_dataset=evaluation, data_collator=collator, callbacks=[timer]
     )
@@ -200,35 +195,55 @@ def run_one(
         "training_memory_bytes": peak - rss_before,
         "pooling": model.config.pooling,
         "options": {
-            "layer_weights": model.config.layer_weights,
-            "classifier_update": model.config.classifier_update,
-            "distillation_weight": model.config.distillation_weight,
-            "distillation_temperature": model.config.distillation_temperature,
-            "classifier_sharing": model.config.classifier_sharing,
+            **{name: getattr(model.config, name) for name in RECORDED_OPTIONS},
             "classifier_lr_ratio": trainer.classifier_lr_ratio,
-            "projection_head": model.config.projection_head,
         },
     }
     if variant in EXIT_VARIANTS:
-        model.eval()
-        calibrated = calibrate_exits(model, calibration, max_accuracy_drop=0.01, batch_size=64, collate_fn=collator)
-        logits, exit_layers = simulate_exits(layer_logits, model.exit_config)
-        full = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
-        accuracy = (logits.argmax(-1) == labels).float().mean().item()
-        result["early_exit"] = {
-            "threshold": calibrated.chosen,
-            "calibration_accuracy_drop": calibrated.full_accuracy - calibrated.accuracy,
-            "full_accuracy": full,
-            "accuracy": accuracy,
-            "accuracy_drop": full - accuracy,
-            "mean_exit_layer": exit_layers.float().mean().item(),
-            "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
-        }
+        result["early_exit"] = calibrated_exits(model, calibration, collator, layer_logits, labels)
     if asr:
         result["asr_scale_deviation"] = asr_scale_deviation(model)
     trainer.save_model(str(checkpoint))  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def step_timer():
+    """A trainer callback recording the wall time of every optimizer step in its `times`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    return StepTimer()
+
+
+def calibrated_exits(model, calibration, collator, layer_logits, labels) -> dict:
+    """Calibrates the confidence threshold on the held-out slice (one point tolerated), then applies it offline to the
+    evaluation split's per-layer logits; the accuracy, its drop against full depth and the mean exit layer."""
+    from hf_aligned import calibrate_exits, simulate_exits
+
+    model.eval()
+    calibrated = calibrate_exits(model, calibration, max_accuracy_drop=0.01, batch_size=64, collate_fn=collator)
+    logits, exit_layers = simulate_exits(layer_logits, model.exit_config)
+    full = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
+    accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    return {
+        "threshold": calibrated.chosen,
+        "calibration_accuracy_drop": calibrated.full_accuracy - calibrated.accuracy,
+        "full_accuracy": full,
+        "accuracy": accuracy,
+        "accuracy_drop": full - accuracy,
+        "mean_exit_layer": exit_layers.float().mean().item(),
+        "ideal_speedup": model.num_layers / exit_layers.float().mean().item(),
+    }
 
 
 def checkpoint_dir(task: str, variant: str, seed: int, checkpoints: Path = CHECKPOINTS) -> Path:
