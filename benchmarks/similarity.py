@@ -269,6 +269,13 @@ def run_minilm(args: argparse.Namespace) -> dict:
             "seconds": time.perf_counter() - start,
         }
 
+    print_minilm(results)
+    return results
+
+
+def print_minilm(results: dict) -> None:
+    """Prints the MiniLM part: mean similarities and agreement, per-block accuracy, similarity to the last block."""
+    num_layers = len(next(iter(results["models"].values()))["classifier_accuracy"])
     print(
         f"{'model':<11}{'COS mean':>9}{'CKA mean':>9}{'blocks COS':>11}{'blocks CKA':>11}{'Spearman':>9}{'Pearson':>8}"
     )
@@ -278,17 +285,16 @@ def run_minilm(args: argparse.Namespace) -> dict:
             f"{entry['off_diagonal_mean_blocks']['cos']:>11.3f}{entry['off_diagonal_mean_blocks']['cka']:>11.3f}"
             f"{entry['agreement']['spearman']:>9.3f}{entry['agreement']['pearson']:>8.3f}"
         )
-    print(f"\n{'accuracy per block':<28}" + "".join(f"{layer:>7}" for layer in range(1, len(accuracy) + 1)))
+    print(f"\n{'accuracy per block':<28}" + "".join(f"{layer:>7}" for layer in range(1, num_layers + 1)))
     for name, entry in results["models"].items():
         print(f"{name + ' classifier':<28}" + "".join(f"{value:>7.3f}" for value in entry["classifier_accuracy"]))
         probe = entry["probe_accuracy"]["test_accuracy"][1:]
         print(f"{name + ' linear probe':<28}" + "".join(f"{value:>7.3f}" for value in probe))
-    print(f"\n{'similarity to last block':<28}" + "".join(f"{layer:>7}" for layer in range(1, len(accuracy))))
+    print(f"\n{'similarity to last block':<28}" + "".join(f"{layer:>7}" for layer in range(1, num_layers)))
     for name, entry in results["models"].items():
         for kind in ("cos", "cka"):
             values = entry["similarity_to_last_block"][kind]
             print(f"{name + ' ' + kind.upper():<28}" + "".join(f"{float(value):>7.3f}" for value in values))
-    return results
 
 
 def draw(minilm: Mapping, folder: Path) -> tuple[Path, Path]:
