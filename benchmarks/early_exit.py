@@ -286,6 +286,60 @@ def overhead_main(args) -> None:
     write_json(args.output, {**payload, "tables": [table]})
 
 
+def sweep_table(task_name: str, kind: str, num_layers: int, results: list[dict]) -> str:
+    """The threshold sweep of one model as a printed table."""
+    rows = [
+        [
+            f"{result['threshold']:.3f}" + (" (calibrated)" if result["calibrated"] else ""),
+            result["accuracy"],
+            result["accuracy"] - result["full_accuracy"],
+            result["mean_exit_layer"],
+            result["ideal_speedup"],
+            result["measured_speedup_batch1"],
+            result["measured_speedup_batch32"],
+            result["measured_over_ideal_batch32"],
+        ]
+        for result in results
+    ]
+    return print_table(
+        f"{task_name} / {kind} (L = {num_layers}; full-depth accuracy {results[0]['full_accuracy']:.3f})",
+        [
+            "threshold",
+            "accuracy",
+            "Δ vs full",
+            "mean exit",
+            "ideal x",
+            "measured x b1",
+            "measured x b32",
+            "measured ÷ ideal b32",
+        ],
+        rows,
+    )
+
+
+def headline_table(report: dict) -> str:
+    """The best measured speed-up of every model within one point of its full-depth accuracy."""
+    headline = []
+    for name, entry in report.items():
+        within = [result for result in entry["sweep"] if result["accuracy"] >= result["full_accuracy"] - 0.01]
+        best = max(within, key=lambda result: result["measured_speedup_batch32"])
+        headline.append(
+            [
+                name,
+                best["threshold"],
+                best["accuracy"] - best["full_accuracy"],
+                best["measured_speedup_batch32"],
+                best["measured_speedup_batch1"],
+                best["measured_over_ideal_batch32"],
+            ]
+        )
+    return print_table(
+        "Best measured speedup within 1 point of full depth",
+        ["model", "threshold", "Δ accuracy", "measured x b32", "measured x b1", "measured ÷ ideal b32"],
+        headline,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -338,58 +392,10 @@ def main():
             for result in results:
                 result["calibrated"] = result["threshold"] == round(calibration.chosen, 6)
             report[f"{task.name}/{kind}"] = {"calibration": calibration.to_dict(), "sweep": results}
-            rows = [
-                [
-                    f"{result['threshold']:.3f}" + (" (calibrated)" if result["calibrated"] else ""),
-                    result["accuracy"],
-                    result["accuracy"] - result["full_accuracy"],
-                    result["mean_exit_layer"],
-                    result["ideal_speedup"],
-                    result["measured_speedup_batch1"],
-                    result["measured_speedup_batch32"],
-                    result["measured_over_ideal_batch32"],
-                ]
-                for result in results
-            ]
-            tables.append(
-                print_table(
-                    f"{task.name} / {kind} (L = {model.num_layers}; full-depth accuracy {results[0]['full_accuracy']:.3f})",
-                    [
-                        "threshold",
-                        "accuracy",
-                        "Δ vs full",
-                        "mean exit",
-                        "ideal x",
-                        "measured x b1",
-                        "measured x b32",
-                        "measured ÷ ideal b32",
-                    ],
-                    rows,
-                )
-            )
+            tables.append(sweep_table(task.name, kind, model.num_layers, results))
             # Written after every model, so an interrupted run keeps what it measured.
             write_json(args.output, {"torch_threads": torch.get_num_threads(), "results": report, "tables": tables})
-    headline = []
-    for name, entry in report.items():
-        within = [result for result in entry["sweep"] if result["accuracy"] >= result["full_accuracy"] - 0.01]
-        best = max(within, key=lambda result: result["measured_speedup_batch32"])
-        headline.append(
-            [
-                name,
-                best["threshold"],
-                best["accuracy"] - best["full_accuracy"],
-                best["measured_speedup_batch32"],
-                best["measured_speedup_batch1"],
-                best["measured_over_ideal_batch32"],
-            ]
-        )
-    tables.append(
-        print_table(
-            "Best measured speedup within 1 point of full depth",
-            ["model", "threshold", "Δ accuracy", "measured x b32", "measured x b1", "measured ÷ ideal b32"],
-            headline,
-        )
-    )
+    tables.append(headline_table(report))
     write_json(args.output, {"torch_threads": torch.get_num_threads(), "results": report, "tables": tables})
 
 
