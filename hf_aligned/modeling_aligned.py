@@ -178,7 +178,8 @@ class ClassificationHead(nn.Module):
         self.out_proj = nn.Linear(features, num_labels)
 
     def represent(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Maps one layer's `(batch, seq, dim)` hidden states to the `(batch, dim)` vector the linear layer reads."""
+        """Maps one layer's `(batch, seq, dim)` hidden states to its pooled `(batch, dim)` vector (after the final norm
+        and pooler): what the projection head reads, or without one the classification layer."""
         if self.pooler is not None:
             # A pooler selects its token itself, from the normed sequence, exactly as in the base model.
             return self.pooler(self.norm(hidden_states))
