@@ -22,12 +22,12 @@ docs/results.md that no section renders is an error, never silently dropped.
 Adding a benchmark's section (one entry): commit its JSON under benchmarks/results/, give the script a
 `render_blocks(results: dict) -> dict[str, str]` (as recipes.py does), and append to `SECTIONS`
 
-    "asr": Section(
-        title="Speech recognition",
-        claim="what the section checks",
-        files={"asr.json": ()},                   # file -> keys the renderer reads (checked before rendering)
-        commands=("python benchmarks/asr.py",),   # what writes the JSON, run by `reproduce.py` without --render-only
-        render=module_blocks("asr", "asr.json"),  # benchmarks/asr.py's render_blocks on that JSON
+    "my_benchmark": Section(
+        title="What it measures",
+        claim="what the section checks, and how",
+        files={"my_benchmark.json": ()},                   # file -> keys the renderer reads (checked first)
+        commands=("python benchmarks/my_benchmark.py",),   # writes the JSON; run by `reproduce.py` without --render-only
+        render=module_blocks("my_benchmark", "my_benchmark.json"),  # benchmarks/my_benchmark.py's render_blocks
     ),
 
 then run `python benchmarks/reproduce.py --render-only` and commit docs/results.md. The JSON records its provenance
@@ -141,14 +141,30 @@ def recipes_provenance(payload: dict) -> Provenance:
     """recipes.json: every training run and every speed measurement records its own provenance."""
     provenance = Provenance()
     for run in payload["runs"].values():
-        for record, duration in (
-            (run["provenance"], run["wall_time_s"]),
-            (run.get("speed", {}).get("provenance"), None),
-        ):
-            if record is not None:
-                machine = f"{record['machine']}, Python {record['python']}"
-                provenance.add(record["command"], [run["seed"]], record["commit"][:7], machine, duration)
+        _add_run(provenance, run)
+        if run.get("speed", {}).get("provenance") is not None:
+            _add_run(provenance, {**run["speed"], "seed": run["seed"]})
     return provenance
+
+
+def tables_provenance(*tables: str) -> Callable[[dict], Provenance]:
+    """A reader for JSON whose tables hold runs that each record `provenance` (recipes.py's `provenance()`), a
+    `seed` and a `wall_time_s`, as the projection-head benchmark writes them."""
+
+    def read(payload: dict) -> Provenance:
+        provenance = Provenance()
+        for table in tables:
+            for run in payload.get(table, {}).values():
+                _add_run(provenance, run)
+        return provenance
+
+    return read
+
+
+def _add_run(provenance: Provenance, run: dict) -> None:
+    record = run["provenance"]
+    machine = f"{record['machine']}, Python {record['python']}"
+    provenance.add(record["command"], [run["seed"]], record["commit"][:7], machine, run.get("wall_time_s"))
 
 
 def saturation_provenance(payload: dict) -> Provenance:
@@ -546,6 +562,20 @@ SECTIONS: dict[str, Section] = {
         commands=("python benchmarks/saturation.py --text-seed 1",),
         render=saturation_blocks,
         provenance=saturation_provenance,
+    ),
+    "projection_head": Section(
+        title="Projection head: accuracy, and transfer before vs after it",
+        claim="(Xue et al., arXiv 2403.11391) representations *before* a projection head transfer better than those "
+        "after it, and lower layers are less specialized; with one classifier shared by every layer, a projection "
+        "head (an MLP before the classification layer, `AlignedConfig(projection_head={})`) is where layer-specific "
+        "differences could be absorbed. MiniLM, SST-2 (the recipes benchmark's settings and seeds; the rows without "
+        "a head are its runs), three seeds, mean ± std in points. Transfer: each frozen SST-2 model probed per layer "
+        "(layer 0: embeddings) with a logistic regression on AG News features, read before (`pre`) and after "
+        "(`post`) the projection head.",
+        files={"projection_head.json": ("runs", "transfer", "summary", "settings")},
+        commands=("python benchmarks/projection_head.py",),
+        render=module_blocks("projection_head", "projection_head.json"),
+        provenance=tables_provenance("runs", "retrained_baselines", "transfer"),
     ),
 }
 

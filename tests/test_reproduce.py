@@ -159,7 +159,7 @@ def saturation_payload(rng: random.Random) -> dict:
 
 
 def write_results(folder: Path) -> Path:
-    """A results folder with every JSON the report reads: the committed recipes.json, the others random."""
+    """A results folder with every JSON the report reads: similarity and saturation random, the others committed."""
     rng = random.Random(0)
     minilm, synthetic = similarity_payloads(rng)
     payloads = {
@@ -170,7 +170,11 @@ def write_results(folder: Path) -> Path:
     for file, payload in payloads.items():
         (folder / file).parent.mkdir(parents=True, exist_ok=True)
         (folder / file).write_text(json.dumps(payload), encoding="utf-8")
-    shutil.copyfile(reproduce.RESULTS_DIR / "recipes.json", folder / "recipes.json")
+    # The benchmarks whose own render_blocks the report calls (recipes, projection head, ...): their committed JSON.
+    for section in reproduce.SECTIONS.values():
+        for file in section.files:
+            if file not in payloads:
+                shutil.copyfile(reproduce.RESULTS_DIR / file, folder / file)
     return folder
 
 
