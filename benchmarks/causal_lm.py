@@ -13,8 +13,10 @@ optimization (AdamW, learning rate 1e-3, 5% warm-up, linear decay, batch 16):
 Each run (its own process) reports every block's perplexity and top-1 agreement with the last block on the
 evaluation blocks, the median step time and the peak resident memory. The `speed` phase loads both checkpoints in one
 process and decodes greedily at batch 1 on one CPU thread: for each prompt (the first 16 tokens of evaluation texts,
-48 new tokens, no end-of-text stop), plain greedy `generate` and `generate(assistant_early_exit=k)` for every k, timed
-alternately, best of `--repeats`; it checks that every output is token-for-token the plain greedy one and measures
+48 new tokens, no end-of-text stop), plain greedy `generate` and `generate(assistant_early_exit=k)` for every k, with
+transformers' default draft settings and with the helper's (`num_assistant_tokens` from
+`suggest_assistant_early_exit` on the model's evaluation agreement, no confidence stop), timed alternately, best of
+`--repeats`; it checks that every output is token-for-token the plain greedy one and measures
 the draft acceptance on the model's own greedy continuations (the share of generated tokens that block k's top-1
 predicts). Results go to benchmarks/results/causal_lm.json after every step; a rerun skips what is there.
 
@@ -224,6 +226,10 @@ def summarize(results: dict) -> dict:
         / (standard["peak_rss_bytes"] - standard["rss_before_training_bytes"]),
         "step_time_ratio": aligned["median_step_time_s"] / standard["median_step_time_s"],
     }
+    from hf_aligned import suggest_assistant_early_exit
+
+    estimate = suggest_assistant_early_exit(aligned["layer_agreement"])
+    summary.update(helper_k=estimate.assistant_early_exit, helper_expected_speedup=estimate.expected_speedup)
     speed = results.get("speed")
     if speed:
         k, drafts, speedup = best_speedup(speed["aligned"])
@@ -314,6 +320,10 @@ def targets_table(results: dict) -> str:
         f"| (memory added by training, above the loaded process) | {summary['training_memory_ratio']:.2f}x | - |"
     )
     lines.append(f"| (median step time vs standard) | {summary['step_time_ratio']:.2f}x | - |")
+    lines.append(
+        f"| (`suggest_assistant_early_exit` on the aligned model's evaluation agreement: k = {summary['helper_k']}, "
+        f"cost-model estimate) | {summary['helper_expected_speedup']:.2f}x | - |"
+    )
     if "best_k" in summary:
         lines.append(
             f"| (aligned at its best: k = {summary['best_k']}, {summary['best_drafts']} draft settings; the standard "
