@@ -148,8 +148,8 @@ def recipes_provenance(payload: dict) -> Provenance:
 
 
 def tables_provenance(*tables: str) -> Callable[[dict], Provenance]:
-    """A reader for JSON whose tables hold runs that each record `provenance` (recipes.py's `provenance()`), a
-    `seed` and a `wall_time_s`, as the projection-head benchmark writes them."""
+    """A reader for JSON whose tables hold runs that each record `provenance` (recipes.py's `provenance()`) and,
+    where they have them, a `seed` and a `wall_time_s`, as the projection-head and ASR benchmarks write them."""
 
     def read(payload: dict) -> Provenance:
         provenance = Provenance()
@@ -164,7 +164,8 @@ def tables_provenance(*tables: str) -> Callable[[dict], Provenance]:
 def _add_run(provenance: Provenance, run: dict) -> None:
     record = run["provenance"]
     machine = f"{record['machine']}, Python {record['python']}"
-    provenance.add(record["command"], [run["seed"]], record["commit"][:7], machine, run.get("wall_time_s"))
+    seeds = [run["seed"]] if "seed" in run else []
+    provenance.add(record["command"], seeds, record["commit"][:7], machine, run.get("wall_time_s"))
 
 
 def saturation_provenance(payload: dict) -> Provenance:
