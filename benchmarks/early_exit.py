@@ -43,8 +43,7 @@ from common import (
     write_json,
 )
 
-from hf_aligned import AlignedConfig, AlignedForSequenceClassification, ExitConfig
-from hf_aligned.calibration import calibrate_exits, simulate_exits
+from hf_aligned import AlignedConfig, AlignedForSequenceClassification, ExitConfig, calibrate_exits, simulate_exits
 
 THRESHOLDS = (0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 MAX_LENGTH = 64
