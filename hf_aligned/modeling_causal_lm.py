@@ -57,6 +57,27 @@ class CausalAlignment:
     layers_per_step: int | None = None
     loss_chunk_size: int = 1024
 
+    def __post_init__(self):
+        """Checks the settings' types, so a wrong one fails here with the argument's name, not deep in a loop."""
+        weights = self.layer_weights
+        if not isinstance(weights, str) and not (
+            isinstance(weights, (list, tuple))
+            and all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in weights)
+        ):
+            raise TypeError(
+                f"`layer_weights={weights!r}` must be a scheme name ('linear', 'uniform', 'last') or a list of one "
+                "non-negative float per block."
+            )
+        layers = self.aligned_layers
+        if layers is not None and not (
+            isinstance(layers, (list, tuple))
+            and all(isinstance(item, int) and not isinstance(item, bool) for item in layers)
+        ):
+            raise TypeError(
+                f"`aligned_layers={layers!r}` must be a list of 1-based block numbers (e.g. [2, 4]) or None for every "
+                "block."
+            )
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> CausalAlignment:
         """Reads the settings recorded in a config; unknown keys are an error naming them.

@@ -177,6 +177,11 @@ def test_bad_settings_and_calls_are_errors_naming_the_fix():
     with pytest.raises(ValueError, match="`layers_per_step=0` must be a positive integer"):
         model.configure_alignment(layers_per_step=0)
     assert model.alignment.layers_per_step is None  # the bad value changed nothing
+    with pytest.raises(TypeError, match=r"`aligned_layers=3` must be a list of 1-based block numbers"):
+        model.configure_alignment(aligned_layers=3)
+    with pytest.raises(TypeError, match=r"`layer_weights=0.5` must be a scheme name"):
+        model.configure_alignment(layer_weights=0.5)
+    assert model.alignment.aligned_layers is None and model.alignment.layer_weights == "linear"
     with pytest.raises(ValueError, match="without `use_cache=True`"):
         model(input_ids=prompt, labels=prompt, use_cache=True)
     with pytest.raises(ValueError, match="'bert' is not a decoder-only language model"):
