@@ -201,9 +201,9 @@ class AlignedForCausalLM:
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIGNMENT_FIELDS}
         if cls is AlignedForCausalLM:
             config = kwargs.pop("config", None)
-            if config is None:
+            if not isinstance(config, PreTrainedConfig):
                 hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
             model_class = cls.aligned_class(_causal_lm_class_for(config))
             loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         else:
@@ -284,6 +284,9 @@ class AlignedForCausalLM:
         """The base model's forward; with `labels`, the aligned loss over every block (see the class docstring)."""
         if labels is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = self.config.return_dict
         if kwargs.get("use_cache") or kwargs.get("logits_to_keep", 0) not in (0, None):
             raise ValueError(
                 "The aligned loss reads every position of every block: call the model with `labels` without "
@@ -293,7 +296,7 @@ class AlignedForCausalLM:
         kwargs["use_cache"] = False
         base = getattr(self, self.base_model_prefix)
         with observe_blocks(BlockOutputs(self.aligned_blocks)) as captured:
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            outputs = base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         logits = self._head(outputs.last_hidden_state)
         targets = shifted_labels(labels.to(logits.device))
         counted = (targets != -100).sum().clamp(min=1)
@@ -315,7 +318,7 @@ class AlignedForCausalLM:
                 agreement[layer - 1] = agreeing / counted
         layer_losses = torch.stack(layer_losses)
         loss = sum(weight * layer_losses[layer - 1] for layer, weight in weights.items())
-        return AlignedCausalLMOutput(
+        output = AlignedCausalLMOutput(
             loss=loss,
             logits=logits,
             layer_losses=layer_losses,
@@ -323,6 +326,7 @@ class AlignedForCausalLM:
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
+        return output if return_dict else output.to_tuple()
 
     def _step_weights(self) -> dict[int, float]:
         """This step's weight of every layer with a loss: the configured λ_l, or, when `layers_per_step` draws a

@@ -135,6 +135,8 @@ def test_saved_checkpoint_is_plain_and_reloads_with_its_settings(family, tmp_pat
     reloaded = AlignedForCausalLM.from_pretrained(tmp_path)
     assert reloaded.alignment == model.alignment
     assert AlignedForCausalLM.from_pretrained(tmp_path, layer_weights="last").alignment.layer_weights == "last"
+    # `config` may be a path, as for transformers' own `from_pretrained`.
+    assert AlignedForCausalLM.from_pretrained(tmp_path, config=str(tmp_path)).alignment == model.alignment
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
@@ -154,6 +156,17 @@ def test_self_speculative_greedy_output_equals_plain_greedy(family):
         hidden = model(prompt, output_hidden_states=True).hidden_states
         torch.testing.assert_close(model.early_exit_draft(2)(prompt).logits, model.layer_logits(hidden[2]))
     assert model.config.num_hidden_layers == NUM_LAYERS and len(model.aligned_blocks) == NUM_LAYERS
+
+
+def test_labels_with_return_dict_false_give_the_output_as_a_tuple():
+    model = tiny_causal_lm("llama")
+    input_ids = tokens()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, labels=input_ids)
+        as_tuple = model(input_ids=input_ids, labels=input_ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(expected.to_tuple())
+    for got, wanted in zip(as_tuple, expected.to_tuple()):
+        torch.testing.assert_close(got, wanted, equal_nan=True)
 
 
 def test_transformers_own_early_exit_on_the_plain_llama_checkpoint_agrees(tmp_path):
