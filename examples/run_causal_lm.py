@@ -186,7 +186,10 @@ def main() -> None:
         print(f"| {layer} | {perplexity:.2f} | {agreement:.3f} |")
     agreement = [metrics[f"eval_layer_{layer}_agreement"] for layer in range(1, num_layers + 1)]
     estimate = suggest_assistant_early_exit(agreement)
-    print(f"suggested assistant_early_exit: {estimate.assistant_early_exit}")
+    if estimate is None:
+        print("no draft: no layer is expected to make self-speculative decoding faster than plain decoding")
+    else:
+        print(f"suggested assistant_early_exit: {estimate.assistant_early_exit} ({estimate.expected_speedup:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -512,7 +512,7 @@ class SpeculationEstimate:
 
 def suggest_assistant_early_exit(
     layer_agreement: Sequence[float], max_assistant_tokens: int = 16, draft_overhead: float = 0.0
-) -> SpeculationEstimate:
+) -> SpeculationEstimate | None:
     """Picks the draft depth k that a speculative-decoding cost model expects to be fastest.
 
     With acceptance a_k (block k's top-1 agreement with the last block, e.g. `eval_layer_{k}_agreement`), a draft of
@@ -525,12 +525,23 @@ def suggest_assistant_early_exit(
         draft_overhead: per-step draft cost not proportional to depth (embedding, head, framework), as a fraction of
             a full step.
 
+    Returns:
+        The fastest draft, or `None` when no draft is expected to beat plain decoding (best speed-up <= 1): decode
+        without `assistant_early_exit` then.
+
     Raises:
-        ValueError: for fewer than 2 layers or agreements outside [0, 1].
+        ValueError: for fewer than 2 layers, agreements outside [0, 1], a `max_assistant_tokens` that is not a
+            positive integer or a negative `draft_overhead`.
     """
     agreement = [float(value) for value in layer_agreement]
     if len(agreement) < 2 or any(not 0.0 <= value <= 1.0 for value in agreement):
         raise ValueError(f"`layer_agreement` needs one value in [0, 1] per block (at least 2), got {agreement}.")
+    if isinstance(max_assistant_tokens, bool) or not isinstance(max_assistant_tokens, int) or max_assistant_tokens < 1:
+        raise ValueError(f"`max_assistant_tokens={max_assistant_tokens!r}` must be a positive integer (default 16).")
+    if not 0.0 <= draft_overhead < float("inf"):
+        raise ValueError(
+            f"`draft_overhead={draft_overhead!r}` must be a finite non-negative fraction of a full step (default 0)."
+        )
     num_layers = len(agreement)
     best = None
     for layer, alpha in enumerate(agreement[:-1], start=1):
@@ -540,4 +551,4 @@ def suggest_assistant_early_exit(
             speedup = produced / (tokens * cost + 1)
             if best is None or speedup > best.expected_speedup:
                 best = SpeculationEstimate(layer, tokens, speedup, alpha)
-    return best
+    return best if best.expected_speedup > 1.0 else None

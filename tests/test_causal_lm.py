@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, pipeline
 
 from hf_aligned import (
     AlignedForCausalLM,
+    AlignedModelCardData,
     AlignedTrainer,
     AlignedTrainingArguments,
+    build_causal_lm_card,
     resolve_layer_weights,
     suggest_assistant_early_exit,
 )
@@ -206,12 +208,33 @@ def test_suggested_early_exit_follows_the_cost_model():
     estimate = suggest_assistant_early_exit([0.5, 1.0, 1.0, 1.0], max_assistant_tokens=4)
     assert estimate.assistant_early_exit == 2 and estimate.num_assistant_tokens == 4
     assert estimate.expected_speedup == pytest.approx(5 / (4 * 0.5 + 1))
-    # With no agreement anywhere, a one-token draft is the least bad: (1 token) / (cost + 1).
-    estimate = suggest_assistant_early_exit([0.0, 0.0, 1.0], max_assistant_tokens=3)
-    assert (estimate.assistant_early_exit, estimate.num_assistant_tokens) == (1, 1)
-    assert estimate.expected_speedup == pytest.approx(1 / (1 / 3 + 1))
+    # With no agreement anywhere, even the least bad draft (1 token for cost 1/3 + 1) loses: no draft suggested.
+    assert suggest_assistant_early_exit([0.0, 0.0, 1.0], max_assistant_tokens=3) is None
     with pytest.raises(ValueError, match="one value in \\[0, 1\\] per block"):
         suggest_assistant_early_exit([1.2, 1.0])
+    # Layer 1 of 2 agreeing 90% of the time: a one-token draft gives 1.9 tokens for 1.5 steps; with a per-step draft
+    # overhead of 0.6 every draft length costs more than it yields (best: 1.9 / 2.1 at g = 1).
+    estimate = suggest_assistant_early_exit([0.9, 1.0], max_assistant_tokens=1)
+    assert estimate.expected_speedup == pytest.approx(1.9 / 1.5)
+    assert suggest_assistant_early_exit([0.9, 1.0], draft_overhead=0.6) is None
+    with pytest.raises(ValueError, match=r"`max_assistant_tokens=0` must be a positive integer"):
+        suggest_assistant_early_exit([0.5, 1.0], max_assistant_tokens=0)
+    with pytest.raises(ValueError, match=r"`draft_overhead=-5` must be a finite non-negative"):
+        suggest_assistant_early_exit([0.5, 1.0], draft_overhead=-5)
+
+
+@pytest.mark.parametrize("agreement", [[0.0, 0.1, 0.2, 1.0], [0.9, 0.95, 0.99, 1.0]])
+def test_causal_card_suggests_a_draft_only_when_one_is_expected_to_help(agreement):
+    model = tiny_causal_lm("llama")
+    metrics = {f"eval_layer_{layer}_agreement": value for layer, value in enumerate(agreement, start=1)}
+    card = str(build_causal_lm_card(model, AlignedModelCardData(eval_metrics=metrics)))
+    suggestion = suggest_assistant_early_exit(agreement)
+    if suggestion is None:
+        assert "assistant_early_exit=" not in card and "No draft suggested" in card
+        assert "model.generate(**inputs, max_new_tokens=40)" in card
+    else:
+        assert f"expected {suggestion.expected_speedup:.2f}x" in card and suggestion.expected_speedup > 1
+        assert f"max_new_tokens=40, assistant_early_exit={suggestion.assistant_early_exit})" in card
 
 
 def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
@@ -271,7 +294,9 @@ def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card
     assert f"| 1 | {metrics['eval_layer_1_loss']:.4f}" in card
-    assert "assistant_early_exit=" in card
+    agreement = [metrics[f"eval_layer_{layer}_agreement"] for layer in range(1, NUM_LAYERS + 1)]
+    suggestion = suggest_assistant_early_exit(agreement)
+    assert ("assistant_early_exit=" in card) == (suggestion is not None)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
