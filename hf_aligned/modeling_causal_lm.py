@@ -14,6 +14,7 @@ full model verifies, so `generate(..., assistant_early_exit=k)` gives plain gree
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.hub import create_and_tag_model_card, hf_api
 
 from .backbones import find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
@@ -264,9 +266,30 @@ class AlignedForCausalLM:
         """The base model's list of transformer blocks."""
         return getattr(self, self.base_model_prefix).get_submodule(self.aligned_layout.blocks)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
         """Saves a plain checkpoint of the base family (its `architectures` name the family's own class), with the
-        aligned-training settings under `aligned_training` in `config.json`."""
+        aligned-training settings under `aligned_training` in `config.json`.
+
+        With `push_to_hub=True` (and `repo_id`, `commit_message`, `create_pr` and `create_repo` options, as for
+        transformers), the directory is uploaded after `config.json` names the plain class, never before.
+        """
+        saved_names = set(inspect.signature(PreTrainedModel.save_pretrained).parameters)
+        push = push_to_hub and self.should_save_on_this_rank(is_main_process)
+        if push:
+            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
+            commit_message = kwargs.pop("commit_message", None)
+            create_pr = kwargs.pop("create_pr", False)
+            repo_options = {name: kwargs.pop(name) for name in list(kwargs) if name not in saved_names}
+            repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=kwargs.get("token"), **repo_options).repo_id
+            os.makedirs(save_directory, exist_ok=True)
+            files_timestamps = self._get_files_timestamps(save_directory)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         plain_name = _plain_class(type(self)).__name__
         self.config.architectures = [plain_name]
@@ -277,6 +300,17 @@ class AlignedForCausalLM:
             saved["architectures"] = [plain_name]
             with open(config_file, "w", encoding="utf-8") as handle:
                 handle.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        if push:
+            card = create_and_tag_model_card(repo_id, self.model_tags, token=kwargs.get("token"))
+            card.save(os.path.join(save_directory, "README.md"))
+            self._upload_modified_files(
+                save_directory,
+                repo_id,
+                files_timestamps,
+                commit_message=commit_message,
+                token=kwargs.get("token"),
+                create_pr=create_pr,
+            )
 
     # -- the aligned loss ---------------------------------------------------------------------------------------
 
