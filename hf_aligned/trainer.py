@@ -30,6 +30,16 @@ _CONFIG_OVERRIDES = (
     "distillation_temperature",
 )
 
+# Training arguments that only configure a classification head: refused for an aligned causal LM when set (a
+# recipe sets them too).
+_CLASSIFIER_ONLY_ARGUMENTS = (
+    "recipe",
+    "classifier_update",
+    "distillation_weight",
+    "distillation_temperature",
+    "classifier_lr_ratio",
+)
+
 # Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
 _NON_PREDICTION_OUTPUTS = [
     item.name for item in dataclasses.fields(AlignedSequenceClassifierOutput) if item.name != "layer_logits"
@@ -169,11 +179,17 @@ class AlignedTrainer(Trainer):
 
     @staticmethod
     def _prepare_causal_lm(model: AlignedForCausalLM, args: AlignedTrainingArguments) -> None:
-        """Writes the arguments' `layer_weights` / `aligned_layers` into an aligned causal LM's settings."""
-        if args.classifier_update == "last" or (args.distillation_weight or 0.0) > 0:
+        """Writes the arguments' `layer_weights` / `aligned_layers` into an aligned causal LM's settings.
+
+        Raises:
+            ValueError: naming the classification-only arguments that are set (they would change nothing).
+        """
+        given = [name for name in _CLASSIFIER_ONLY_ARGUMENTS if getattr(args, name) is not None]
+        if given:
             raise ValueError(
-                "`classifier_update='last'` and `distillation_weight > 0` train a classification head and do not "
-                "apply to AlignedForCausalLM; leave them unset."
+                f"{', '.join(f'`{name}`' for name in given)} configure a classification head's training and do not "
+                "apply to AlignedForCausalLM; leave them unset (None). A causal LM's loss is set by `layer_weights` "
+                "and `aligned_layers` (and the model's `configure_alignment`)."
             )
         overrides = {name: getattr(args, name) for name in ("layer_weights", "aligned_layers")}
         overrides = {name: value for name, value in overrides.items() if value is not None}

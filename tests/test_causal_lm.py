@@ -300,9 +300,20 @@ def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_trainer_refuses_classifier_options_for_a_language_model(tmp_path):
-    args = AlignedTrainingArguments(output_dir=str(tmp_path), distillation_weight=0.5, report_to="none")
-    with pytest.raises(ValueError, match="do not apply to AlignedForCausalLM"):
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"distillation_weight": 0.5}, "`distillation_weight`"),
+        ({"distillation_weight": 0.0}, "`distillation_weight`"),
+        ({"distillation_temperature": 2.0}, "`distillation_temperature`"),
+        ({"classifier_update": "all"}, "`classifier_update`"),
+        ({"classifier_lr_ratio": 10.0}, "`classifier_lr_ratio`"),
+        ({"recipe": "paper"}, "`recipe`, `classifier_update`, `distillation_weight`, `classifier_lr_ratio`"),
+    ],
+)
+def test_trainer_refuses_classifier_options_for_a_language_model(tmp_path, options, named):
+    args = AlignedTrainingArguments(output_dir=str(tmp_path), report_to="none", **options)
+    with pytest.raises(ValueError, match=f"^{named} configure a classification head's training and do not apply"):
         AlignedTrainer(tiny_causal_lm("gpt2"), args)
 
 
