@@ -129,10 +129,14 @@ class AlignedCausalLMOutput(CausalLMOutputWithPast):
         layer_agreement (`torch.Tensor` of shape `(num_layers,)`, *optional*): with gradients off, the fraction of
             those tokens where block l's top-1 next token equals the last block's, which is what a draft exiting
             after block l gets accepted on.
+        layer_computed (`torch.BoolTensor` of shape `(num_layers,)`): which blocks' losses this call computed (the
+            others are the `nan` placeholders above), so a computed loss that is itself `nan` (a diverged run) is
+            told apart from a skipped one.
     """
 
     layer_losses: torch.Tensor | None = None
     layer_agreement: torch.Tensor | None = None
+    layer_computed: torch.Tensor | None = None
 
 
 class AlignedForCausalLM:
@@ -339,10 +343,13 @@ class AlignedForCausalLM:
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
         agreement = None
+        computed = torch.ones(self.num_layers, dtype=torch.bool, device=last_loss.device)
         if torch.is_grad_enabled():
+            computed[:-1] = False
             for layer in weights:
                 if layer < self.num_layers:
                     layer_losses[layer - 1] = self._chunked_loss(captured.outputs[layer - 1], targets) / counted
+                    computed[layer - 1] = True
         else:
             agreement = torch.ones(self.num_layers, device=last_loss.device)  # the last layer agrees with itself
             top_last = logits.argmax(dim=-1)
@@ -357,6 +364,7 @@ class AlignedForCausalLM:
             logits=logits,
             layer_losses=layer_losses,
             layer_agreement=agreement,
+            layer_computed=computed,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )

@@ -125,7 +125,6 @@ class AlignedTrainer(Trainer):
             self._prepare_aligned_model(model, args)
         self._layer_loss_sum: torch.Tensor | None = None
         self._layer_loss_names: list[str] = []
-        self._layer_loss_batches = 0
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
         if _causal_lm(self.model) is not None:
             if compute_metrics is not None:
@@ -221,10 +220,15 @@ class AlignedTrainer(Trainer):
                 recorded.append(outputs["layer_distillation_losses"][:-1])
                 self._layer_loss_names += [f"layer_{layer}_distillation_loss" for layer in range(1, len(layer_losses))]
             recorded = torch.cat(recorded).detach().float()
-            # Layers an aligned causal LM skipped this step (`layers_per_step`) are nan: count each layer's own steps.
-            recorded = torch.stack([recorded.nan_to_num(0.0), (~recorded.isnan()).float()])
+            # An aligned causal LM computes only some layers' losses per step (`layers_per_step`, zero weights): each
+            # loss is averaged over the steps that computed it. A computed loss that is nan stays nan in the log.
+            computed = outputs.get("layer_computed")
+            computed = (
+                torch.ones_like(recorded, dtype=torch.bool) if computed is None else computed.to(recorded.device)
+            )
+            computed = torch.cat([computed, computed.new_ones(len(recorded) - len(computed))])
+            recorded = torch.stack([torch.where(computed, recorded, 0.0), computed.float()])
             self._layer_loss_sum = recorded if self._layer_loss_sum is None else self._layer_loss_sum + recorded
-            self._layer_loss_batches += 1
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -269,9 +273,12 @@ class AlignedTrainer(Trainer):
             # One collective per log, on every process alike: Trainer calls `log` on all of them.
             total = self.accelerator.gather(self._layer_loss_sum[None]).sum(dim=0)
             means = (total[0] / total[1]).tolist()
-            logs = {**logs, **{name: mean for name, mean in zip(self._layer_loss_names, means) if mean == mean}}
+            counts = total[1].tolist()
+            logs = {
+                **logs,
+                **{name: mean for name, mean, count in zip(self._layer_loss_names, means, counts) if count},
+            }
             self._layer_loss_sum = None
-            self._layer_loss_batches = 0
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

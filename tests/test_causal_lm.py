@@ -110,6 +110,7 @@ def test_layers_per_step_draws_layers_with_unbiased_weights():
         computed = [layer for layer in range(1, NUM_LAYERS) if not torch.isnan(out.layer_losses[layer - 1])]
         assert len(computed) == 1
         (layer,) = computed
+        assert out.layer_computed.tolist() == [index in (layer, NUM_LAYERS) for index in range(1, NUM_LAYERS + 1)]
         drawn.add(layer)
         # The drawn layer counts (earlier aligned layers / drawn) = 3 times, so the mean over draws is the full loss.
         expected = weights[-1] * full[-1] + 3 * weights[layer - 1] * full[layer - 1]
