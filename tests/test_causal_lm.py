@@ -172,12 +172,26 @@ def test_labels_with_return_dict_false_give_the_output_as_a_tuple():
         torch.testing.assert_close(got, wanted, equal_nan=True)
 
 
-def test_transformers_own_early_exit_on_the_plain_llama_checkpoint_agrees(tmp_path):
-    tiny_causal_lm("llama", seed=3).save_pretrained(tmp_path)
+def test_transformers_own_early_exit_drafts_with_the_predictor_the_aligned_loss_trains(tmp_path):
+    # transformers' `assistant_early_exit` on a plain checkpoint drafts by running the model with
+    # `config.num_hidden_layers = k` (EarlyExitCandidateGenerator): for a Llama that is block k's output through the
+    # model's final norm and LM head, exactly the layer-k predictor whose loss AlignedForCausalLM trains.
+    model = tiny_causal_lm("llama", seed=3)
+    model.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompt = tokens(batch=1, length=5, seed=4)
+    with torch.no_grad():
+        hidden = model(prompt, output_hidden_states=True).hidden_states
+        for layer in range(1, NUM_LAYERS):
+            plain.config.num_hidden_layers = layer
+            draft_logits = plain(prompt).logits
+            plain.config.num_hidden_layers = NUM_LAYERS
+            torch.testing.assert_close(draft_logits, model.layer_logits(hidden[layer]), msg=str(layer))
+            labels = prompt.clone()
+            loss = F.cross_entropy(draft_logits[0, :-1], labels[0, 1:])
+            torch.testing.assert_close(model(input_ids=prompt, labels=labels).layer_losses[layer - 1], loss)
     settings = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    expected = plain.generate(prompt, **settings)
+    expected = model.generate(prompt, **settings)
     assert torch.equal(plain.generate(prompt, assistant_early_exit=1, **settings), expected)
 
 
