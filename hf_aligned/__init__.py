@@ -25,9 +25,11 @@ from .modeling_aligned import (
     pool_hidden_states,
 )
 from .modeling_causal_lm import (
+    CAUSAL_LM_HEADS,
     AlignedCausalLMOutput,
     AlignedForCausalLM,
     CausalAlignment,
+    CausalLMHead,
     SpeculationEstimate,
     suggest_assistant_early_exit,
 )
@@ -75,6 +77,7 @@ AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassi
 
 __all__ = [
     "BRANCH_OUTPUTS",
+    "CAUSAL_LM_HEADS",
     "LAYOUTS",
     "ASRScale",
     "AlignedCausalLMOutput",
@@ -89,6 +92,7 @@ __all__ = [
     "BackboneLayout",
     "CalibrationResult",
     "CausalAlignment",
+    "CausalLMHead",
     "CausalLayerwiseMetrics",
     "EarlyExitOutput",
     "ExitConfig",

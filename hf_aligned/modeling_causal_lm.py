@@ -39,6 +39,60 @@ ALIGNED_TRAINING_KEY = "aligned_training"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
 
+@dataclass(frozen=True)
+class CausalLMHead:
+    """How a family's causal-LM class turns its final normed hidden states into logits: its `lm_head`, then the
+    factors below, each read from the model config by name (`None`: the family has none).
+
+    Attributes:
+        divide_by: the logits are divided by this config value (Granite's `logits_scaling`).
+        multiply_by: the logits are multiplied by this config value (Cohere's `logit_scale`).
+        softcap: the logits are soft-capped, cap · tanh(logits / cap), by this config value where it is set (Gemma 2
+            and 3's `final_logit_softcapping`).
+    """
+
+    divide_by: str | None = None
+    multiply_by: str | None = None
+    softcap: str | None = None
+
+    def __call__(self, logits: torch.Tensor, config: PreTrainedConfig) -> torch.Tensor:
+        if self.divide_by is not None:
+            logits = logits / getattr(config, self.divide_by)
+        if self.multiply_by is not None:
+            logits = logits * getattr(config, self.multiply_by)
+        cap = None if self.softcap is None else getattr(config, self.softcap, None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+# The families whose causal-LM head AlignedForCausalLM reproduces, checked against each family's own loss by the
+# tests. Add an entry for another family (after checking its causal-LM forward) to use it.
+CAUSAL_LM_HEADS: dict[str, CausalLMHead] = {
+    **dict.fromkeys(("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo"), CausalLMHead()),
+    "gemma2": CausalLMHead(softcap="final_logit_softcapping"),
+    "gemma3_text": CausalLMHead(softcap="final_logit_softcapping"),
+    "granite": CausalLMHead(divide_by="logits_scaling"),
+    "cohere": CausalLMHead(multiply_by="logit_scale"),
+}
+
+
+def causal_lm_head(config: PreTrainedConfig) -> CausalLMHead:
+    """The [`CausalLMHead`] of a config's model type.
+
+    Raises:
+        ValueError: for a model type not in `CAUSAL_LM_HEADS`, naming how to add it.
+    """
+    head = CAUSAL_LM_HEADS.get(config.model_type)
+    if head is None:
+        raise ValueError(
+            f"AlignedForCausalLM has not verified how model type {config.model_type!r} computes its logits (some "
+            "families scale or soft-cap them after the LM head), so its per-layer losses could differ from the "
+            f"model's own. Verified: {sorted(CAUSAL_LM_HEADS)}. If its causal-LM forward is `lm_head(norm(hidden))` "
+            "followed only by config-read factors, register it first: "
+            f"`hf_aligned.CAUSAL_LM_HEADS[{config.model_type!r}] = hf_aligned.CausalLMHead(...)`."
+        )
+    return head
+
+
 @dataclass
 class CausalAlignment:
     """How an [`AlignedForCausalLM`] is trained, stored in its config as `config.aligned_training`.
@@ -224,6 +278,7 @@ class AlignedForCausalLM:
                 "AlignedForCausalLM extends a family's causal-LM class: build it with "
                 "`AlignedForCausalLM.from_pretrained(...)` or `AlignedForCausalLM.from_config(config)`."
             )
+        self.aligned_head = causal_lm_head(config)
         super().__init__(config, *args, **kwargs)
         base = getattr(self, self.base_model_prefix)
         self.aligned_layout = find_layout(base)
@@ -388,10 +443,8 @@ class AlignedForCausalLM:
         return step
 
     def _head(self, normed: torch.Tensor) -> torch.Tensor:
-        """The LM head (and the family's final-logit soft-capping, where it has one) on normed hidden states."""
-        logits = self.get_output_embeddings()(normed)
-        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        """The LM head and the family's own scaling or soft-capping of the logits (its [`CausalLMHead`])."""
+        return self.aligned_head(self.get_output_embeddings()(normed), self.config)
 
     def layer_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Next-token logits of a block's output hidden states: the model's own final norm, then its LM head."""
@@ -532,6 +585,7 @@ def _causal_lm_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
             "decoder-only families (GPT-2, Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...). For classification use "
             "AlignedForSequenceClassification."
         )
+    causal_lm_head(config)
     return causal_lm_class(config)
 
 

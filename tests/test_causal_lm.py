@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, pipeline
 
 from hf_aligned import (
+    CAUSAL_LM_HEADS,
     AlignedForCausalLM,
     AlignedModelCardData,
     AlignedTrainer,
@@ -353,3 +354,46 @@ def test_lora_adapters_train_with_the_aligned_loss_and_merge_into_a_plain_checkp
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+# Non-default logit factors, so a head that ignored them would give other logits.
+HEAD_FACTORS = {"granite": {"logits_scaling": 4.0}, "cohere": {"logit_scale": 0.5}}
+
+
+def tiny_family_config(model_type: str):
+    """A tiny config of any family in CAUSAL_LM_HEADS (2 blocks, hidden 32), with non-default logit factors."""
+    if model_type in DECODER_FAMILIES:
+        return tiny_base_config(model_type, num_layers=2)
+    sizes = {"vocab_size": VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    sizes |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "pad_token_id": 0}
+    sizes |= {"bos_token_id": 1, "eos_token_id": 2}
+    config = AutoConfig.for_model(model_type, **sizes, **HEAD_FACTORS.get(model_type, {}))
+    if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2 and 3: a cap that bites
+        config.final_logit_softcapping = 0.5
+    return config
+
+
+@pytest.mark.parametrize("model_type", sorted(CAUSAL_LM_HEADS))
+def test_every_accepted_family_gives_its_own_logits_and_last_layer_loss(model_type):
+    torch.manual_seed(0)
+    model = AlignedForCausalLM.from_config(tiny_family_config(model_type), layer_weights="last").eval()
+    input_ids = tokens(length=7)
+    plain_forward = type(model).__mro__[2].forward  # the family's own causal-LM forward, on the same weights
+    with torch.no_grad():
+        aligned = model(input_ids=input_ids, labels=input_ids)
+        own = plain_forward(model, input_ids=input_ids, labels=input_ids)
+        torch.testing.assert_close(aligned.logits, model(input_ids).logits)
+        torch.testing.assert_close(aligned.logits, own.logits)
+        torch.testing.assert_close(aligned.loss, own.loss)
+        # The earlier block is read through the same head: its loss equals the family's own with that many blocks.
+        model.config.num_hidden_layers = 1
+        first = plain_forward(model, input_ids=input_ids, labels=input_ids) if model_type != "gpt2" else None
+        model.config.num_hidden_layers = 2
+    if first is not None:
+        torch.testing.assert_close(aligned.layer_losses[0], first.loss)
+
+
+def test_families_whose_head_is_not_verified_are_refused_with_a_way_out():
+    config = AutoConfig.for_model("olmo2", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"not verified how model type 'olmo2'.*CAUSAL_LM_HEADS\['olmo2'\]"):
+        AlignedForCausalLM.from_config(config)
