@@ -6,7 +6,7 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr
+from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr, reset_asr
 from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
@@ -136,6 +136,7 @@ __all__ = [
     "pool_hidden_states",
     "probability_similarity",
     "push_aligned_model",
+    "reset_asr",
     "resolve_layer_weights",
     "sample_cosine",
     "saturation_layers",

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .asr import asr_folded_state_dict, has_asr
+from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
@@ -287,6 +287,22 @@ class AlignedTrainer(Trainer):
         if self.args.fold_asr_on_save and has_asr(model):
             state_dict = asr_folded_state_dict(model, state_dict)
         super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._reset_asr_after_folded_load()
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._reset_asr_after_folded_load()
+
+    def _reset_asr_after_folded_load(self) -> None:
+        """With `fold_asr_on_save`, a checkpoint holds weights with the ASR scales folded in and no ASR tensors, so
+        Trainer's (non-strict) load leaves the live model's trained scales on top of them: they are reset to the
+        identity, and the model computes exactly the checkpoint's function."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.fold_asr_on_save and has_asr(model):
+            reset_asr(model)
 
     def create_model_card(
         self,
