@@ -61,8 +61,9 @@ class AlignedTrainer(Trainer):
     - **overrides** of the model config's `layer_weights` / `aligned_layers` from [`AlignedTrainingArguments`],
       written into `model.config` so saved checkpoints record what they were trained with.
 
-    An [`AlignedForCausalLM`] trains through the same calls (with a causal-LM collator such as
-    `DataCollatorForLanguageModeling(tokenizer, mlm=False)`); its evaluation returns `eval_layer_{l}_loss`,
+    An [`AlignedForCausalLM`] trains through the same calls (on batches with `labels`, e.g. packed equal-length blocks
+    with `labels = input_ids` and `default_data_collator`, as transformers' run_clm); its evaluation returns
+    `eval_layer_{l}_loss`,
     `eval_layer_{l}_perplexity`, `eval_layer_{l}_agreement` (top-1 next-token agreement with the last layer),
     `eval_perplexity` and `eval_minimal_depth` by perplexity (see [`CausalLayerwiseMetrics`]), and its model card
     shows them with the suggested `assistant_early_exit`.
@@ -369,8 +370,9 @@ class AlignedTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
-                "Evaluating an AlignedForCausalLM needs `labels` (the input ids, -100 on padding): use "
-                "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`."
+                "Evaluating an AlignedForCausalLM needs `labels` (the input ids, -100 on padding): pack the texts "
+                "into equal-length blocks with `labels = input_ids` and use `default_data_collator` (as transformers' "
+                "run_clm), which keeps end-of-text tokens in the loss."
             )
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
