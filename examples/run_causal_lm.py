@@ -28,9 +28,9 @@ from datasets import DatasetDict, load_dataset
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    DataCollatorForLanguageModeling,
     HfArgumentParser,
     PreTrainedTokenizerFast,
+    default_data_collator,
     set_seed,
 )
 
@@ -129,15 +129,16 @@ def load_model(model_args: ModelArguments, tokenizer):
 
 
 def pack(splits: DatasetDict, tokenizer, block_size: int) -> DatasetDict:
-    """Tokenized texts joined with end-of-text tokens and cut into `block_size`-token blocks."""
+    """Tokenized texts joined with end-of-text tokens and cut into `block_size`-token blocks, with `labels` equal to
+    `input_ids` (as transformers' run_clm): every block is full, so nothing is padded and every end-of-text token is
+    trained on and scored (a padding collator would mask it when the pad token is the end-of-text token)."""
 
     def blocks(batch: dict) -> dict:
         ids = [
             token for encoded in tokenizer(batch["text"])["input_ids"] for token in (*encoded, tokenizer.eos_token_id)
         ]
-        return {
-            "input_ids": [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
-        }
+        cut = [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
+        return {"input_ids": cut, "labels": [list(block) for block in cut]}
 
     return splits.map(blocks, batched=True, remove_columns=["text"])
 
@@ -164,7 +165,7 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
         args=training_args,
         train_dataset=splits["train"],
         eval_dataset=splits["eval"],
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=default_data_collator,  # equal-length packed blocks that carry their labels
         processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -186,7 +187,10 @@ def main() -> None:
         print(f"| {layer} | {perplexity:.2f} | {agreement:.3f} |")
     agreement = [metrics[f"eval_layer_{layer}_agreement"] for layer in range(1, num_layers + 1)]
     estimate = suggest_assistant_early_exit(agreement)
-    print(f"suggested assistant_early_exit: {estimate.assistant_early_exit}")
+    if estimate is None:
+        print("no draft: no layer is expected to make self-speculative decoding faster than plain decoding")
+    else:
+        print(f"suggested assistant_early_exit: {estimate.assistant_early_exit} ({estimate.expected_speedup:.2f}x)")
 
 
 if __name__ == "__main__":

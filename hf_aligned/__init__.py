@@ -6,7 +6,7 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr
+from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr, reset_asr
 from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
@@ -25,9 +25,11 @@ from .modeling_aligned import (
     pool_hidden_states,
 )
 from .modeling_causal_lm import (
+    CAUSAL_LM_HEADS,
     AlignedCausalLMOutput,
     AlignedForCausalLM,
     CausalAlignment,
+    CausalLMHead,
     SpeculationEstimate,
     suggest_assistant_early_exit,
 )
@@ -75,6 +77,7 @@ AutoModelForImageClassification.register(AlignedConfig, AlignedForSequenceClassi
 
 __all__ = [
     "BRANCH_OUTPUTS",
+    "CAUSAL_LM_HEADS",
     "LAYOUTS",
     "ASRScale",
     "AlignedCausalLMOutput",
@@ -89,6 +92,7 @@ __all__ = [
     "BackboneLayout",
     "CalibrationResult",
     "CausalAlignment",
+    "CausalLMHead",
     "CausalLayerwiseMetrics",
     "EarlyExitOutput",
     "ExitConfig",
@@ -132,6 +136,7 @@ __all__ = [
     "pool_hidden_states",
     "probability_similarity",
     "push_aligned_model",
+    "reset_asr",
     "resolve_layer_weights",
     "sample_cosine",
     "saturation_layers",

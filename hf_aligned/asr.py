@@ -25,7 +25,7 @@ from .backbones import find_layout
 from .compat import Conv1D
 from .layouts import BRANCH_OUTPUTS
 
-__all__ = ["ASRScale", "add_asr", "asr_folded_state_dict", "asr_scales", "fold_asr", "has_asr"]
+__all__ = ["ASRScale", "add_asr", "asr_folded_state_dict", "asr_scales", "fold_asr", "has_asr", "reset_asr"]
 
 ASR_NAME = "asr"
 
@@ -149,6 +149,21 @@ def fold_asr(model: nn.Module) -> nn.Module:
         for key, hook in list(projection._forward_hooks.items()):
             if hook is _scale_output:
                 del projection._forward_hooks[key]
+    return model
+
+
+@torch.no_grad()
+def reset_asr(model: nn.Module) -> nn.Module:
+    """Sets every ASR scale of `model` to the identity, as a fresh ASR is (its MLP's last layer zero: the scale is
+    2 · sigmoid(0) = 1), in place; the input vectors and first layers keep their values.
+
+    Returns:
+        `model`, changed in place.
+    """
+    for module in model.modules():
+        if isinstance(module, ASRScale):
+            nn.init.zeros_(module.fc2.weight)
+            nn.init.zeros_(module.fc2.bias)
     return model
 
 

@@ -337,8 +337,12 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
         f"Trained with `{ALIGNED_TRAINING_KEY}` = `{json.dumps(model.alignment.to_dict())}` (also in `config.json`).",
     ]
     agreement = [layers.get(layer, {}).get("agreement") for layer in range(1, num_layers + 1)]
-    suggestion = None if None in agreement else suggest_assistant_early_exit(agreement)
-    exit_layer = suggestion.assistant_early_exit if suggestion else max(1, num_layers // 4)
+    layers_measured = None not in agreement
+    suggestion = suggest_assistant_early_exit(agreement) if layers_measured else None
+    # Without agreement metrics the usage shows a shallow draft; with them, the suggestion or (none helps) no draft.
+    exit_layer = (
+        suggestion.assistant_early_exit if suggestion else None if layers_measured else max(1, num_layers // 4)
+    )
     if layers:
         names = [name for name in ("loss", "perplexity", "agreement") if any(name in row for row in layers.values())]
         lines += ["", "## Every layer as a next-token predictor", ""]
@@ -355,6 +359,13 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
             f"{suggestion.acceptance:.1%} of tokens, for an expected {suggestion.expected_speedup:.2f}x speed-up of "
             "greedy decoding when blocks dominate the cost (`hf_aligned.suggest_assistant_early_exit`).",
         ]
+    elif layers_measured:
+        lines += [
+            "",
+            "No draft suggested: no layer agrees with the last layer often enough for self-speculative decoding to "
+            "be expected to beat plain greedy decoding (`hf_aligned.suggest_assistant_early_exit`).",
+        ]
+    draft = "" if exit_layer is None else f", assistant_early_exit={exit_layer}"
     model_path = data.model_id or "path/to/checkpoint"
     lines += [
         "",
@@ -366,12 +377,15 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
         f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
         'inputs = tokenizer("An example prompt", return_tensors="pt")',
-        f"output = model.generate(**inputs, max_new_tokens=40, assistant_early_exit={exit_layer})",
+        f"output = model.generate(**inputs, max_new_tokens=40{draft})",
         "```",
-        "",
-        "For families whose forward runs every block whatever `num_hidden_layers` says (GPT-2), load it with "
-        "`hf_aligned.AlignedForCausalLM.from_pretrained` for the same call.",
     ]
+    if exit_layer is not None:
+        lines += [
+            "",
+            "For families whose forward runs every block whatever `num_hidden_layers` says (GPT-2), load it with "
+            "`hf_aligned.AlignedForCausalLM.from_pretrained` for the same call.",
+        ]
     hyperparameters = training_hyperparameters(data.training_args or {})
     if hyperparameters:
         lines += ["", "## Training hyperparameters", ""]

@@ -14,6 +14,7 @@ full model verifies, so `generate(..., assistant_early_exit=k)` gives plain gree
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.hub import create_and_tag_model_card, hf_api
 
 from .backbones import find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
@@ -35,6 +37,60 @@ from .configuration_aligned import is_decoder_only, num_hidden_layers, resolve_l
 # The key of the base config under which a checkpoint records how it was trained (ignored by other libraries).
 ALIGNED_TRAINING_KEY = "aligned_training"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+@dataclass(frozen=True)
+class CausalLMHead:
+    """How a family's causal-LM class turns its final normed hidden states into logits: its `lm_head`, then the
+    factors below, each read from the model config by name (`None`: the family has none).
+
+    Attributes:
+        divide_by: the logits are divided by this config value (Granite's `logits_scaling`).
+        multiply_by: the logits are multiplied by this config value (Cohere's `logit_scale`).
+        softcap: the logits are soft-capped, cap · tanh(logits / cap), by this config value where it is set (Gemma 2
+            and 3's `final_logit_softcapping`).
+    """
+
+    divide_by: str | None = None
+    multiply_by: str | None = None
+    softcap: str | None = None
+
+    def __call__(self, logits: torch.Tensor, config: PreTrainedConfig) -> torch.Tensor:
+        if self.divide_by is not None:
+            logits = logits / getattr(config, self.divide_by)
+        if self.multiply_by is not None:
+            logits = logits * getattr(config, self.multiply_by)
+        cap = None if self.softcap is None else getattr(config, self.softcap, None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+# The families whose causal-LM head AlignedForCausalLM reproduces, checked against each family's own loss by the
+# tests. Add an entry for another family (after checking its causal-LM forward) to use it.
+CAUSAL_LM_HEADS: dict[str, CausalLMHead] = {
+    **dict.fromkeys(("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo"), CausalLMHead()),
+    "gemma2": CausalLMHead(softcap="final_logit_softcapping"),
+    "gemma3_text": CausalLMHead(softcap="final_logit_softcapping"),
+    "granite": CausalLMHead(divide_by="logits_scaling"),
+    "cohere": CausalLMHead(multiply_by="logit_scale"),
+}
+
+
+def causal_lm_head(config: PreTrainedConfig) -> CausalLMHead:
+    """The [`CausalLMHead`] of a config's model type.
+
+    Raises:
+        ValueError: for a model type not in `CAUSAL_LM_HEADS`, naming how to add it.
+    """
+    head = CAUSAL_LM_HEADS.get(config.model_type)
+    if head is None:
+        raise ValueError(
+            f"AlignedForCausalLM has not verified how model type {config.model_type!r} computes its logits (some "
+            "families scale or soft-cap them after the LM head), so its per-layer losses could differ from the "
+            f"model's own. Verified: {sorted(CAUSAL_LM_HEADS)}. If its causal-LM forward is `lm_head(norm(hidden))` "
+            "followed only by config-read factors, register it first: "
+            f"`hf_aligned.CAUSAL_LM_HEADS[{config.model_type!r}] = hf_aligned.CausalLMHead(...)`."
+        )
+    return head
 
 
 @dataclass
@@ -56,6 +112,27 @@ class CausalAlignment:
     aligned_layers: list[int] | None = None
     layers_per_step: int | None = None
     loss_chunk_size: int = 1024
+
+    def __post_init__(self):
+        """Checks the settings' types, so a wrong one fails here with the argument's name, not deep in a loop."""
+        weights = self.layer_weights
+        if not isinstance(weights, str) and not (
+            isinstance(weights, (list, tuple))
+            and all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in weights)
+        ):
+            raise TypeError(
+                f"`layer_weights={weights!r}` must be a scheme name ('linear', 'uniform', 'last') or a list of one "
+                "non-negative float per block."
+            )
+        layers = self.aligned_layers
+        if layers is not None and not (
+            isinstance(layers, (list, tuple))
+            and all(isinstance(item, int) and not isinstance(item, bool) for item in layers)
+        ):
+            raise TypeError(
+                f"`aligned_layers={layers!r}` must be a list of 1-based block numbers (e.g. [2, 4]) or None for every "
+                "block."
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> CausalAlignment:
@@ -106,10 +183,14 @@ class AlignedCausalLMOutput(CausalLMOutputWithPast):
         layer_agreement (`torch.Tensor` of shape `(num_layers,)`, *optional*): with gradients off, the fraction of
             those tokens where block l's top-1 next token equals the last block's, which is what a draft exiting
             after block l gets accepted on.
+        layer_computed (`torch.BoolTensor` of shape `(num_layers,)`): which blocks' losses this call computed (the
+            others are the `nan` placeholders above), so a computed loss that is itself `nan` (a diverged run) is
+            told apart from a skipped one.
     """
 
     layer_losses: torch.Tensor | None = None
     layer_agreement: torch.Tensor | None = None
+    layer_computed: torch.Tensor | None = None
 
 
 class AlignedForCausalLM:
@@ -180,9 +261,9 @@ class AlignedForCausalLM:
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIGNMENT_FIELDS}
         if cls is AlignedForCausalLM:
             config = kwargs.pop("config", None)
-            if config is None:
+            if not isinstance(config, PreTrainedConfig):
                 hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
             model_class = cls.aligned_class(_causal_lm_class_for(config))
             loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         else:
@@ -197,6 +278,7 @@ class AlignedForCausalLM:
                 "AlignedForCausalLM extends a family's causal-LM class: build it with "
                 "`AlignedForCausalLM.from_pretrained(...)` or `AlignedForCausalLM.from_config(config)`."
             )
+        self.aligned_head = causal_lm_head(config)
         super().__init__(config, *args, **kwargs)
         base = getattr(self, self.base_model_prefix)
         self.aligned_layout = find_layout(base)
@@ -243,9 +325,30 @@ class AlignedForCausalLM:
         """The base model's list of transformer blocks."""
         return getattr(self, self.base_model_prefix).get_submodule(self.aligned_layout.blocks)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
         """Saves a plain checkpoint of the base family (its `architectures` name the family's own class), with the
-        aligned-training settings under `aligned_training` in `config.json`."""
+        aligned-training settings under `aligned_training` in `config.json`.
+
+        With `push_to_hub=True` (and `repo_id`, `commit_message`, `create_pr` and `create_repo` options, as for
+        transformers), the directory is uploaded after `config.json` names the plain class, never before.
+        """
+        saved_names = set(inspect.signature(PreTrainedModel.save_pretrained).parameters)
+        push = push_to_hub and self.should_save_on_this_rank(is_main_process)
+        if push:
+            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
+            commit_message = kwargs.pop("commit_message", None)
+            create_pr = kwargs.pop("create_pr", False)
+            repo_options = {name: kwargs.pop(name) for name in list(kwargs) if name not in saved_names}
+            repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=kwargs.get("token"), **repo_options).repo_id
+            os.makedirs(save_directory, exist_ok=True)
+            files_timestamps = self._get_files_timestamps(save_directory)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         plain_name = _plain_class(type(self)).__name__
         self.config.architectures = [plain_name]
@@ -256,6 +359,17 @@ class AlignedForCausalLM:
             saved["architectures"] = [plain_name]
             with open(config_file, "w", encoding="utf-8") as handle:
                 handle.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        if push:
+            card = create_and_tag_model_card(repo_id, self.model_tags, token=kwargs.get("token"))
+            card.save(os.path.join(save_directory, "README.md"))
+            self._upload_modified_files(
+                save_directory,
+                repo_id,
+                files_timestamps,
+                commit_message=commit_message,
+                token=kwargs.get("token"),
+                create_pr=create_pr,
+            )
 
     # -- the aligned loss ---------------------------------------------------------------------------------------
 
@@ -263,6 +377,9 @@ class AlignedForCausalLM:
         """The base model's forward; with `labels`, the aligned loss over every block (see the class docstring)."""
         if labels is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = self.config.return_dict
         if kwargs.get("use_cache") or kwargs.get("logits_to_keep", 0) not in (0, None):
             raise ValueError(
                 "The aligned loss reads every position of every block: call the model with `labels` without "
@@ -272,7 +389,7 @@ class AlignedForCausalLM:
         kwargs["use_cache"] = False
         base = getattr(self, self.base_model_prefix)
         with observe_blocks(BlockOutputs(self.aligned_blocks)) as captured:
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            outputs = base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         logits = self._head(outputs.last_hidden_state)
         targets = shifted_labels(labels.to(logits.device))
         counted = (targets != -100).sum().clamp(min=1)
@@ -281,10 +398,13 @@ class AlignedForCausalLM:
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
         agreement = None
+        computed = torch.ones(self.num_layers, dtype=torch.bool, device=last_loss.device)
         if torch.is_grad_enabled():
+            computed[:-1] = False
             for layer in weights:
                 if layer < self.num_layers:
                     layer_losses[layer - 1] = self._chunked_loss(captured.outputs[layer - 1], targets) / counted
+                    computed[layer - 1] = True
         else:
             agreement = torch.ones(self.num_layers, device=last_loss.device)  # the last layer agrees with itself
             top_last = logits.argmax(dim=-1)
@@ -294,14 +414,16 @@ class AlignedForCausalLM:
                 agreement[layer - 1] = agreeing / counted
         layer_losses = torch.stack(layer_losses)
         loss = sum(weight * layer_losses[layer - 1] for layer, weight in weights.items())
-        return AlignedCausalLMOutput(
+        output = AlignedCausalLMOutput(
             loss=loss,
             logits=logits,
             layer_losses=layer_losses,
             layer_agreement=agreement,
+            layer_computed=computed,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
+        return output if return_dict else output.to_tuple()
 
     def _step_weights(self) -> dict[int, float]:
         """This step's weight of every layer with a loss: the configured λ_l, or, when `layers_per_step` draws a
@@ -321,10 +443,8 @@ class AlignedForCausalLM:
         return step
 
     def _head(self, normed: torch.Tensor) -> torch.Tensor:
-        """The LM head (and the family's final-logit soft-capping, where it has one) on normed hidden states."""
-        logits = self.get_output_embeddings()(normed)
-        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        """The LM head and the family's own scaling or soft-capping of the logits (its [`CausalLMHead`])."""
+        return self.aligned_head(self.get_output_embeddings()(normed), self.config)
 
     def layer_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Next-token logits of a block's output hidden states: the model's own final norm, then its LM head."""
@@ -465,6 +585,7 @@ def _causal_lm_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
             "decoder-only families (GPT-2, Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...). For classification use "
             "AlignedForSequenceClassification."
         )
+    causal_lm_head(config)
     return causal_lm_class(config)
 
 
@@ -487,7 +608,7 @@ class SpeculationEstimate:
 
 def suggest_assistant_early_exit(
     layer_agreement: Sequence[float], max_assistant_tokens: int = 16, draft_overhead: float = 0.0
-) -> SpeculationEstimate:
+) -> SpeculationEstimate | None:
     """Picks the draft depth k that a speculative-decoding cost model expects to be fastest.
 
     With acceptance a_k (block k's top-1 agreement with the last block, e.g. `eval_layer_{k}_agreement`), a draft of
@@ -500,12 +621,23 @@ def suggest_assistant_early_exit(
         draft_overhead: per-step draft cost not proportional to depth (embedding, head, framework), as a fraction of
             a full step.
 
+    Returns:
+        The fastest draft, or `None` when no draft is expected to beat plain decoding (best speed-up <= 1): decode
+        without `assistant_early_exit` then.
+
     Raises:
-        ValueError: for fewer than 2 layers or agreements outside [0, 1].
+        ValueError: for fewer than 2 layers, agreements outside [0, 1], a `max_assistant_tokens` that is not a
+            positive integer or a negative `draft_overhead`.
     """
     agreement = [float(value) for value in layer_agreement]
     if len(agreement) < 2 or any(not 0.0 <= value <= 1.0 for value in agreement):
         raise ValueError(f"`layer_agreement` needs one value in [0, 1] per block (at least 2), got {agreement}.")
+    if isinstance(max_assistant_tokens, bool) or not isinstance(max_assistant_tokens, int) or max_assistant_tokens < 1:
+        raise ValueError(f"`max_assistant_tokens={max_assistant_tokens!r}` must be a positive integer (default 16).")
+    if not 0.0 <= draft_overhead < float("inf"):
+        raise ValueError(
+            f"`draft_overhead={draft_overhead!r}` must be a finite non-negative fraction of a full step (default 0)."
+        )
     num_layers = len(agreement)
     best = None
     for layer, alpha in enumerate(agreement[:-1], start=1):
@@ -515,4 +647,4 @@ def suggest_assistant_early_exit(
             speedup = produced / (tokens * cost + 1)
             if best is None or speedup > best.expected_speedup:
                 best = SpeculationEstimate(layer, tokens, speedup, alpha)
-    return best
+    return best if best.expected_speedup > 1.0 else None

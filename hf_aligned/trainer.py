@@ -11,7 +11,7 @@ from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .asr import asr_folded_state_dict, has_asr
+from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
@@ -28,6 +28,16 @@ _CONFIG_OVERRIDES = (
     "classifier_update",
     "distillation_weight",
     "distillation_temperature",
+)
+
+# Training arguments that only configure a classification head: refused for an aligned causal LM when set (a
+# recipe sets them too).
+_CLASSIFIER_ONLY_ARGUMENTS = (
+    "recipe",
+    "classifier_update",
+    "distillation_weight",
+    "distillation_temperature",
+    "classifier_lr_ratio",
 )
 
 # Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
@@ -51,8 +61,9 @@ class AlignedTrainer(Trainer):
     - **overrides** of the model config's `layer_weights` / `aligned_layers` from [`AlignedTrainingArguments`],
       written into `model.config` so saved checkpoints record what they were trained with.
 
-    An [`AlignedForCausalLM`] trains through the same calls (with a causal-LM collator such as
-    `DataCollatorForLanguageModeling(tokenizer, mlm=False)`); its evaluation returns `eval_layer_{l}_loss`,
+    An [`AlignedForCausalLM`] trains through the same calls (on batches with `labels`, e.g. packed equal-length blocks
+    with `labels = input_ids` and `default_data_collator`, as transformers' run_clm); its evaluation returns
+    `eval_layer_{l}_loss`,
     `eval_layer_{l}_perplexity`, `eval_layer_{l}_agreement` (top-1 next-token agreement with the last layer),
     `eval_perplexity` and `eval_minimal_depth` by perplexity (see [`CausalLayerwiseMetrics`]), and its model card
     shows them with the suggested `assistant_early_exit`.
@@ -115,7 +126,6 @@ class AlignedTrainer(Trainer):
             self._prepare_aligned_model(model, args)
         self._layer_loss_sum: torch.Tensor | None = None
         self._layer_loss_names: list[str] = []
-        self._layer_loss_batches = 0
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
         if _causal_lm(self.model) is not None:
             if compute_metrics is not None:
@@ -169,11 +179,17 @@ class AlignedTrainer(Trainer):
 
     @staticmethod
     def _prepare_causal_lm(model: AlignedForCausalLM, args: AlignedTrainingArguments) -> None:
-        """Writes the arguments' `layer_weights` / `aligned_layers` into an aligned causal LM's settings."""
-        if args.classifier_update == "last" or (args.distillation_weight or 0.0) > 0:
+        """Writes the arguments' `layer_weights` / `aligned_layers` into an aligned causal LM's settings.
+
+        Raises:
+            ValueError: naming the classification-only arguments that are set (they would change nothing).
+        """
+        given = [name for name in _CLASSIFIER_ONLY_ARGUMENTS if getattr(args, name) is not None]
+        if given:
             raise ValueError(
-                "`classifier_update='last'` and `distillation_weight > 0` train a classification head and do not "
-                "apply to AlignedForCausalLM; leave them unset."
+                f"{', '.join(f'`{name}`' for name in given)} configure a classification head's training and do not "
+                "apply to AlignedForCausalLM; leave them unset (None). A causal LM's loss is set by `layer_weights` "
+                "and `aligned_layers` (and the model's `configure_alignment`)."
             )
         overrides = {name: getattr(args, name) for name in ("layer_weights", "aligned_layers")}
         overrides = {name: value for name, value in overrides.items() if value is not None}
@@ -205,10 +221,15 @@ class AlignedTrainer(Trainer):
                 recorded.append(outputs["layer_distillation_losses"][:-1])
                 self._layer_loss_names += [f"layer_{layer}_distillation_loss" for layer in range(1, len(layer_losses))]
             recorded = torch.cat(recorded).detach().float()
-            # Layers an aligned causal LM skipped this step (`layers_per_step`) are nan: count each layer's own steps.
-            recorded = torch.stack([recorded.nan_to_num(0.0), (~recorded.isnan()).float()])
+            # An aligned causal LM computes only some layers' losses per step (`layers_per_step`, zero weights): each
+            # loss is averaged over the steps that computed it. A computed loss that is nan stays nan in the log.
+            computed = outputs.get("layer_computed")
+            computed = (
+                torch.ones_like(recorded, dtype=torch.bool) if computed is None else computed.to(recorded.device)
+            )
+            computed = torch.cat([computed, computed.new_ones(len(recorded) - len(computed))])
+            recorded = torch.stack([torch.where(computed, recorded, 0.0), computed.float()])
             self._layer_loss_sum = recorded if self._layer_loss_sum is None else self._layer_loss_sum + recorded
-            self._layer_loss_batches += 1
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -253,9 +274,12 @@ class AlignedTrainer(Trainer):
             # One collective per log, on every process alike: Trainer calls `log` on all of them.
             total = self.accelerator.gather(self._layer_loss_sum[None]).sum(dim=0)
             means = (total[0] / total[1]).tolist()
-            logs = {**logs, **{name: mean for name, mean in zip(self._layer_loss_names, means) if mean == mean}}
+            counts = total[1].tolist()
+            logs = {
+                **logs,
+                **{name: mean for name, mean, count in zip(self._layer_loss_names, means, counts) if count},
+            }
             self._layer_loss_sum = None
-            self._layer_loss_batches = 0
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -264,6 +288,22 @@ class AlignedTrainer(Trainer):
         if self.args.fold_asr_on_save and has_asr(model):
             state_dict = asr_folded_state_dict(model, state_dict)
         super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._reset_asr_after_folded_load()
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._reset_asr_after_folded_load()
+
+    def _reset_asr_after_folded_load(self) -> None:
+        """With `fold_asr_on_save`, a checkpoint holds weights with the ASR scales folded in and no ASR tensors, so
+        Trainer's (non-strict) load leaves the live model's trained scales on top of them: they are reset to the
+        identity, and the model computes exactly the checkpoint's function."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.fold_asr_on_save and has_asr(model):
+            reset_asr(model)
 
     def create_model_card(
         self,
@@ -330,8 +370,9 @@ class AlignedTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
-                "Evaluating an AlignedForCausalLM needs `labels` (the input ids, -100 on padding): use "
-                "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`."
+                "Evaluating an AlignedForCausalLM needs `labels` (the input ids, -100 on padding): pack the texts "
+                "into equal-length blocks with `labels = input_ids` and use `default_data_collator` (as transformers' "
+                "run_clm), which keeps end-of-text tokens in the loss."
             )
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)

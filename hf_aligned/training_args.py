@@ -78,8 +78,10 @@ class AlignedTrainingArguments(TrainingArguments):
         fold_asr_on_save (`bool`, *optional*, defaults to `False`):
             For a model trained with ASR scales ([`add_asr`]): every checkpoint the trainer saves holds the folded
             weights ([`asr_folded_state_dict`]), the plain architecture that loads with plain transformers. The live
-            model keeps its ASR scales and trains on; a run resumed from such a checkpoint continues from the same
-            function with fresh ASR scales (a new ASR multiplies by 1).
+            model keeps its ASR scales and trains on. When the trainer loads such a checkpoint back into the live
+            model (`load_best_model_at_end=True`, `train(resume_from_checkpoint=...)`), it resets every ASR scale to
+            the identity ([`reset_asr`]: a new ASR multiplies by 1), so the model computes exactly the checkpoint's
+            function and trains on from there with fresh scales.
     """
 
     layer_weights: list[float] | str | None = field(
@@ -144,7 +146,8 @@ class AlignedTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Save checkpoints of a model trained with ASR scales (add_asr) with the scales folded into the "
-            "projections: plain checkpoints. The live model keeps training with its scales."
+            "projections: plain checkpoints. The live model keeps training with its scales; loading such a "
+            "checkpoint back (load_best_model_at_end, resume_from_checkpoint) resets the scales to the identity."
         },
     )
 

@@ -191,6 +191,48 @@ def test_trainer_saves_plain_checkpoints_and_keeps_training(tmp_path):
     assert any(".asr." in key for key in checkpoint_keys(tmp_path / "raw"))
 
 
+def test_best_model_and_resumed_checkpoints_of_folded_runs_load_without_scaling_twice(tmp_path):
+    from datasets import Dataset
+
+    model = add_asr(tiny_model("bert"), seed=0)
+    perturb(model)  # non-identity scales from the start, as after some training
+    inputs = tiny_inputs("bert", batch_size=8)
+    rows = {"input_ids": inputs["input_ids"].tolist(), "attention_mask": inputs["attention_mask"].tolist()}
+    data = Dataset.from_dict({**rows, "labels": [0, 1, 2, 0, 1, 2, 0, 1]})
+    args = AlignedTrainingArguments(
+        str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        fold_asr_on_save=True,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = AlignedTrainer(model, args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    probe = tiny_inputs("bert")
+
+    def logits_of(loaded):
+        with torch.no_grad():
+            return loaded.eval()(**probe, early_exit=False).layer_logits
+
+    best = AutoModelForSequenceClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    torch.testing.assert_close(logits_of(model), logits_of(best), rtol=0, atol=TOLERANCE)
+    # An in-process resume loads a checkpoint into the live model the same way.
+    perturb(model, seed=2)
+    other = tmp_path / "run" / "checkpoint-2"
+    trainer._load_from_checkpoint(str(other))
+    expected = logits_of(AutoModelForSequenceClassification.from_pretrained(other))
+    torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=TOLERANCE)
+    assert all(torch.equal(scale, torch.ones_like(scale)) for scale in asr_scales(model).values())
+
+
 def test_unknown_family_names_the_override():
     torch.manual_seed(0)
     model = AutoModel.from_config(tiny_config("xlm"))

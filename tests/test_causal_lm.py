@@ -10,12 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, pipeline
 
 from hf_aligned import (
+    CAUSAL_LM_HEADS,
     AlignedForCausalLM,
+    AlignedModelCardData,
     AlignedTrainer,
     AlignedTrainingArguments,
+    build_causal_lm_card,
     resolve_layer_weights,
     suggest_assistant_early_exit,
 )
@@ -108,6 +111,7 @@ def test_layers_per_step_draws_layers_with_unbiased_weights():
         computed = [layer for layer in range(1, NUM_LAYERS) if not torch.isnan(out.layer_losses[layer - 1])]
         assert len(computed) == 1
         (layer,) = computed
+        assert out.layer_computed.tolist() == [index in (layer, NUM_LAYERS) for index in range(1, NUM_LAYERS + 1)]
         drawn.add(layer)
         # The drawn layer counts (earlier aligned layers / drawn) = 3 times, so the mean over draws is the full loss.
         expected = weights[-1] * full[-1] + 3 * weights[layer - 1] * full[layer - 1]
@@ -135,6 +139,8 @@ def test_saved_checkpoint_is_plain_and_reloads_with_its_settings(family, tmp_pat
     reloaded = AlignedForCausalLM.from_pretrained(tmp_path)
     assert reloaded.alignment == model.alignment
     assert AlignedForCausalLM.from_pretrained(tmp_path, layer_weights="last").alignment.layer_weights == "last"
+    # `config` may be a path, as for transformers' own `from_pretrained`.
+    assert AlignedForCausalLM.from_pretrained(tmp_path, config=str(tmp_path)).alignment == model.alignment
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
@@ -156,12 +162,37 @@ def test_self_speculative_greedy_output_equals_plain_greedy(family):
     assert model.config.num_hidden_layers == NUM_LAYERS and len(model.aligned_blocks) == NUM_LAYERS
 
 
-def test_transformers_own_early_exit_on_the_plain_llama_checkpoint_agrees(tmp_path):
-    tiny_causal_lm("llama", seed=3).save_pretrained(tmp_path)
+def test_labels_with_return_dict_false_give_the_output_as_a_tuple():
+    model = tiny_causal_lm("llama")
+    input_ids = tokens()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, labels=input_ids)
+        as_tuple = model(input_ids=input_ids, labels=input_ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(expected.to_tuple())
+    for got, wanted in zip(as_tuple, expected.to_tuple()):
+        torch.testing.assert_close(got, wanted, equal_nan=True)
+
+
+def test_transformers_own_early_exit_drafts_with_the_predictor_the_aligned_loss_trains(tmp_path):
+    # transformers' `assistant_early_exit` on a plain checkpoint drafts by running the model with
+    # `config.num_hidden_layers = k` (EarlyExitCandidateGenerator): for a Llama that is block k's output through the
+    # model's final norm and LM head, exactly the layer-k predictor whose loss AlignedForCausalLM trains.
+    model = tiny_causal_lm("llama", seed=3)
+    model.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompt = tokens(batch=1, length=5, seed=4)
+    with torch.no_grad():
+        hidden = model(prompt, output_hidden_states=True).hidden_states
+        for layer in range(1, NUM_LAYERS):
+            plain.config.num_hidden_layers = layer
+            draft_logits = plain(prompt).logits
+            plain.config.num_hidden_layers = NUM_LAYERS
+            torch.testing.assert_close(draft_logits, model.layer_logits(hidden[layer]), msg=str(layer))
+            labels = prompt.clone()
+            loss = F.cross_entropy(draft_logits[0, :-1], labels[0, 1:])
+            torch.testing.assert_close(model(input_ids=prompt, labels=labels).layer_losses[layer - 1], loss)
     settings = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    expected = plain.generate(prompt, **settings)
+    expected = model.generate(prompt, **settings)
     assert torch.equal(plain.generate(prompt, assistant_early_exit=1, **settings), expected)
 
 
@@ -177,6 +208,11 @@ def test_bad_settings_and_calls_are_errors_naming_the_fix():
     with pytest.raises(ValueError, match="`layers_per_step=0` must be a positive integer"):
         model.configure_alignment(layers_per_step=0)
     assert model.alignment.layers_per_step is None  # the bad value changed nothing
+    with pytest.raises(TypeError, match=r"`aligned_layers=3` must be a list of 1-based block numbers"):
+        model.configure_alignment(aligned_layers=3)
+    with pytest.raises(TypeError, match=r"`layer_weights=0.5` must be a scheme name"):
+        model.configure_alignment(layer_weights=0.5)
+    assert model.alignment.aligned_layers is None and model.alignment.layer_weights == "linear"
     with pytest.raises(ValueError, match="without `use_cache=True`"):
         model(input_ids=prompt, labels=prompt, use_cache=True)
     with pytest.raises(ValueError, match="'bert' is not a decoder-only language model"):
@@ -188,12 +224,33 @@ def test_suggested_early_exit_follows_the_cost_model():
     estimate = suggest_assistant_early_exit([0.5, 1.0, 1.0, 1.0], max_assistant_tokens=4)
     assert estimate.assistant_early_exit == 2 and estimate.num_assistant_tokens == 4
     assert estimate.expected_speedup == pytest.approx(5 / (4 * 0.5 + 1))
-    # With no agreement anywhere, a one-token draft is the least bad: (1 token) / (cost + 1).
-    estimate = suggest_assistant_early_exit([0.0, 0.0, 1.0], max_assistant_tokens=3)
-    assert (estimate.assistant_early_exit, estimate.num_assistant_tokens) == (1, 1)
-    assert estimate.expected_speedup == pytest.approx(1 / (1 / 3 + 1))
+    # With no agreement anywhere, even the least bad draft (1 token for cost 1/3 + 1) loses: no draft suggested.
+    assert suggest_assistant_early_exit([0.0, 0.0, 1.0], max_assistant_tokens=3) is None
     with pytest.raises(ValueError, match="one value in \\[0, 1\\] per block"):
         suggest_assistant_early_exit([1.2, 1.0])
+    # Layer 1 of 2 agreeing 90% of the time: a one-token draft gives 1.9 tokens for 1.5 steps; with a per-step draft
+    # overhead of 0.6 every draft length costs more than it yields (best: 1.9 / 2.1 at g = 1).
+    estimate = suggest_assistant_early_exit([0.9, 1.0], max_assistant_tokens=1)
+    assert estimate.expected_speedup == pytest.approx(1.9 / 1.5)
+    assert suggest_assistant_early_exit([0.9, 1.0], draft_overhead=0.6) is None
+    with pytest.raises(ValueError, match=r"`max_assistant_tokens=0` must be a positive integer"):
+        suggest_assistant_early_exit([0.5, 1.0], max_assistant_tokens=0)
+    with pytest.raises(ValueError, match=r"`draft_overhead=-5` must be a finite non-negative"):
+        suggest_assistant_early_exit([0.5, 1.0], draft_overhead=-5)
+
+
+@pytest.mark.parametrize("agreement", [[0.0, 0.1, 0.2, 1.0], [0.9, 0.95, 0.99, 1.0]])
+def test_causal_card_suggests_a_draft_only_when_one_is_expected_to_help(agreement):
+    model = tiny_causal_lm("llama")
+    metrics = {f"eval_layer_{layer}_agreement": value for layer, value in enumerate(agreement, start=1)}
+    card = str(build_causal_lm_card(model, AlignedModelCardData(eval_metrics=metrics)))
+    suggestion = suggest_assistant_early_exit(agreement)
+    if suggestion is None:
+        assert "assistant_early_exit=" not in card and "No draft suggested" in card
+        assert "model.generate(**inputs, max_new_tokens=40)" in card
+    else:
+        assert f"expected {suggestion.expected_speedup:.2f}x" in card and suggestion.expected_speedup > 1
+        assert f"max_new_tokens=40, assistant_early_exit={suggestion.assistant_early_exit})" in card
 
 
 def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
@@ -253,13 +310,26 @@ def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card
     assert f"| 1 | {metrics['eval_layer_1_loss']:.4f}" in card
-    assert "assistant_early_exit=" in card
+    agreement = [metrics[f"eval_layer_{layer}_agreement"] for layer in range(1, NUM_LAYERS + 1)]
+    suggestion = suggest_assistant_early_exit(agreement)
+    assert ("assistant_early_exit=" in card) == (suggestion is not None)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_trainer_refuses_classifier_options_for_a_language_model(tmp_path):
-    args = AlignedTrainingArguments(output_dir=str(tmp_path), distillation_weight=0.5, report_to="none")
-    with pytest.raises(ValueError, match="do not apply to AlignedForCausalLM"):
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"distillation_weight": 0.5}, "`distillation_weight`"),
+        ({"distillation_weight": 0.0}, "`distillation_weight`"),
+        ({"distillation_temperature": 2.0}, "`distillation_temperature`"),
+        ({"classifier_update": "all"}, "`classifier_update`"),
+        ({"classifier_lr_ratio": 10.0}, "`classifier_lr_ratio`"),
+        ({"recipe": "paper"}, "`recipe`, `classifier_update`, `distillation_weight`, `classifier_lr_ratio`"),
+    ],
+)
+def test_trainer_refuses_classifier_options_for_a_language_model(tmp_path, options, named):
+    args = AlignedTrainingArguments(output_dir=str(tmp_path), report_to="none", **options)
+    with pytest.raises(ValueError, match=f"^{named} configure a classification head's training and do not apply"):
         AlignedTrainer(tiny_causal_lm("gpt2"), args)
 
 
@@ -284,3 +354,46 @@ def test_lora_adapters_train_with_the_aligned_loss_and_merge_into_a_plain_checkp
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+# Non-default logit factors, so a head that ignored them would give other logits.
+HEAD_FACTORS = {"granite": {"logits_scaling": 4.0}, "cohere": {"logit_scale": 0.5}}
+
+
+def tiny_family_config(model_type: str):
+    """A tiny config of any family in CAUSAL_LM_HEADS (2 blocks, hidden 32), with non-default logit factors."""
+    if model_type in DECODER_FAMILIES:
+        return tiny_base_config(model_type, num_layers=2)
+    sizes = {"vocab_size": VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    sizes |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "pad_token_id": 0}
+    sizes |= {"bos_token_id": 1, "eos_token_id": 2}
+    config = AutoConfig.for_model(model_type, **sizes, **HEAD_FACTORS.get(model_type, {}))
+    if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2 and 3: a cap that bites
+        config.final_logit_softcapping = 0.5
+    return config
+
+
+@pytest.mark.parametrize("model_type", sorted(CAUSAL_LM_HEADS))
+def test_every_accepted_family_gives_its_own_logits_and_last_layer_loss(model_type):
+    torch.manual_seed(0)
+    model = AlignedForCausalLM.from_config(tiny_family_config(model_type), layer_weights="last").eval()
+    input_ids = tokens(length=7)
+    plain_forward = type(model).__mro__[2].forward  # the family's own causal-LM forward, on the same weights
+    with torch.no_grad():
+        aligned = model(input_ids=input_ids, labels=input_ids)
+        own = plain_forward(model, input_ids=input_ids, labels=input_ids)
+        torch.testing.assert_close(aligned.logits, model(input_ids).logits)
+        torch.testing.assert_close(aligned.logits, own.logits)
+        torch.testing.assert_close(aligned.loss, own.loss)
+        # The earlier block is read through the same head: its loss equals the family's own with that many blocks.
+        model.config.num_hidden_layers = 1
+        first = plain_forward(model, input_ids=input_ids, labels=input_ids) if model_type != "gpt2" else None
+        model.config.num_hidden_layers = 2
+    if first is not None:
+        torch.testing.assert_close(aligned.layer_losses[0], first.loss)
+
+
+def test_families_whose_head_is_not_verified_are_refused_with_a_way_out():
+    config = AutoConfig.for_model("olmo2", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"not verified how model type 'olmo2'.*CAUSAL_LM_HEADS\['olmo2'\]"):
+        AlignedForCausalLM.from_config(config)

@@ -16,6 +16,7 @@ from transformers import BertTokenizer, TrainingArguments
 from transformers.testing_utils import CaptureLogger
 
 from hf_aligned import (
+    AlignedForCausalLM,
     AlignedForSequenceClassification,
     AlignedModelCardData,
     HubPushError,
@@ -32,7 +33,7 @@ from hf_aligned.model_card import (
 )
 
 from .hub_server import LoopbackHub
-from .testing_utils import NUM_LAYERS, tiny_model
+from .testing_utils import NUM_LAYERS, tiny_base_config, tiny_model
 
 REPO_ID = "aligned-user/tiny-aligned-bert"
 TOKEN = "hf_loopback_test_token"
@@ -505,3 +506,15 @@ def test_push_in_offline_mode_says_so(hub, trained_dir, monkeypatch):
     with pytest.raises(HubPushError, match=rf"'{REPO_ID}'.*failed: OfflineModeIsEnabled: .*offline mode is enabled"):
         push_aligned_model(trained_dir, REPO_ID)
     assert hub.requests == []
+
+
+def test_causal_lm_save_pretrained_pushes_the_plain_config(hub, tmp_path):
+    torch.manual_seed(0)
+    model = AlignedForCausalLM.from_config(tiny_base_config("llama", num_layers=2), layer_weights="uniform")
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id=REPO_ID, commit_message="aligned llama")
+    uploaded = hub.files(REPO_ID)
+    config = json.loads(uploaded["config.json"])
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["aligned_training"]["layer_weights"] == "uniform"
+    assert uploaded["config.json"] == (tmp_path / "out" / "config.json").read_bytes()
+    assert hub.commits[-1].summary == "aligned llama"

@@ -125,6 +125,28 @@ def test_gradient_accumulation_2x4_matches_batch_8(tmp_path):
             assert accumulated[name] == pytest.approx(full[name], rel=1e-5), name
 
 
+def test_a_diverged_nan_layer_loss_is_logged_as_nan_not_dropped(tmp_path):
+    model = deterministic_model(layer_weights="uniform")
+
+    def diverge_layer_2(module, args, kwargs, output):
+        output.layer_losses = output.layer_losses.clone().index_fill(0, torch.tensor([1]), float("nan"))
+        return output
+
+    model.register_forward_hook(diverge_layer_2, with_kwargs=True)
+    args = training_args(
+        tmp_path, learning_rate=0.0, per_device_train_batch_size=12, gradient_accumulation_steps=2, max_steps=1
+    )
+    args.logging_steps = 1
+    trainer = AlignedTrainer(model, args, train_dataset=toy_dataset())
+    trainer.train()
+    (log,) = [log for log in trainer.state.log_history if "loss" in log]
+    expected = direct_layer_outputs(model, toy_dataset()).layer_losses.tolist()
+    assert np.isnan(log["layer_2_loss"])
+    assert [log[f"layer_{layer}_loss"] for layer in (1, 3, 4)] == pytest.approx(
+        [expected[0], expected[2], expected[3]], rel=1e-5
+    )
+
+
 @pytest.mark.parametrize("layer_weights", ["uniform", [0.1, 0.2, 0.3, 0.4], "last"])
 def test_logged_layer_losses_match_the_model_and_combine_to_the_loss(tmp_path, layer_weights):
     # Learning rate 0 keeps the model fixed, so every logged value can be recomputed on the whole data set: two
