@@ -203,11 +203,11 @@ def timing_models(task: str, training: str):
     return model, batches, labels
 
 
-def measure_times(task: str, training: str, repeats: int, steps: int) -> dict:
+def measure_times(task: str, training: str, repeats: int, steps: int, passes: int) -> dict:
     """Step time with ASR over without, and inference time folded (and unfolded) over never-had-ASR, one process.
 
-    Each timed call runs `steps` training steps (or one pass over the evaluation batches); the variants alternate and
-    the fastest of `repeats` calls counts."""
+    Each timed call runs `steps` training steps (or `passes` passes over the evaluation batches); the variants
+    alternate and the fastest of `repeats` calls counts."""
     import torch
 
     from hf_aligned import ASRScale, add_asr, fold_asr
@@ -235,10 +235,11 @@ def measure_times(task: str, training: str, repeats: int, steps: int) -> dict:
             if isinstance(module, ASRScale):
                 module.fc2.bias.normal_()
     folded = fold_asr(copy.deepcopy(with_asr)).eval()
-    serving = {"plain": plain.eval(), "folded": folded, "unfolded": with_asr.eval()}
+    # A copy of the plain model timed like the others: its ratio to the plain model is the noise of the measurement.
+    serving = {"plain": plain.eval(), "folded": folded, "unfolded": with_asr.eval(), "control": copy.deepcopy(plain)}
 
     def infer(model):
-        return lambda: [model(**batch, early_exit=False) for batch in batches]
+        return lambda: [model(**batch, early_exit=False) for _ in range(passes) for batch in batches]
 
     with torch.no_grad():
         for model in serving.values():
@@ -248,10 +249,12 @@ def measure_times(task: str, training: str, repeats: int, steps: int) -> dict:
         "step_time_ratio": step_asr / step_plain,
         "inference_time_ratio_folded": times["folded"] / times["plain"],
         "inference_time_ratio_unfolded": times["unfolded"] / times["plain"],
+        "inference_time_ratio_control": times["control"] / times["plain"],
         "asr_parameters": sum(p.numel() for n, p in with_asr.named_parameters() if ".asr." in n),
         "parameters": sum(p.numel() for p in plain.parameters()),
         "repeats": repeats,
         "steps_per_timing": steps,
+        "passes_per_timing": passes,
         "inference_samples": sum(len(next(iter(batch.values()))) for batch in batches),
         "torch_threads": torch.get_num_threads(),
     }
@@ -264,9 +267,9 @@ def timing_phase(options: argparse.Namespace, results: dict) -> None:
             if key in results.setdefault("timing", {}):
                 continue
             print(f"=== timing {key}", flush=True)
-            repeats = options.repeats or (10 if task == "digits" else 5)
-            steps = 20 if task == "digits" else 2
-            record = isolated(measure_times, task, training, repeats, steps)
+            repeats = options.repeats or (30 if task == "digits" else 9)
+            steps, passes = (20, 5) if task == "digits" else (2, 1)
+            record = isolated(measure_times, task, training, repeats, steps, passes)
             results["timing"][key] = {**record, "provenance": provenance(sys.argv)}
             write_json(options.results, results)
 
@@ -374,9 +377,10 @@ def effects_table(summary: dict, timing: dict) -> str:
     lines = [
         "| model | training | last layer, ASR - without (pt) | middle layer, ASR - without (pt) | "
         "folded checkpoint: largest accuracy change (pt) | training step time, ASR / without | "
-        "inference time, folded / never had ASR | inference time, unfolded ASR / without | ASR parameters | "
+        "inference time, folded / never had ASR | inference time, unfolded ASR / without | "
+        "inference time, control: a copy of the model without / itself | ASR parameters | "
         "trained scales: mean \\|s - 1\\| (largest) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in TASK_VARIANTS:
         for training in LAYER_WEIGHTS:
@@ -389,6 +393,7 @@ def effects_table(summary: dict, timing: dict) -> str:
                 f"{times['step_time_ratio']:.3f}" if times else "",
                 f"{times['inference_time_ratio_folded']:.3f}" if times else "",
                 f"{times['inference_time_ratio_unfolded']:.3f}" if times else "",
+                f"{times['inference_time_ratio_control']:.3f}" if times else "",
                 f"{times['asr_parameters'] / times['parameters'] * 100:.1f}% of the model" if times else "",
                 _deviation_cell(entry.get("asr_scale_deviation"), len(entry.get("seeds", []))),
             ]
@@ -423,7 +428,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=list(TASK_VARIANTS), default=list(TASK_VARIANTS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, help="timing: best of this many (default 10 digits, 5 MiniLM)")
+    parser.add_argument("--repeats", type=int, help="timing: best of this many (default 30 digits, 9 MiniLM)")
     parser.add_argument("--checkpoints", type=Path, default=OUTPUTS / "asr", help="where checkpoints are written")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file read, extended and written")
     options = parser.parse_args()

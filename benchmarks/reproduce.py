@@ -578,6 +578,20 @@ SECTIONS: dict[str, Section] = {
         render=module_blocks("projection_head", "projection_head.json"),
         provenance=tables_provenance("runs", "retrained_baselines", "transfer"),
     ),
+    "asr": Section(
+        title="ASR: folded channel scales",
+        claim="(Zhong et al., arXiv 2304.06345) a constant per-channel scale on every block's attention and MLP "
+        "outputs, learned through a small MLP from a learned constant input and folded into the output projections "
+        "after training (`add_asr`, `fold_asr`), improves accuracy at no inference cost. Checked with standard and "
+        "aligned training on the digits ViT (trained from scratch) and on MiniLM / SST-2 (the recipes benchmark's "
+        "settings and seeds; the rows without ASR are its runs). Three seeds per row (mean ± std, accuracy in "
+        "points); differences to the same training without ASR paired by seed; times in one process, one thread, "
+        "alternating, best of N, with an A/A control that times the plain model against a copy of itself.",
+        files={"asr.json": ("runs", "summary", "timing")},
+        commands=("python benchmarks/asr.py", "python benchmarks/asr.py --phase timing"),
+        render=module_blocks("asr", "asr.json"),
+        provenance=tables_provenance("runs", "timing"),
+    ),
 }
 
 

@@ -104,6 +104,7 @@ def test_rendered_tables_show_the_summary_numbers():
             "step_time_ratio": 1.234,
             "inference_time_ratio_folded": 1.01,
             "inference_time_ratio_unfolded": 1.2,
+            "inference_time_ratio_control": 0.99,
             "asr_parameters": 10,
             "parameters": 1000,
         }
@@ -113,7 +114,7 @@ def test_rendered_tables_show_the_summary_numbers():
     row = next(line for line in blocks["asr-accuracy-digits"].splitlines() if line.startswith("| standard + ASR |"))
     assert row.split(" | ")[4] == f"{mean * 100:.1f} ± {std * 100:.1f}"
     effects = next(line for line in blocks["asr-effects"].splitlines() if line.startswith("| digits ViT | aligned"))
-    assert "| 1.234 | 1.010 | 1.200 | 1.0% of the model | " in effects
+    assert "| 1.234 | 1.010 | 1.200 | 0.990 | 1.0% of the model | " in effects
     assert effects.endswith("(2 of 3 seeds) |")
 
 

@@ -84,3 +84,23 @@ def test_readme_links_resolve():
     assert targets, "README links to no documentation"
     for target in targets:
         assert (REPO / target).exists(), target
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_links_between_pages_and_their_anchors_resolve():
+    broken = []
+    for page in [*PAGES, REPO / "CONTRIBUTING.md"]:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?(?:#([\w-]+))?\)", page.read_text(encoding="utf-8")):
+            if not target and not anchor:
+                continue
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
+                broken.append(f"{page.name}: {target} does not exist")
+            elif anchor and anchor not in heading_anchors(path):
+                broken.append(f"{page.name}: {target}#{anchor} names no heading of {path.name}")
+    assert not broken, "\n".join(broken)
