@@ -32,6 +32,8 @@ import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -343,38 +345,66 @@ def render_blocks(results: dict) -> dict[str, str]:
     return blocks
 
 
+def migrate(results: dict) -> dict:
+    """Results of the one-seed layout (runs keyed by variant, `setup["seed"]`) moved to runs keyed `variant/seed`,
+    numbers and provenance unchanged."""
+    seed = results.get("setup", {}).pop("seed", None)
+    for variant in VARIANTS:
+        if variant in results["runs"]:
+            record = results["runs"].pop(variant)
+            results["runs"][f"{variant}/{seed}"] = {**record, "variant": variant, "seed": seed}
+    if "speed" in results and seed is not None:
+        results["speed"].setdefault("seed", seed)
+    return results
+
+
+def train_phase(options: argparse.Namespace, results: dict) -> None:
+    """Trains every missing (variant, seed), `--workers` at a time, each in a fresh process; the JSON is written
+    after every run, so an interrupted benchmark resumes where it stopped."""
+    pending = [(v, seed) for seed in options.seeds for v in VARIANTS if f"{v}/{seed}" not in results["runs"]]
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(train_one, variant, seed, options.steps, str(options.outputs)): (variant, seed)
+            for variant, seed in pending
+        }
+        for future in as_completed(futures):
+            variant, seed = futures[future]
+            record = {**future.result(), "variant": variant, "seed": seed, "workers": options.workers}
+            results["runs"][f"{variant}/{seed}"] = {**record, "provenance": provenance(sys.argv)}
+            write_json(options.results, results)
+            print(f"=== {variant}/{seed}: perplexity {record['layer_perplexity'][-1]:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps of both variants")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the speed phase uses the first")
+    parser.add_argument("--workers", type=int, default=1, help="training runs at a time (each one process)")
     parser.add_argument("--prompts", type=int, default=6, help="prompts decoded in the speed phase")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (best of, per prompt)")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS / "causal_lm", help="tokenizer and checkpoints")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-render", action="store_true", help="leave README and docs alone")
     options = parser.parse_args()
-    results = load_results(options.results)
-    results.setdefault(
-        "setup", {"model": MODEL, "block_size": BLOCK_SIZE, "steps": options.steps, "seed": options.seed}
-    )
-    for variant in VARIANTS:
-        if variant not in results["runs"]:
-            print(f"=== training {variant}", flush=True)
-            record = isolated(train_one, variant, options.seed, options.steps, str(options.outputs))
-            results["runs"][variant] = {**record, "provenance": provenance(sys.argv)}
-            write_json(options.results, results)
+    results = migrate(load_results(options.results))
+    results.setdefault("setup", {"model": MODEL, "block_size": BLOCK_SIZE, "steps": options.steps})
+    results["setup"]["seeds"] = sorted({*results["setup"].get("seeds", []), *options.seeds})
+    tokenizer_for(options.outputs)  # trained once, before the runs that share it start
+    train_phase(options, results)
     if "speed" not in results:
         print("=== speed", flush=True)
         from hf_aligned import suggest_assistant_early_exit
 
+        seed = options.seeds[0]
         draft_tokens = {
-            variant: suggest_assistant_early_exit(results["runs"][variant]["layer_agreement"]).num_assistant_tokens
+            variant: suggest_assistant_early_exit(
+                results["runs"][f"{variant}/{seed}"]["layer_agreement"]
+            ).num_assistant_tokens
             for variant in VARIANTS
         }
-        speed = isolated(
-            measure_speed, str(options.outputs), options.seed, options.prompts, options.repeats, draft_tokens
-        )
-        results["speed"] = {**speed, "provenance": provenance(sys.argv)}
+        speed = isolated(measure_speed, str(options.outputs), seed, options.prompts, options.repeats, draft_tokens)
+        results["speed"] = {**speed, "seed": seed, "provenance": provenance(sys.argv)}
     results["summary"] = summarize(results)
     results["targets"] = targets(results["summary"])
     write_json(options.results, results)
