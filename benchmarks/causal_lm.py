@@ -10,18 +10,22 @@ optimization (AdamW, learning rate 1e-3, 5% warm-up, linear decay, batch 16):
 - `standard`: `layer_weights="last"`, i.e. ordinary language-model training (the loss of the plain model);
 - `aligned`: the paper's loss, linear λ over all 8 blocks, every block read by the model's own norm and LM head.
 
-Each run (its own process) reports every block's perplexity and top-1 agreement with the last block on the
-evaluation blocks, the median step time and the peak resident memory. The `speed` phase loads both checkpoints in one
-process and decodes greedily at batch 1 on one CPU thread: for each prompt (the first 16 tokens of evaluation texts,
-48 new tokens, no end-of-text stop), plain greedy `generate` and `generate(assistant_early_exit=k)` for every k, with
-transformers' default draft settings and with the helper's (`num_assistant_tokens` from
-`suggest_assistant_early_exit` on the model's evaluation agreement, no confidence stop), timed alternately, the
-fastest of `--repeats` runs of each prompt; it checks that every output is token-for-token the plain greedy one and measures
-the draft acceptance on the model's own greedy continuations (the share of generated tokens that block k's top-1
-predicts). Results go to benchmarks/results/causal_lm.json after every step; a rerun skips what is there.
+Every variant is trained for every seed of `--seeds` (0, 1 and 2 by default; `--workers` runs at a time, each in its
+own process), which reports every block's perplexity and top-1 agreement with the last block on the evaluation
+blocks, the median step time and the peak resident memory. The summary gives every block's mean ± std over the seeds
+trained for both variants, and the perplexity gap, memory and step-time ratios of aligned vs standard of the same seed,
+each seed's and their mean (the targets are judged on the mean). The `speed` phase runs once, on the first seed's
+checkpoints: it loads both in one process and decodes greedily at batch 1 on one CPU thread: for each prompt (the
+first 16 tokens of evaluation texts, 48 new tokens, no end-of-text stop), plain greedy `generate` and
+`generate(assistant_early_exit=k)` for every k, with transformers' default draft settings and with the helper's
+(`num_assistant_tokens` from `suggest_assistant_early_exit` on the model's evaluation agreement, no confidence stop),
+timed alternately, the fastest of `--repeats` runs of each prompt; it checks that every output is token-for-token the
+plain greedy one and measures the draft acceptance on the model's own greedy continuations (the share of generated
+tokens that block k's top-1 predicts). Results go to benchmarks/results/causal_lm.json after every run; a rerun skips
+what is there (results of the earlier one-seed layout, runs keyed by variant, are moved to `variant/seed` keys).
 
-    python benchmarks/causal_lm.py                  # train both variants, measure speed, render README / docs
-    python benchmarks/causal_lm.py --steps 60 --results /tmp/causal.json --no-render   # a smoke run
+    python benchmarks/causal_lm.py --workers 2      # train both variants x 3 seeds, measure speed, render README / docs
+    python benchmarks/causal_lm.py --steps 60 --seeds 0 --results /tmp/causal.json --no-render   # a smoke run
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -218,21 +224,55 @@ def own_acceptance(model, sequences) -> list[float]:
     return (sums / len(sequences))[:-1].tolist()
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_seeds(runs: dict) -> list[int]:
+    """The seeds trained for every variant, in order."""
+    seeds = {record["seed"] for record in runs.values()}
+    return sorted(seed for seed in seeds if all(f"{variant}/{seed}" in runs for variant in VARIANTS))
+
+
 def summarize(results: dict) -> dict:
-    """The headline numbers and the targets, from the runs and the speed record."""
-    standard, aligned = results["runs"]["standard"], results["runs"]["aligned"]
-    summary = {
-        "perplexity_gap": aligned["layer_perplexity"][-1] / standard["layer_perplexity"][-1] - 1,
-        "memory_ratio": aligned["peak_rss_bytes"] / standard["peak_rss_bytes"],
-        "training_memory_ratio": (aligned["peak_rss_bytes"] - aligned["rss_before_training_bytes"])
-        / (standard["peak_rss_bytes"] - standard["rss_before_training_bytes"]),
-        "step_time_ratio": aligned["median_step_time_s"] / standard["median_step_time_s"],
+    """The headline numbers and the targets: per-layer mean ± std over the seeds trained for both variants, the
+    perplexity gap, memory and step-time ratios per seed (aligned vs standard of the same seed) and their means, and
+    the speed record's best setting (the `speed` seed's models)."""
+    runs = results["runs"]
+    seeds = paired_seeds(runs)
+    if not seeds:
+        raise ValueError("results['runs'] holds no seed trained for both variants: run the training phase first")
+    layers = {
+        variant: {
+            name: [mean_std(list(values)) for values in zip(*(runs[f"{variant}/{seed}"][name] for seed in seeds))]
+            for name in ("layer_perplexity", "layer_agreement")
+        }
+        for variant in VARIANTS
     }
+    pairs = [(runs[f"standard/{seed}"], runs[f"aligned/{seed}"]) for seed in seeds]
+    per_seed = {
+        "perplexity_gap": [a["layer_perplexity"][-1] / s["layer_perplexity"][-1] - 1 for s, a in pairs],
+        "memory_ratio": [a["peak_rss_bytes"] / s["peak_rss_bytes"] for s, a in pairs],
+        "training_memory_ratio": [
+            (a["peak_rss_bytes"] - a["rss_before_training_bytes"])
+            / (s["peak_rss_bytes"] - s["rss_before_training_bytes"])
+            for s, a in pairs
+        ],
+        "step_time_ratio": [a["median_step_time_s"] / s["median_step_time_s"] for s, a in pairs],
+    }
+    summary = {"seeds": seeds, "layers": layers, "per_seed": per_seed}
+    summary.update({name: statistics.fmean(values) for name, values in per_seed.items()})
     from hf_aligned import suggest_assistant_early_exit
 
-    estimate = suggest_assistant_early_exit(aligned["layer_agreement"])
-    summary.update(helper_k=estimate.assistant_early_exit, helper_expected_speedup=estimate.expected_speedup)
     speed = results.get("speed")
+    speed_seed = speed.get("seed", seeds[0]) if speed else seeds[0]
+    estimate = suggest_assistant_early_exit(runs[f"aligned/{speed_seed}"]["layer_agreement"])
+    summary.update(
+        speed_seed=speed_seed,
+        helper_k=estimate.assistant_early_exit,
+        helper_expected_speedup=estimate.expected_speedup,
+    )
     if speed:
         k, drafts, speedup = best_speedup(speed["aligned"])
         summary.update(
@@ -258,6 +298,7 @@ def best_speedup(record: dict) -> tuple[int, str, float]:
 
 
 def targets(summary: dict) -> dict:
+    """Each target, judged on the mean over seeds (speed: on the `speed` seed's models)."""
     checks = {
         f"aligned last-layer perplexity within {TARGETS['perplexity_gap']:.0%} of standard": (
             summary["perplexity_gap"],
@@ -276,16 +317,22 @@ def targets(summary: dict) -> dict:
     return {name: {"value": value, "met": met} for name, (value, met) in checks.items()}
 
 
+def seeds_text(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(str(seed) for seed in seeds)
+
+
 def layers_table(results: dict) -> str:
-    runs = results["runs"]
-    depth = len(runs["standard"]["layer_perplexity"])
+    summary = results["summary"]
     lines = [
+        f"Mean ± std over {seeds_text(summary['seeds'])}:",
+        "",
         "| Layer | standard: perplexity | standard: agreement | aligned: perplexity | aligned: agreement |",
         "|---|---|---|---|---|",
     ]
-    for layer in range(depth):
+    layers = summary["layers"]
+    for layer in range(len(layers["standard"]["layer_perplexity"])):
         cells = [
-            f"{runs[variant][name][layer]:{'.1f' if name == 'layer_perplexity' else '.3f'}}"
+            "{0:{2}} ± {1:{2}}".format(*layers[variant][name][layer], ".1f" if name == "layer_perplexity" else ".3f")
             for variant in VARIANTS
             for name in ("layer_perplexity", "layer_agreement")
         ]
@@ -294,8 +341,12 @@ def layers_table(results: dict) -> str:
 
 
 def speed_table(results: dict) -> str:
-    speed = results["speed"]
+    speed, seed = results["speed"], results["summary"]["speed_seed"]
     lines = [
+        f"Measured on the seed-{seed} models only (both variants loaded in one process, timed alternately; each "
+        f"speed-up is a ratio of two timings of that process), {speed['prompts']} prompts, the fastest of "
+        f"{speed['repeats']} runs of each:",
+        "",
         "| `assistant_early_exit` | standard: acceptance | standard: tokens/s vs greedy, default drafts / helper's "
         "| aligned: acceptance | aligned: tokens/s vs greedy, default drafts / helper's | identical output |",
         "|---|---|---|---|---|---|",
@@ -311,20 +362,35 @@ def speed_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def per_seed_text(values: list[float], form: str, suffix: str = "") -> str:
+    return ", ".join(format(value, form) + suffix for value in values)
+
+
 def targets_table(results: dict) -> str:
     summary, checks = results["summary"], results["targets"]
-    lines = ["| Target | Measured | Met |", "|---|---|---|"]
+    per_seed, seed = summary["per_seed"], summary["speed_seed"]
+    lines = [
+        f"Training: the mean over {seeds_text(summary['seeds'])} of aligned vs standard of the same seed (each seed "
+        f"in brackets); decoding: the seed-{seed} models.",
+        "",
+        "| Target | Measured | Met |",
+        "|---|---|---|",
+    ]
+    shown = {
+        "perplexity": f"{summary['perplexity_gap']:+.1%} ({per_seed_text(per_seed['perplexity_gap'], '+.1%')})",
+        "memory": f"{summary['memory_ratio']:.2f}x ({per_seed_text(per_seed['memory_ratio'], '.2f', 'x')})",
+    }
     for name, check in checks.items():
-        value = check["value"]
-        shown = f"{value:+.1%}" if "perplexity" in name else f"{value:.2f}x"
-        lines.append(f"| {name} | {shown} | {'yes' if check['met'] else 'no'} |")
+        value = next((text for key, text in shown.items() if key in name), f"{check['value']:.2f}x")
+        lines.append(f"| {name} | {value} | {'yes' if check['met'] else 'no'} |")
+    for name, label in (
+        ("training_memory_ratio", "memory added by training, above the loaded process"),
+        ("step_time_ratio", "median step time vs standard"),
+    ):
+        lines.append(f"| ({label}) | {summary[name]:.2f}x ({per_seed_text(per_seed[name], '.2f', 'x')}) | - |")
     lines.append(
-        f"| (memory added by training, above the loaded process) | {summary['training_memory_ratio']:.2f}x | - |"
-    )
-    lines.append(f"| (median step time vs standard) | {summary['step_time_ratio']:.2f}x | - |")
-    lines.append(
-        f"| (`suggest_assistant_early_exit` on the aligned model's evaluation agreement: k = {summary['helper_k']}, "
-        f"cost-model estimate) | {summary['helper_expected_speedup']:.2f}x | - |"
+        f"| (`suggest_assistant_early_exit` on the seed-{seed} aligned model's evaluation agreement: "
+        f"k = {summary['helper_k']}, cost-model estimate) | {summary['helper_expected_speedup']:.2f}x | - |"
     )
     if "best_k" in summary:
         lines.append(
@@ -343,38 +409,66 @@ def render_blocks(results: dict) -> dict[str, str]:
     return blocks
 
 
+def migrate(results: dict) -> dict:
+    """Results of the one-seed layout (runs keyed by variant, `setup["seed"]`) moved to runs keyed `variant/seed`,
+    numbers and provenance unchanged."""
+    seed = results.get("setup", {}).pop("seed", None)
+    for variant in VARIANTS:
+        if variant in results["runs"]:
+            record = results["runs"].pop(variant)
+            results["runs"][f"{variant}/{seed}"] = {**record, "variant": variant, "seed": seed}
+    if "speed" in results and seed is not None:
+        results["speed"].setdefault("seed", seed)
+    return results
+
+
+def train_phase(options: argparse.Namespace, results: dict) -> None:
+    """Trains every missing (variant, seed), `--workers` at a time, each in a fresh process; the JSON is written
+    after every run, so an interrupted benchmark resumes where it stopped."""
+    pending = [(v, seed) for seed in options.seeds for v in VARIANTS if f"{v}/{seed}" not in results["runs"]]
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(train_one, variant, seed, options.steps, str(options.outputs)): (variant, seed)
+            for variant, seed in pending
+        }
+        for future in as_completed(futures):
+            variant, seed = futures[future]
+            record = {**future.result(), "variant": variant, "seed": seed, "workers": options.workers}
+            results["runs"][f"{variant}/{seed}"] = {**record, "provenance": provenance(sys.argv)}
+            write_json(options.results, results)
+            print(f"=== {variant}/{seed}: perplexity {record['layer_perplexity'][-1]:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps of both variants")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the speed phase uses the first")
+    parser.add_argument("--workers", type=int, default=1, help="training runs at a time (each one process)")
     parser.add_argument("--prompts", type=int, default=6, help="prompts decoded in the speed phase")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (best of, per prompt)")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS / "causal_lm", help="tokenizer and checkpoints")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-render", action="store_true", help="leave README and docs alone")
     options = parser.parse_args()
-    results = load_results(options.results)
-    results.setdefault(
-        "setup", {"model": MODEL, "block_size": BLOCK_SIZE, "steps": options.steps, "seed": options.seed}
-    )
-    for variant in VARIANTS:
-        if variant not in results["runs"]:
-            print(f"=== training {variant}", flush=True)
-            record = isolated(train_one, variant, options.seed, options.steps, str(options.outputs))
-            results["runs"][variant] = {**record, "provenance": provenance(sys.argv)}
-            write_json(options.results, results)
+    results = migrate(load_results(options.results))
+    results.setdefault("setup", {"model": MODEL, "block_size": BLOCK_SIZE, "steps": options.steps})
+    results["setup"]["seeds"] = sorted({*results["setup"].get("seeds", []), *options.seeds})
+    tokenizer_for(options.outputs)  # trained once, before the runs that share it start
+    train_phase(options, results)
     if "speed" not in results:
         print("=== speed", flush=True)
         from hf_aligned import suggest_assistant_early_exit
 
+        seed = options.seeds[0]
         draft_tokens = {
-            variant: suggest_assistant_early_exit(results["runs"][variant]["layer_agreement"]).num_assistant_tokens
+            variant: suggest_assistant_early_exit(
+                results["runs"][f"{variant}/{seed}"]["layer_agreement"]
+            ).num_assistant_tokens
             for variant in VARIANTS
         }
-        speed = isolated(
-            measure_speed, str(options.outputs), options.seed, options.prompts, options.repeats, draft_tokens
-        )
-        results["speed"] = {**speed, "provenance": provenance(sys.argv)}
+        speed = isolated(measure_speed, str(options.outputs), seed, options.prompts, options.repeats, draft_tokens)
+        results["speed"] = {**speed, "seed": seed, "provenance": provenance(sys.argv)}
     results["summary"] = summarize(results)
     results["targets"] = targets(results["summary"])
     write_json(options.results, results)
