@@ -268,10 +268,10 @@ def summarize(results: dict) -> dict:
     speed = results.get("speed")
     speed_seed = speed.get("seed", seeds[0]) if speed else seeds[0]
     estimate = suggest_assistant_early_exit(runs[f"aligned/{speed_seed}"]["layer_agreement"])
-    summary.update(
+    summary.update(  # no estimate: the cost model expects no draft depth to beat plain decoding
         speed_seed=speed_seed,
-        helper_k=estimate.assistant_early_exit,
-        helper_expected_speedup=estimate.expected_speedup,
+        helper_k=estimate.assistant_early_exit if estimate else None,
+        helper_expected_speedup=estimate.expected_speedup if estimate else None,
     )
     if speed:
         k, drafts, speedup = best_speedup(speed["aligned"])
@@ -388,15 +388,17 @@ def targets_table(results: dict) -> str:
         ("step_time_ratio", "median step time vs standard"),
     ):
         lines.append(f"| ({label}) | {summary[name]:.2f}x ({per_seed_text(per_seed[name], '.2f', 'x')}) | - |")
+    helper = f"{summary['helper_expected_speedup']:.2f}x" if summary["helper_k"] is not None else "no draft suggested"
     lines.append(
         f"| (`suggest_assistant_early_exit` on the seed-{seed} aligned model's evaluation agreement: "
-        f"k = {summary['helper_k']}, cost-model estimate) | {summary['helper_expected_speedup']:.2f}x | - |"
+        f"k = {summary['helper_k']}, cost-model estimate) | {helper} | - |"
     )
     if "best_k" in summary:
         lines.append(
-            f"| (aligned at its best: k = {summary['best_k']}, {summary['best_drafts']} draft settings; the standard "
-            f"model there) | {summary['standard_speedup_same_setting']:.2f}x (at its best: "
-            f"{summary['standard_best_speedup']:.2f}x) | - |"
+            f"| (standard model, self-speculative vs its own greedy, at the aligned model's best setting: k = "
+            f"{summary['best_k']}, {summary['best_drafts']} draft settings) | "
+            f"{summary['standard_speedup_same_setting']:.2f}x (at its own best: {summary['standard_best_speedup']:.2f}x)"
+            " | - |"
         )
     return "\n".join(lines)
 
@@ -458,14 +460,19 @@ def main() -> None:
     train_phase(options, results)
     if "speed" not in results:
         print("=== speed", flush=True)
+        from transformers import GenerationConfig
+
         from hf_aligned import suggest_assistant_early_exit
 
         seed = options.seeds[0]
-        draft_tokens = {
-            variant: suggest_assistant_early_exit(
-                results["runs"][f"{variant}/{seed}"]["layer_agreement"]
-            ).num_assistant_tokens
+        estimates = {
+            variant: suggest_assistant_early_exit(results["runs"][f"{variant}/{seed}"]["layer_agreement"])
             for variant in VARIANTS
+        }
+        # Without an estimate (no draft expected to pay off), the helper's settings are transformers' default length.
+        draft_tokens = {
+            variant: estimate.num_assistant_tokens if estimate else GenerationConfig().num_assistant_tokens
+            for variant, estimate in estimates.items()
         }
         speed = isolated(measure_speed, str(options.outputs), seed, options.prompts, options.repeats, draft_tokens)
         results["speed"] = {**speed, "seed": seed, "provenance": provenance(sys.argv)}
