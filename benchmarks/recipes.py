@@ -133,23 +133,13 @@ def run_one(
     import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from hf_aligned import (
-        AlignedForSequenceClassification,
-        AlignedTrainer,
-        AlignedTrainingArguments,
-        add_asr,
-        layer_values,
-    )
+    from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments, add_asr
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenize = lambda rows: tokenizer(rows["text"], truncation=True, max_length=max_length)  # noqa: E731
     train, calibration, evaluation = (
-        split.map(
-            lambda rows: tokenizer(rows["text"], truncation=True, max_length=max_length),
-            batched=True,
-            remove_columns=["text"],
-        )
-        for split in load_task(task, train_samples, seed)
+        split.map(tokenize, batched=True, remove_columns=["text"]) for split in load_task(task, train_samples, seed)
     )
     num_labels = train.features["label"].num_classes
     options = dict(VARIANTS[variant])
@@ -188,16 +178,10 @@ def run_one(
     layer_logits = torch.from_numpy(prediction.predictions).transpose(0, 1)
     labels = torch.from_numpy(prediction.label_ids)
     result = {
-        "layer_accuracy": layer_values(prediction.metrics, prefix="test"),
-        "minimal_depth": prediction.metrics["test_minimal_depth"],
+        **evaluation_record(prediction.metrics, trainer),
         "median_step_time_s": statistics.median(timer.times[SKIPPED_STEPS:]),
         "peak_rss_bytes": peak,
         "training_memory_bytes": peak - rss_before,
-        "pooling": model.config.pooling,
-        "options": {
-            **{name: getattr(model.config, name) for name in RECORDED_OPTIONS},
-            "classifier_lr_ratio": trainer.classifier_lr_ratio,
-        },
     }
     if variant in EXIT_VARIANTS:
         result["early_exit"] = calibrated_exits(model, calibration, collator, layer_logits, labels)
@@ -206,6 +190,22 @@ def run_one(
     trainer.save_model(str(checkpoint))  # the speed phase and the analyses read it
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def evaluation_record(metrics: dict, trainer) -> dict:
+    """Every layer's accuracy and the minimal depth from `trainer.predict`'s metrics, with the options the run used."""
+    from hf_aligned import layer_values
+
+    config = trainer.model.config
+    return {
+        "layer_accuracy": layer_values(metrics, prefix="test"),
+        "minimal_depth": metrics["test_minimal_depth"],
+        "pooling": config.pooling,
+        "options": {
+            **{name: getattr(config, name) for name in RECORDED_OPTIONS},
+            "classifier_lr_ratio": trainer.classifier_lr_ratio,
+        },
+    }
 
 
 def step_timer():

@@ -218,14 +218,7 @@ def build_model_card(
         )
     data = data or AlignedModelCardData()
     num_layers = config.num_layers
-    layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
-    for layer in layers:
-        if not 1 <= layer <= num_layers:
-            raise ValueError(
-                f"`eval_metrics` has results for layer {layer}, but the model has {num_layers} layers; pass the "
-                "metrics of this model's evaluation."
-            )
-    minimal_depth = _minimal_depth(data, num_layers)
+    layers = _layer_results(data, num_layers)
     exits = _exit_summary(model_or_config, data)
     base_model_name = data.base_model or config.base_config._name_or_path or None
     base_model_id = _hub_model_id(base_model_name)
@@ -246,8 +239,30 @@ def build_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        **_card_context(config, data, layers, exits, task, model_name, base_model_name, base_model_id),
+    )
+
+
+def _card_context(
+    config: AlignedConfig,
+    data: AlignedModelCardData,
+    layers: dict[int, dict[str, float]],
+    exits: dict[str, Any],
+    task: str,
+    model_name: str,
+    base_model_name: str | None,
+    base_model_id: str | None,
+) -> dict[str, Any]:
+    """The values the card template reads (everything but the metadata)."""
+    num_layers = config.num_layers
+    minimal_depth = _minimal_depth(data, num_layers)
+    metric_names = _ordered_metric_names(layers)
+    dataset_name = data.dataset_name or (data.datasets[0] if data.datasets else None)
     labels = [config.id2label[index] for index in sorted(config.id2label)]
-    context = {
+    return {
         "title": model_name.split("/")[-1],
         "model_path": data.model_id or "path/to/checkpoint",
         "task_description": task.replace("-", " "),
@@ -283,7 +298,47 @@ def build_model_card(
         "plots": [{"path": path, "title": Path(path).stem.replace("_", " ")} for path in data.plots or []],
         "versions": _framework_versions(),
     }
-    return ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **context)
+
+
+def _causal_usage_lines(model_path: str, exit_layer: int | None) -> list[str]:
+    """The causal-LM card's usage section: plain transformers, with the suggested draft depth when there is one."""
+    draft = "" if exit_layer is None else f", assistant_early_exit={exit_layer}"
+    lines = [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
+        'inputs = tokenizer("An example prompt", return_tensors="pt")',
+        f"output = model.generate(**inputs, max_new_tokens=40{draft})",
+        "```",
+    ]
+    if exit_layer is not None:
+        lines += [
+            "",
+            "For families whose forward runs every block whatever `num_hidden_layers` says (GPT-2), load it with "
+            "`hf_aligned.AlignedForCausalLM.from_pretrained` for the same call.",
+        ]
+    return lines
+
+
+def _layer_results(data: AlignedModelCardData, num_layers: int) -> dict[int, dict[str, float]]:
+    """The per-layer metrics of `data.eval_metrics`, by 1-based layer.
+
+    Raises:
+        ValueError: for results of a layer the model does not have.
+    """
+    layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
+    for layer in layers:
+        if not 1 <= layer <= num_layers:
+            raise ValueError(
+                f"`eval_metrics` has results for layer {layer}, but the model has {num_layers} layers; pass the "
+                "metrics of this model's evaluation."
+            )
+    return layers
 
 
 def _exit_summary(model_or_config: PreTrainedModel | AlignedConfig, data: AlignedModelCardData) -> dict[str, Any]:
@@ -311,9 +366,7 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
     layer (from `eval_metrics`), the suggested `assistant_early_exit`, and usage without hf_aligned."""
     data = data or AlignedModelCardData()
     num_layers = model.num_layers
-    layers = layer_metrics(data.eval_metrics or {}, data.metric_prefix)
-    if any(not 1 <= layer <= num_layers for layer in layers):
-        raise ValueError(f"`eval_metrics` has layers outside 1..{num_layers}; pass this model's evaluation metrics.")
+    layers = _layer_results(data, num_layers)
     model_type = model.config.model_type
     model_name = data.model_id or f"aligned-{model_type}"
     base_model_id = _hub_model_id(data.base_model or model.config._name_or_path or None)
@@ -365,27 +418,7 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
             "No draft suggested: no layer agrees with the last layer often enough for self-speculative decoding to "
             "be expected to beat plain greedy decoding (`hf_aligned.suggest_assistant_early_exit`).",
         ]
-    draft = "" if exit_layer is None else f", assistant_early_exit={exit_layer}"
-    model_path = data.model_id or "path/to/checkpoint"
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
-        'inputs = tokenizer("An example prompt", return_tensors="pt")',
-        f"output = model.generate(**inputs, max_new_tokens=40{draft})",
-        "```",
-    ]
-    if exit_layer is not None:
-        lines += [
-            "",
-            "For families whose forward runs every block whatever `num_hidden_layers` says (GPT-2), load it with "
-            "`hf_aligned.AlignedForCausalLM.from_pretrained` for the same call.",
-        ]
+    lines += _causal_usage_lines(data.model_id or "path/to/checkpoint", exit_layer)
     hyperparameters = training_hyperparameters(data.training_args or {})
     if hyperparameters:
         lines += ["", "## Training hyperparameters", ""]

@@ -650,15 +650,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         model_inputs = self._inputs(
             **base_inputs, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
-        with self.capture_block_outputs() as block_outputs:
-            base_outputs = self.backbone(**model_inputs)
-        layers = range(1, self.num_layers + 1)
-        frozen_layers = frozenset()
-        if self.config.classifier_update == "last" and torch.is_grad_enabled():
-            frozen_layers = frozenset(layers[:-1])
-        layer_logits = self.classifier(
-            block_outputs, self.pooling_mask(input_ids, attention_mask), layers, frozen_layers=frozen_layers
-        )
+        base_outputs, layer_logits = self._run_all_layers(model_inputs, self.pooling_mask(input_ids, attention_mask))
         loss = layer_losses = distillation_losses = None
         if labels is not None:
             loss, layer_losses, distillation_losses = self.aligned_loss(layer_logits, labels)
@@ -671,6 +663,16 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             hidden_states=getattr(base_outputs, "hidden_states", None),
             attentions=getattr(base_outputs, "attentions", None),
         )
+
+    def _run_all_layers(self, model_inputs: dict, pooling_mask: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
+        """Runs the base model once and the classifier after every block: its outputs and the layer logits."""
+        with self.capture_block_outputs() as block_outputs:
+            base_outputs = self.backbone(**model_inputs)
+        layers = range(1, self.num_layers + 1)
+        frozen_layers = frozenset()
+        if self.config.classifier_update == "last" and torch.is_grad_enabled():
+            frozen_layers = frozenset(layers[:-1])
+        return base_outputs, self.classifier(block_outputs, pooling_mask, layers, frozen_layers=frozen_layers)
 
     def _serves_with_early_exit(self, early_exit: bool | None, needs_full_forward: bool) -> bool:
         """Whether `forward` serves the call with early exit: as asked, else for a serving call (see `forward`).
