@@ -3,29 +3,15 @@ come from the recipes benchmark, and every table rendered into the docs equals a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "asr.json"
+from tests.benchmark_testing import assert_documents_show, committed_results, load_benchmark
 
-
-def load_benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("asr_benchmark", REPO / "benchmarks" / "asr.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["asr_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = load_benchmark()
+benchmark = load_benchmark("asr", "asr_benchmark")
 
 
 def fake_run(rng: random.Random, task: str, variant: str, seed: int) -> dict:
@@ -119,18 +105,7 @@ def test_rendered_tables_show_the_summary_numbers():
 
 
 def test_committed_documents_match_the_committed_results():
-    """A number typed into the docs by hand, or JSON changed without re-rendering, fails here."""
-    if not RESULTS.exists():
-        pytest.skip("benchmarks/results/asr.json is not committed yet")
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
-    blocks = benchmark.render_blocks(results)
-    found = 0
-    for name in benchmark.RENDERED_DOCUMENTS:
-        text = (REPO / name).read_text(encoding="utf-8")
-        assert sys.modules["recipes"].replace_blocks(text, blocks) == text, (
-            f"{name} is out of date: run --phase render"
-        )
-        found += sum(f"<!-- BEGIN {block} -->" in text for block in blocks)
-    assert found >= len(blocks)
-    recipes = json.loads((REPO / "benchmarks" / "results" / "recipes.json").read_text(encoding="utf-8"))
+    results = committed_results("asr.json")
+    assert_documents_show(benchmark.render_blocks(results), benchmark.RENDERED_DOCUMENTS, "run --phase render")
+    recipes = committed_results("recipes.json")
     assert json.loads(json.dumps(benchmark.summarize(results, recipes))) == results["summary"]

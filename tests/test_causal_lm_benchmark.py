@@ -3,27 +3,14 @@ docs/causal_lm.md equal a fresh rendering of the committed JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "causal_lm.json"
+from tests.benchmark_testing import assert_documents_show, committed_results, load_benchmark
 
-
-def load_benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("causal_lm_benchmark", REPO / "benchmarks" / "causal_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = load_benchmark()
+benchmark = load_benchmark("causal_lm", "causal_lm_benchmark")
 
 
 PERPLEXITY = {  # per (variant, seed): every layer's perplexity
@@ -133,12 +120,8 @@ def test_rendered_tables_show_the_numbers():
 
 def test_committed_documents_match_the_committed_results():
     """A number typed into README or docs by hand, or JSON changed without re-rendering, fails here."""
-    if not RESULTS.exists():
-        pytest.skip("benchmarks/results/causal_lm.json is not committed yet")
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    results = committed_results("causal_lm.json")
     blocks = benchmark.render_blocks(results)
-    for name in benchmark.RENDERED_DOCUMENTS:
-        text = (REPO / name).read_text(encoding="utf-8")
-        assert benchmark.replace_blocks(text, blocks) == text, f"{name} is out of date: rerun benchmarks/causal_lm.py"
+    assert_documents_show(blocks, benchmark.RENDERED_DOCUMENTS, "rerun benchmarks/causal_lm.py")
     assert json.loads(json.dumps(benchmark.summarize(results))) == results["summary"]
     assert benchmark.targets(results["summary"]) == results["targets"]

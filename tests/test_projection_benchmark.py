@@ -4,29 +4,16 @@ equals a fresh rendering of the committed JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "projection_head.json"
+from tests.benchmark_testing import assert_documents_show, committed_results, load_benchmark
 
-
-def load_benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("projection_head", REPO / "benchmarks" / "projection_head.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["projection_head"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-projection_head = load_benchmark()
+projection_head = load_benchmark("projection_head")
 replace_blocks = sys.modules["recipes"].replace_blocks
 
 
@@ -127,25 +114,15 @@ def test_rendered_tables_show_the_summary_numbers():
 
 
 def test_committed_documents_match_the_committed_results():
-    """A number typed into the docs by hand, or JSON changed without re-rendering, fails here."""
-    if not RESULTS.exists():
-        pytest.skip("benchmarks/results/projection_head.json is not committed yet")
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    results = committed_results("projection_head.json")
     blocks = projection_head.render_blocks(results)
-    found = 0
-    for name in projection_head.RENDERED_DOCUMENTS:
-        text = (REPO / name).read_text(encoding="utf-8")
-        assert replace_blocks(text, blocks) == text, f"{name} is out of date: run --phase render"
-        found += sum(f"<!-- BEGIN {block} -->" in text for block in blocks)
-    assert found >= len(blocks)
+    assert_documents_show(blocks, projection_head.RENDERED_DOCUMENTS, "run --phase render")
     assert json.loads(json.dumps(projection_head.summarize(results))) == results["summary"]
 
 
 def test_rows_without_a_head_are_the_recipes_runs_with_the_same_settings():
-    if not RESULTS.exists():
-        pytest.skip("benchmarks/results/projection_head.json is not committed yet")
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
-    recipes = json.loads((REPO / "benchmarks" / "results" / "recipes.json").read_text(encoding="utf-8"))["runs"]
+    results = committed_results("projection_head.json")
+    recipes = committed_results("recipes.json")["runs"]
     assert results["baseline"]
     for key, record in results["baseline"].items():
         assert record["layer_accuracy"] == recipes[key]["layer_accuracy"]

@@ -3,28 +3,15 @@ into README and docs equals a fresh rendering of the committed JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "recipes.json"
+from tests.benchmark_testing import assert_documents_show, committed_results, load_benchmark
 
-
-def load_recipes():
-    spec = importlib.util.spec_from_file_location("recipes", REPO / "benchmarks" / "recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recipes"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-recipes = load_recipes()
+recipes = load_benchmark("recipes")
 
 
 def fake_run(rng: random.Random, task: str, variant: str, seed: int, layers: int = 6) -> dict:
@@ -120,15 +107,8 @@ def test_rendered_tables_show_the_summary_numbers():
 
 def test_committed_documents_match_the_committed_results():
     """A number typed into README or docs by hand, or JSON changed without re-rendering, fails here."""
-    if not RESULTS.exists():
-        pytest.skip("benchmarks/results/recipes.json is not committed yet")
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    results = committed_results("recipes.json")
     blocks = recipes.render_blocks(results)
-    found = 0
-    for name in recipes.RENDERED_DOCUMENTS:
-        text = (REPO / name).read_text(encoding="utf-8")
-        assert recipes.replace_blocks(text, blocks) == text, f"{name} is out of date: run --phase render"
-        found += sum(f"<!-- BEGIN {block} -->" in text for block in blocks)
-    assert found >= len(blocks)
+    assert_documents_show(blocks, recipes.RENDERED_DOCUMENTS, "run --phase render")
     # The summary stored in the JSON is the one its runs give.
     assert json.loads(json.dumps(recipes.summarize(results))) == results["summary"]

@@ -3,7 +3,6 @@ JSON's, its figures exist and are linked, missing or foreign JSON says what to r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -14,17 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.benchmark_testing import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = 6
 KIND_LABELS = {"standard": "standard", "aligned": "aligned", "per_layer": "per-layer heads"}
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 reproduce = load_benchmark("reproduce")
