@@ -44,9 +44,9 @@ def assert_documents_show(blocks: dict[str, str], documents: tuple[str, ...], fi
     replace_blocks = sys.modules["recipes"].replace_blocks if "recipes" in sys.modules else None
     if replace_blocks is None:
         replace_blocks = load_benchmark("recipes").replace_blocks
-    found = 0
+    shown = set()
     for name in documents:
         text = (REPO / name).read_text(encoding="utf-8")
         assert replace_blocks(text, blocks) == text, f"{name} is out of date: {fix}"
-        found += sum(f"<!-- BEGIN {block} -->" in text for block in blocks)
-    assert found >= len(blocks), "some rendered blocks appear in no document"
+        shown |= {block for block in blocks if f"<!-- BEGIN {block} -->" in text}
+    assert shown == set(blocks), f"rendered blocks that no document shows: {sorted(set(blocks) - shown)}"
