@@ -39,7 +39,9 @@ from common import (
     asr_scale_deviation,
     best_times,
     digits_vit_config,
+    layer_table_header,
     load_digits_dataset,
+    mean_std_cell,
     minilm_path,
     write_json,
 )
@@ -351,23 +353,16 @@ TASK_LABELS = {
 }
 
 
-def _cell(pair, scale: float = 100, digits: int = 1, sign: str = "") -> str:
-    return f"{pair[0] * scale:{sign}.{digits}f} ± {pair[1] * scale:.{digits}f}"
-
-
 def accuracy_table(summary: dict, task: str) -> str:
     """Markdown: every layer's accuracy (%), mean ± std over seeds, one row per variant."""
     variants = summary[task]
     num_layers = len(next(iter(variants.values()))["layer_accuracy"])
-    lines = [
-        f"| {TASK_LABELS[task]} | seeds | " + " | ".join(f"layer {n}" for n in range(1, num_layers + 1)) + " |",
-        "|---|---|" + "---|" * num_layers,
-    ]
+    lines = layer_table_header([TASK_LABELS[task], "seeds"], num_layers)
     for variant in VARIANTS:
         if variant in variants:
             entry = variants[variant]
             source = "" if entry["source"] == "this benchmark" else " (recipes benchmark)"
-            cells = " | ".join(_cell(value) for value in entry["layer_accuracy"])
+            cells = " | ".join(mean_std_cell(value) for value in entry["layer_accuracy"])
             lines.append(f"| {LABELS[variant]}{source} | {len(entry['seeds'])} | {cells} |")
     return "\n".join(lines)
 
@@ -387,8 +382,10 @@ def effects_table(summary: dict, timing: dict) -> str:
             entry = summary.get(task, {}).get(f"{training}_asr", {})
             times = timing.get(f"{task}/{training}")
             cells = [
-                _cell(entry["last_layer_vs_without"], sign="+") if "last_layer_vs_without" in entry else "",
-                _cell(entry["middle_layer_vs_without"], sign="+") if "middle_layer_vs_without" in entry else "",
+                mean_std_cell(entry["last_layer_vs_without"], signed=True) if "last_layer_vs_without" in entry else "",
+                mean_std_cell(entry["middle_layer_vs_without"], signed=True)
+                if "middle_layer_vs_without" in entry
+                else "",
                 f"{entry['reloaded_max_accuracy_change'] * 100:.2f}" if entry else "",
                 f"{times['step_time_ratio']:.3f}" if times else "",
                 f"{times['inference_time_ratio_folded']:.3f}" if times else "",
@@ -405,7 +402,7 @@ def _deviation_cell(deviation: dict | None, seeds: int) -> str:
     if not deviation:
         return ""
     runs = "" if deviation["runs"] == seeds else f" ({deviation['runs']} of {seeds} seeds)"
-    return f"{_cell(deviation['mean'], scale=1, digits=4)} ({deviation['max']:.4f}){runs}"
+    return f"{mean_std_cell(deviation['mean'], scale=1, digits=4)} ({deviation['max']:.4f}){runs}"
 
 
 def render_blocks(results: dict) -> dict[str, str]:

@@ -126,6 +126,21 @@ def best_times(functions: Sequence[Callable[[], object]], repeats: int = 3) -> l
     return [min(elapsed) for elapsed in times]
 
 
+def mean_std_cell(pair: Sequence[float], scale: float = 100, digits: int = 1, signed: bool = False) -> str:
+    """A Markdown cell `mean ± std` of a (mean, std) pair: by default accuracies as percentage points."""
+    sign = "+" if signed else ""
+    return f"{pair[0] * scale:{sign}.{digits}f} ± {pair[1] * scale:.{digits}f}"
+
+
+def layer_table_header(leading: Sequence[str], num_layers: int, first_layer: int = 1) -> list[str]:
+    """The header and separator lines of a Markdown table with `leading` columns, then one column per layer."""
+    layers = range(first_layer, first_layer + num_layers)
+    return [
+        "| " + " | ".join([*leading, *(f"layer {layer}" for layer in layers)]) + " |",
+        "|" + "---|" * (len(leading) + num_layers),
+    ]
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Prints (and returns) a Markdown table."""
 

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, REPO, load_ag_news, minilm_path, write_json
+from common import OUTPUTS, REPO, layer_table_header, load_ag_news, mean_std_cell, minilm_path, write_json
 from recipes import TASK_DEFAULTS, isolated, provenance, run_one, write_blocks
 
 RESULTS = REPO / "benchmarks" / "results" / "projection_head.json"
@@ -262,11 +262,6 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def _cell(pair: list[float] | tuple[float, float], signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    return f"{pair[0] * 100:{sign}.1f} ± {pair[1] * 100:.1f}"
-
-
 LABELS = {
     "standard": "standard fine-tuning",
     "standard+head": "standard fine-tuning + head",
@@ -279,24 +274,19 @@ def accuracy_table(summary: dict) -> str:
     """Markdown: SST-2 accuracy of the model's own classifier after every layer, with and without the head."""
     entries = summary["accuracy"]
     num_layers = len(next(iter(entries.values()))["layer_accuracy"])
-    lines = [
-        "| SST-2 dev (872), MiniLM | head | seeds | "
-        + " | ".join(f"layer {i}" for i in range(1, num_layers + 1))
-        + " |",
-        "|---|---|---|" + "---|" * num_layers,
-    ]
+    lines = layer_table_header(["SST-2 dev (872), MiniLM", "head", "seeds"], num_layers)
     for name in LABELS:
         if name in entries:
             entry = entries[name]
             source = "this benchmark" if name.endswith("+head") else "recipes.json"
-            cells = " | ".join(_cell(value) for value in entry["layer_accuracy"])
+            cells = " | ".join(mean_std_cell(value) for value in entry["layer_accuracy"])
             lines.append(
                 f"| {LABELS[name].removesuffix(' + head')} | {'yes' if name.endswith('+head') else 'no'} "
                 f"({source}) | {len(entry['seeds'])} | {cells} |"
             )
     for name, values in summary["accuracy_differences"].items():
         variant = name.partition(":")[0]
-        cells = " | ".join(_cell(value, signed=True) for value in values)
+        cells = " | ".join(mean_std_cell(value, signed=True) for value in values)
         lines.append(
             f"| {LABELS[variant]}: difference (pt) | with - without, same seed | {len(entries[variant]['seeds'])} | {cells} |"
         )
@@ -307,19 +297,14 @@ def transfer_table(summary: dict) -> str:
     """Markdown: AG News linear-probe accuracy per layer (0 = embeddings) of the frozen SST-2 models, per stage."""
     entries = summary["transfer"]
     num_layers = len(next(iter(entries.values()))["pre"])
-    lines = [
-        "| AG News probe (1,000 / 1,000) | head | stage | seeds | "
-        + " | ".join(f"layer {i}" for i in range(num_layers))
-        + " |",
-        "|---|---|---|---|" + "---|" * num_layers,
-    ]
+    lines = layer_table_header(["AG News probe (1,000 / 1,000)", "head", "stage", "seeds"], num_layers, first_layer=0)
     for name in LABELS:
         if name not in entries:
             continue
         entry, head = entries[name], name.endswith("+head")
         for stage in STAGES if head else ("pre",):
             shown = stage if head else "pre = post"
-            cells = " | ".join(_cell(value) for value in entry[stage])
+            cells = " | ".join(mean_std_cell(value) for value in entry[stage])
             lines.append(
                 f"| {LABELS[name].removesuffix(' + head')} | {'yes' if head else 'no'} | {shown} | "
                 f"{len(entry['seeds'])} | {cells} |"
@@ -331,14 +316,11 @@ def differences_table(summary: dict) -> str:
     """Markdown: paired (same-seed) AG News probe differences, in points, per layer."""
     differences = summary["differences"]
     num_layers = len(next(iter(differences.values())))
-    lines = [
-        "| AG News probe difference (pt) | " + " | ".join(f"layer {i}" for i in range(num_layers)) + " |",
-        "|---|" + "---|" * num_layers,
-    ]
+    lines = layer_table_header(["AG News probe difference (pt)"], num_layers, first_layer=0)
     for name, values in differences.items():
         variant, _, comparison = name.partition(": ")
         label = f"{LABELS[variant]}: {comparison}"
-        lines.append(f"| {label} | " + " | ".join(_cell(value, signed=True) for value in values) + " |")
+        lines.append(f"| {label} | " + " | ".join(mean_std_cell(value, signed=True) for value in values) + " |")
     return "\n".join(lines)
 
 

@@ -48,8 +48,10 @@ from common import (
     REPO,
     asr_scale_deviation,
     best_times,
+    layer_table_header,
     load_ag_news,
     load_sst2,
+    mean_std_cell,
     minilm_path,
     write_json,
 )
@@ -460,21 +462,15 @@ RENDERED_DOCUMENTS = ("README.md", "docs/training.md", "docs/results.md")
 
 
 def _cell(pair: list[float] | tuple[float, float], points: bool = True) -> str:
-    """`mean ± std`, accuracies in percentage points."""
-    scale, digits = (100, 1) if points else (1, 2)
-    return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
+    """`mean ± std`: accuracies in percentage points, other ratios as they are."""
+    return mean_std_cell(pair) if points else mean_std_cell(pair, scale=1, digits=2)
 
 
 def accuracy_table(summary: dict, task: str) -> str:
     """Markdown: accuracy after every layer, mean ± std over seeds, one row per variant."""
     variants = summary[task]
     num_layers = len(next(iter(variants.values()))["layer_accuracy"])
-    lines = [
-        f"| {TASK_LABELS[task]} | seeds | "
-        + " | ".join(f"layer {layer}" for layer in range(1, num_layers + 1))
-        + " |",
-        "|---|---|" + "---|" * num_layers,
-    ]
+    lines = layer_table_header([TASK_LABELS[task], "seeds"], num_layers)
     for variant in VARIANTS:
         if variant in variants:
             entry = variants[variant]
