@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .card_data import AlignedModelCardData
 from .hub import HubPushError, push_aligned_model
-from .model_card import AlignedModelCardData
 
 logger = logging.getLogger("hf_aligned.cli")
 

@@ -6,41 +6,36 @@ import copy
 import difflib
 import inspect
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
+from .alignment import CLASSIFICATION, KIND_FIELDS, AlignmentSettings
 from .backbones import detach_module, find_layout, sentence_transformers_pooling
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .compat import backbone_keyword_names, mark_initialized
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
+from .heads import AlignedClassifier, ClassificationHead, pool_hidden_states
+from .losses import aligned_loss, distillation_losses, infer_problem_type, layer_losses
+from .outputs import AlignedSequenceClassifierOutput, EarlyExitOutput
+from .sharing import push_to_hub
+from .utils import hub_kwargs
 
 logger = logging.get_logger(__name__)
 
-# Keyword arguments of `from_pretrained` that locate files (shared by the config, the weights and side files).
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
-# Keyword arguments that configure the aligned model rather than the base model it wraps.
+# Keyword arguments that configure the aligned model rather than the base model it wraps: the alignment settings of a
+# classifier and the classifier's own structure and labels.
 ALIGNED_KWARGS = (
+    *KIND_FIELDS[CLASSIFICATION],
     "pooling",
-    "classifier_update",
-    "distillation_weight",
-    "distillation_temperature",
     "projection_head",
     "use_pooler",
-    "layer_weights",
-    "aligned_layers",
-    "classifier_sharing",
     "classifier_dropout",
     "layout",
     "num_labels",
@@ -50,239 +45,6 @@ ALIGNED_KWARGS = (
 )
 # Where `pooled_layer_states` reads a layer's vector: before the classifier, or where its classification layer reads.
 REPRESENTATION_STAGES = ("pre", "post")
-
-
-@dataclass
-class AlignedSequenceClassifierOutput(ModelOutput):
-    """Output of [`AlignedForSequenceClassification`].
-
-    Args:
-        loss (`torch.Tensor` of shape `()`, *optional*, returned when `labels` is provided):
-            The aligned loss: per-layer losses combined with the configured layer weights.
-        logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-            The classifier's scores after the last block (the same as `layer_logits[-1]`).
-        layer_logits (`torch.Tensor` of shape `(num_layers, batch_size, num_labels)`):
-            The classifier's scores after every block, block 1 first.
-        layer_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*, returned when `labels` is provided):
-            The loss of every block's scores, before weighting.
-        layer_distillation_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*):
-            With `config.distillation_weight > 0` and labels: every block's self-distillation loss (KL divergence
-            of its softened prediction from the last block's, times T²; 0 for the last block), before weighting.
-        hidden_states (`tuple(torch.Tensor)`, *optional*):
-            The base model's hidden states, when `output_hidden_states=True`.
-        attentions (`tuple(torch.Tensor)`, *optional*):
-            The base model's attention weights, when `output_attentions=True`.
-        exit_layers (`torch.Tensor` of shape `(batch_size,)`, *optional*):
-            When the forward exited early: the 1-based layer each sample left at (then `logits` are the scores at
-            that layer and `layer_logits` is `None`).
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    layer_logits: torch.Tensor | None = None
-    layer_losses: torch.Tensor | None = None
-    layer_distillation_losses: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    exit_layers: torch.Tensor | None = None
-
-
-@dataclass
-class EarlyExitOutput(ModelOutput):
-    """Output of [`AlignedForSequenceClassification.early_exit_predict`].
-
-    Args:
-        predictions (`torch.Tensor` of shape `(batch_size,)`): the predicted class of each sample (for a
-            regression model, its predicted value).
-        logits (`torch.Tensor` of shape `(batch_size, num_labels)`): the scores at each sample's exit layer.
-        exit_layers (`torch.Tensor` of shape `(batch_size,)`): the 1-based layer at which each sample left.
-        layers_computed (`int`): blocks actually run, summed over samples (a full forward computes
-            `batch_size * num_layers`).
-        num_layers (`int`): the model's depth L.
-    """
-
-    predictions: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    exit_layers: torch.Tensor | None = None
-    layers_computed: int | None = None
-    num_layers: int | None = None
-
-    @property
-    def ideal_speedup(self) -> float:
-        """L divided by the mean exit layer: the speedup if blocks were all the compute."""
-        return self.num_layers * len(self.exit_layers) / self.layers_computed
-
-
-def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
-    """Reduces `(batch, seq, dim)` hidden states to one `(batch, dim)` vector per sample.
-
-    Args:
-        hidden_states: one layer's hidden states.
-        attention_mask: `(batch, seq)`, 1 on real tokens and 0 on padding; `None` means no padding.
-        pooling: `"cls"` (first token), `"last"` (last non-padding token, with left or right padding) or `"mean"`
-            (mean over non-padding tokens).
-    """
-    if pooling == "cls":
-        return hidden_states[:, 0]
-    if attention_mask is None:
-        return hidden_states[:, -1] if pooling == "last" else hidden_states.mean(dim=1)
-    # Positions and lengths are integers: in bf16 / fp16, integers above 256 / 2048 are not exact.
-    mask = attention_mask.to(device=hidden_states.device, dtype=torch.long) != 0
-    if pooling == "last":
-        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-        last = (mask * positions).argmax(dim=1)
-        return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
-    # Sum in at least float32, so long sequences in half precision do not lose the small terms.
-    accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
-    summed = torch.einsum("bsd,bs->bd", hidden_states.to(accumulate), mask.to(accumulate))
-    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)
-    return (summed / lengths).to(hidden_states.dtype)
-
-
-def build_projection_head(settings: dict, input_size: int) -> nn.Sequential:
-    """The projection head MLP: `settings["num_layers"]` times linear → activation, each `settings["hidden_size"]`
-    wide (`settings` as resolved by `AlignedConfig`)."""
-    layers, width = [], input_size
-    for _ in range(settings["num_layers"]):
-        layers += [nn.Linear(width, settings["hidden_size"]), ACT2FN[settings["activation"]]]
-        width = settings["hidden_size"]
-    return nn.Sequential(*layers)
-
-
-class ClassificationHead(nn.Module):
-    """The base model's final parts plus a classification layer: final norm → pooling → pooler → projection head →
-    dropout → linear.
-
-    The norm and the pooler are the base model's own modules (moved here from the base model, so each is applied
-    exactly once, after whichever block the head reads); the projection head (an MLP, optional) and the linear
-    classification layer are new.
-    """
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_labels: int,
-        dropout: float,
-        pooling: str,
-        norm: nn.Module | None,
-        pooler: nn.Module | None,
-        projection_head: dict | None = None,
-    ):
-        super().__init__()
-        self.pooling = pooling
-        self.norm = norm if norm is not None else nn.Identity()
-        self.pooler = pooler
-        self.projection = None if projection_head is None else build_projection_head(projection_head, hidden_size)
-        self.dropout = nn.Dropout(dropout)
-        features = hidden_size if projection_head is None else projection_head["hidden_size"]
-        self.out_proj = nn.Linear(features, num_labels)
-
-    def represent(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Maps one layer's `(batch, seq, dim)` hidden states to its pooled `(batch, dim)` vector (after the final norm
-        and pooler): what the projection head reads, or without one the classification layer."""
-        if self.pooler is not None:
-            # A pooler selects its token itself, from the normed sequence, exactly as in the base model.
-            return self.pooler(self.norm(hidden_states))
-        if self.pooling == "mean":
-            return pool_hidden_states(self.norm(hidden_states), attention_mask, "mean")
-        # The norm acts per token, so norming the selected token alone gives the same vector, cheaper.
-        return self.norm(pool_hidden_states(hidden_states, attention_mask, self.pooling))
-
-    def features(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The vector the classification layer reads: `represent`, then the projection head when there is one."""
-        pooled = self.represent(hidden_states, attention_mask)
-        return pooled if self.projection is None else self.projection(pooled)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Maps the classification layer's input vectors `(..., features)` to scores `(..., num_labels)`."""
-        return self.out_proj(self.dropout(features))
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.project(self.features(hidden_states, attention_mask))
-
-
-class AlignedClassifier(nn.Module):
-    """The classifier of an aligned model: one head shared by every layer, or one head per layer (the baseline)."""
-
-    def __init__(self, heads: Sequence[ClassificationHead], shared: bool):
-        super().__init__()
-        self.heads = nn.ModuleList(heads)
-        self.shared = shared
-
-    def head(self, layer: int) -> ClassificationHead:
-        """The head that classifies after 1-based block `layer`."""
-        return self.heads[0] if self.shared else self.heads[layer - 1]
-
-    def forward(
-        self,
-        layer_hidden_states: Sequence[torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        layers: Sequence[int],
-        frozen_layers: frozenset[int] = frozenset(),
-    ) -> torch.Tensor:
-        """Scores `(len(layers), batch, num_labels)` for the hidden states of the given 1-based blocks.
-
-        Args:
-            frozen_layers: blocks whose scores give the shared head's parameters no gradient (gradient still flows
-                into the hidden states): the `classifier_update="last"` option.
-        """
-        if not frozen_layers:
-            pooled = torch.stack(
-                [
-                    self.head(layer).features(hidden, attention_mask)
-                    for layer, hidden in zip(layers, layer_hidden_states)
-                ]
-            )
-            if self.shared:
-                return self.heads[0].project(pooled)
-            return torch.stack([self.head(layer).project(vectors) for layer, vectors in zip(layers, pooled)])
-        if not self.shared:
-            raise ValueError("`frozen_layers` needs the shared classifier; per-layer heads each train on their own.")
-        head = self.heads[0]
-        scores = []
-        for layer, hidden in zip(layers, layer_hidden_states):
-            if layer in frozen_layers:
-                pooled = _InputGradientOnly.apply(hidden, lambda states: head.features(states, attention_mask))
-                scores.append(
-                    F.linear(head.dropout(pooled), head.out_proj.weight.detach(), _detach(head.out_proj.bias))
-                )
-            else:
-                scores.append(head(hidden, attention_mask))
-        return torch.stack(scores)
-
-
-class _InputGradientOnly(torch.autograd.Function):
-    """Applies `function` (a module's forward) so that gradient reaches its input but not the module's parameters.
-
-    The forward runs without recording a graph; the backward recomputes `function` on the saved input and takes the
-    gradient with respect to the input alone, so the parameters' `.grad` never receives this use. No copy of the
-    parameters is made and no module state changes, so concurrent calls are safe. `function` must be deterministic
-    (no dropout): the norm, pooling, pooler and projection head of a head are.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, function) -> torch.Tensor:
-        ctx.function = function
-        device_type = hidden.device.type
-        # The backward recomputes under the same autocast as the forward (as activation checkpointing does).
-        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        ctx.save_for_backward(hidden)
-        return function(hidden)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        (hidden,) = ctx.saved_tensors
-        device_type, dtype, enabled = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            hidden = hidden.detach().requires_grad_()
-            output = ctx.function(hidden)
-        (grad_hidden,) = torch.autograd.grad(output, hidden, grad_output)
-        return grad_hidden, None
-
-
-def _detach(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
 
 
 class AlignedPreTrainedModel(PreTrainedModel):
@@ -296,57 +58,8 @@ class AlignedPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The aligned loss is a mean over the batch: Trainer must scale it for gradient accumulation itself.
     accepts_loss_kwargs = False
-    # Uploads a model with hf_aligned's card. `hf_aligned.hub` registers it when the package is imported (through
-    # `register_hub_pusher`), so the model never imports the Hub code.
-    hub_pusher: ClassVar[Callable[..., Any] | None] = None
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        processing_class=None,
-        card_data=None,
-        plots=None,
-    ):
-        """Uploads the model, its exit rule, processor, plots and hf_aligned model card to the Hub in one commit.
-
-        Takes the arguments of transformers' `push_to_hub`, whose generic card would replace ours, plus:
-
-        Args:
-            processing_class: a tokenizer, image processor or processor to upload alongside the model.
-            card_data ([`AlignedModelCardData`], *optional*): per-layer results, exit curve, dataset, license...
-            plots (`list[str]`, *optional*): image files uploaded to `plots/` and shown on the card.
-
-        Returns:
-            `huggingface_hub.CommitInfo` of the commit. A failed push raises [`HubPushError`].
-        """
-        if AlignedPreTrainedModel.hub_pusher is None:
-            raise RuntimeError(
-                "No Hub uploader is registered: import `hf_aligned` (the package), not the module alone."
-            )
-        return AlignedPreTrainedModel.hub_pusher(
-            self,
-            repo_id,
-            processing_class=processing_class,
-            card_data=card_data,
-            plots=plots,
-            tags=tags,
-            max_shard_size=max_shard_size,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            create_pr=create_pr,
-        )
+    # hf_aligned's push: the model, its exit rule and its own card in one commit (see `hf_aligned.sharing`).
+    push_to_hub = push_to_hub
 
 
 class AlignedForSequenceClassification(AlignedPreTrainedModel):
@@ -448,6 +161,27 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         """The base model's list of transformer blocks."""
         return self.backbone.get_submodule(self.blocks_path)
 
+    @property
+    def alignment(self) -> AlignmentSettings:
+        """The aligned-training settings of this model (carried by its config)."""
+        return self.config.alignment
+
+    def configure_alignment(self, **settings) -> AlignmentSettings:
+        """Sets [`AlignmentSettings`] fields of a classifier, validated first (so a bad value changes nothing).
+
+        Raises:
+            TypeError: for a keyword that is no alignment setting.
+            ValueError: for a value that does not fit the model, a language-model setting, or a different
+                `classifier_sharing` (the number of heads is fixed when the model is built).
+        """
+        sharing = settings.get("classifier_sharing", self.config.classifier_sharing)
+        if sharing != self.config.classifier_sharing:
+            raise ValueError(
+                f"`classifier_sharing={sharing!r}` cannot change on a built model (it has "
+                f"{self.config.classifier_sharing!r} heads); build a new model with it instead."
+            )
+        return self.config.configure_alignment(**settings)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
@@ -471,9 +205,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...). With `pooling="auto"` a
         sentence-transformers checkpoint's own pooling config decides the pooling.
         """
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        locating = hub_kwargs(kwargs)
         if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **locating)
             if isinstance(config, AlignedConfig):
                 config = None  # let transformers load it again, applying the config overrides in `kwargs`
         if config is not None and not isinstance(config, AlignedConfig):
@@ -481,7 +215,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         if isinstance(model, tuple):  # output_loading_info=True
             return model
-        exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **locating)
         if exit_config is not None:
             try:
                 exit_config.validate(model.num_layers)
@@ -501,12 +235,12 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         cls, path: str | os.PathLike, base_config: PreTrainedConfig, **kwargs
     ) -> AlignedForSequenceClassification:
         aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        locating = hub_kwargs(kwargs)
         base_model, loading_info = AutoModel.from_pretrained(
             path, config=base_config, output_loading_info=True, **kwargs
         )
         if aligned_kwargs.get("pooling", "auto") == "auto":
-            aligned_kwargs["pooling"] = sentence_transformers_pooling(path, hub_kwargs) or "auto"
+            aligned_kwargs["pooling"] = sentence_transformers_pooling(path, locating) or "auto"
         if aligned_kwargs.get("use_pooler") is None and any(
             key.startswith("pooler.") for key in loading_info["missing_keys"]
         ):
@@ -695,21 +429,21 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     def aligned_loss(
         self, layer_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The aligned loss: Σ_l λ_l · loss_l, where each earlier layer's loss mixes in self-distillation when
-        `config.distillation_weight > 0`.
+        """The aligned loss of this model's settings ([`aligned_loss`]): Σ_l λ_l · loss_l, where each earlier layer's
+        loss mixes in self-distillation when `config.distillation_weight > 0`.
 
         Returns:
             The loss, the per-layer task losses `(num_layers,)` and the per-layer distillation losses (or `None`).
         """
-        layer_losses = self.layer_losses(layer_logits, labels)
-        weighted, distillation_losses = layer_losses, None
-        if self.config.distillation_weight > 0:
-            distillation_losses = self.layer_distillation_losses(layer_logits, labels)
-            alpha = self.config.distillation_weight
-            mixed = (1.0 - alpha) * layer_losses + alpha * distillation_losses
-            weighted = torch.cat([mixed[:-1], layer_losses[-1:]])
-        weights = torch.tensor(self.config.resolved_layer_weights, device=layer_losses.device)
-        return (weights.to(weighted.dtype) * weighted).sum(), layer_losses, distillation_losses
+        config = self.config
+        return aligned_loss(
+            layer_logits,
+            labels,
+            self._problem_type(layer_logits, labels),
+            config.resolved_layer_weights,
+            config.distillation_weight,
+            config.distillation_temperature,
+        )
 
     def layer_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of each layer's scores, `(num_layers,)`, for the configured (or inferred) problem type.
@@ -717,56 +451,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         Raises:
             ValueError: naming the offending labels, when a class index lies outside `[0, num_labels)`.
         """
-        num_layers, batch_size, num_labels = layer_logits.shape
-        labels = labels.to(layer_logits.device)
-        if self.config.problem_type is None:
-            if num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "single_label_classification":
-            labels = labels.view(-1)
-            invalid = ((labels < 0) & (labels != -100)) | (labels >= num_labels)
-            if invalid.any():
-                raise ValueError(
-                    f"`labels` holds class indices {sorted(set(labels[invalid].tolist()))} outside [0, {num_labels}) "
-                    f"for a model with num_labels={num_labels}; fix the labels or set `num_labels` (use -100 to "
-                    "ignore a sample)."
-                )
-            losses = F.cross_entropy(
-                layer_logits.reshape(-1, num_labels), labels.repeat(num_layers), reduction="none"
-            ).view(num_layers, batch_size)
-            counted = (labels != -100).to(losses.dtype)
-            return (losses * counted).sum(dim=1) / counted.sum().clamp(min=1.0)
-        targets = labels.to(layer_logits.dtype).reshape(batch_size, -1).expand(num_layers, -1, -1)
-        if self.config.problem_type == "regression":
-            scores = layer_logits.reshape(num_layers, batch_size, -1)
-            return F.mse_loss(scores, targets, reduction="none").flatten(1).mean(dim=1)
-        return F.binary_cross_entropy_with_logits(layer_logits, targets, reduction="none").flatten(1).mean(dim=1)
+        return layer_losses(layer_logits, labels, self._problem_type(layer_logits, labels))
 
     def layer_distillation_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Self-distillation loss of each layer, `(num_layers,)`: T² · KL(softmax(z_L / T) ‖ softmax(z_l / T)).
-
-        The last layer's scores z_L are the (detached) teacher, so its own entry is 0; samples labelled -100 are left
-        out, as in the cross-entropy.
+        """Self-distillation loss of each layer, `(num_layers,)` (see [`distillation_losses`]).
 
         Raises:
             ValueError: when the model is not a single-label classifier.
         """
-        if self.config.problem_type != "single_label_classification":
-            raise ValueError(
-                f"`distillation_weight` needs single-label classification, but this model's problem_type is "
-                f"{self.config.problem_type!r}; set `distillation_weight=0`."
-            )
-        temperature = self.config.distillation_temperature
-        student = F.log_softmax(layer_logits.float() / temperature, dim=-1)
-        teacher = F.log_softmax(layer_logits[-1].detach().float() / temperature, dim=-1).expand_as(student)
-        divergence = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1)
-        counted = (labels.to(layer_logits.device).view(-1) != -100).to(divergence.dtype)
-        losses = (divergence * counted).sum(dim=1) / counted.sum().clamp(min=1.0)
-        return (losses * temperature**2).to(layer_logits.dtype)
+        config = self.config
+        return distillation_losses(layer_logits, labels, config.problem_type, config.distillation_temperature)
+
+    def _problem_type(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> str:
+        """The configured problem type; when unset, inferred from the labels (as transformers does) and recorded."""
+        if self.config.problem_type is None:
+            self.config.problem_type = infer_problem_type(layer_logits.shape[-1], labels)
+        return self.config.problem_type
 
     @torch.no_grad()
     def early_exit_predict(
@@ -916,8 +616,3 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
         heads = [self.classifier.head(max(layer, 1)) for layer in range(len(captured))]
         return torch.stack([head.features(hidden, mask) for head, hidden in zip(heads, captured)])
-
-
-def register_hub_pusher(pusher: Callable[..., Any]) -> None:
-    """Sets how `push_to_hub` uploads aligned models: `pusher(model, repo_id, **push_kwargs)` returns a CommitInfo."""
-    AlignedPreTrainedModel.hub_pusher = staticmethod(pusher)

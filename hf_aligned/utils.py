@@ -9,6 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
+# Keyword arguments of `from_pretrained` that locate files (shared by the config, the weights and side files).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+def hub_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The `HUB_KWARGS` among a `from_pretrained` call's keyword arguments (left in place)."""
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
 # Per-layer representations: a `[num_layers, num_samples, dim]` array or a list of `[num_samples, dim_k]` matrices.
 Representations = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 

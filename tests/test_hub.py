@@ -24,13 +24,9 @@ from hf_aligned import (
     push_aligned_model,
     write_model_card,
 )
+from hf_aligned.card_data import latest_eval_metrics, layer_metrics, training_hyperparameters
 from hf_aligned.cli import add_push_command
-from hf_aligned.model_card import (
-    latest_eval_metrics,
-    layer_metrics,
-    logger,
-    training_hyperparameters,
-)
+from hf_aligned.model_card import logger
 
 from .hub_server import LoopbackHub
 from .testing_utils import NUM_LAYERS, tiny_base_config, tiny_model
