@@ -18,6 +18,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer
 
 from .alignment import CAUSAL_LM, CLASSIFICATION, KIND_FIELDS, foreign_settings_message
+from .compat import prepare_trainer_inputs
 from .losses import shifted_labels
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .modeling_aligned import AlignedForSequenceClassification
@@ -130,7 +131,7 @@ class CausalLMKind(ModelKind):
     def prediction_step(self, trainer, model, inputs, prediction_loss_only, ignore_keys):
         """The batch's per-layer sums `(1, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last
         layer) as predictions and its counted tokens `(1,)` as labels."""
-        inputs = trainer._prepare_inputs(inputs)
+        inputs = prepare_trainer_inputs(trainer, inputs)
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(

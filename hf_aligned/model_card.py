@@ -37,7 +37,7 @@ from .card_data import (
     ordered_metric_names,
     training_hyperparameters,
 )
-from .compat import is_image_classification_only_type
+from .compat import is_image_classification_only_type, name_or_path
 from .configuration_aligned import AlignedConfig, num_hidden_layers
 from .speculative import suggest_assistant_early_exit
 
@@ -98,7 +98,7 @@ def build_classification_card(
     num_layers = config.num_layers
     layers = layer_results(data, num_layers)
     exits = _exit_summary(model_or_config, data)
-    base_model_name = data.base_model or config.base_config._name_or_path or None
+    base_model_name = data.base_model or name_or_path(config.base_config) or None
     base_model_id = hub_model_id(base_model_name)
     task = "image-classification" if _is_image_model(config) else "text-classification"
     model_name = data.model_id or f"aligned-{config.base_config.model_type}"
@@ -209,7 +209,7 @@ def build_causal_lm_card(
     layers = layer_results(data, num_layers)
     model_type = config.model_type
     card_data = ModelCardData(
-        base_model=hub_model_id(data.base_model or config._name_or_path or None),
+        base_model=hub_model_id(data.base_model or name_or_path(config) or None),
         datasets=data.datasets,
         language=data.language,
         license=data.license,

@@ -18,7 +18,7 @@ from transformers.utils import logging
 from .alignment import CLASSIFICATION, KIND_FIELDS, AlignmentSettings
 from .backbones import detach_module, find_layout, sentence_transformers_pooling
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
-from .compat import backbone_keyword_names, mark_initialized
+from .compat import backbone_keyword_names, mark_initialized, set_name_or_path
 from .configuration_aligned import AlignedConfig, is_decoder_only
 from .exits import ExitConfig, run_early_exit
 from .heads import AlignedClassifier, ClassificationHead, pool_hidden_states
@@ -247,7 +247,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             # The checkpoint has no trained pooler: a randomly initialized one would only get in the way.
             aligned_kwargs["use_pooler"] = False
         config = AlignedConfig(base_config=base_model.config, **aligned_kwargs)
-        config._name_or_path = str(path)
+        set_name_or_path(config, str(path))
         model = cls(config, base_model=base_model)
         # The new classifier follows the base model's dtype and the device its last block was loaded on.
         model.classifier.to(device=next(model.blocks[-1].parameters()).device, dtype=base_model.dtype)

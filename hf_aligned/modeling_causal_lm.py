@@ -25,7 +25,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from .alignment import ALIGNED_TRAINING_KEY, ALIGNMENT_KEYWORDS, CAUSAL_LM, AlignmentSettings
 from .backbones import find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
-from .compat import causal_lm_class
+from .compat import build_from_config, causal_lm_class
 from .configuration_aligned import is_decoder_only, num_hidden_layers
 from .heads import causal_lm_head
 from .losses import chunked_next_token_loss, chunked_next_token_statistics, shifted_labels, step_weights
@@ -90,7 +90,7 @@ class AlignedForCausalLM:
         """
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in ALIGNMENT_KEYWORDS}
         model_class = cls.aligned_class(_causal_lm_class_for(config))
-        model = model_class._from_config(config, **kwargs)
+        model = build_from_config(model_class, config, **kwargs)
         model.configure_alignment(**settings)
         return model
 

@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .card_data import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics
+from .compat import TrainerCheckpointHooks
 from .kinds import find_aligned_model
 from .model_card import write_model_card
 from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArguments
@@ -19,7 +20,7 @@ from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArgume
 logger = logging.get_logger(__name__)
 
 
-class AlignedTrainer(Trainer):
+class AlignedTrainer(TrainerCheckpointHooks, Trainer):
     r"""[`~transformers.Trainer`] for [`AlignedForSequenceClassification`] models.
 
     It trains with the model's aligned loss (the per-layer losses combined with the layer weights) and adds:
@@ -199,22 +200,14 @@ class AlignedTrainer(Trainer):
             self._layer_loss_sum = None
         super().log(logs, start_time)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Saves as Trainer does; with `fold_asr_on_save`, the ASR scales folded into the saved weights (only)."""
+    def state_dict_to_save(self, state_dict: dict | None) -> dict | None:
+        """What a save writes: with `fold_asr_on_save`, the ASR scales folded into the saved weights (only)."""
         model = self.accelerator.unwrap_model(self.model)
         if self.args.fold_asr_on_save and has_asr(model):
-            state_dict = asr_folded_state_dict(model, state_dict)
-        super()._save(output_dir, state_dict=state_dict)
+            return asr_folded_state_dict(model, state_dict)
+        return state_dict
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._reset_asr_after_folded_load()
-
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        self._reset_asr_after_folded_load()
-
-    def _reset_asr_after_folded_load(self) -> None:
+    def after_checkpoint_load(self) -> None:
         """With `fold_asr_on_save`, a checkpoint holds weights with the ASR scales folded in and no ASR tensors, so
         Trainer's (non-strict) load leaves the live model's trained scales on top of them: they are reset to the
         identity, and the model computes exactly the checkpoint's function."""

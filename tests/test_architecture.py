@@ -63,3 +63,96 @@ def test_imports_flow_from_higher_layers_to_lower_ones():
 
 def test_the_model_does_not_import_the_hub_code():
     assert not package_imports(PACKAGE / "modeling_aligned.py") & {"hub", "model_card", "cli", "trainer"}
+
+
+# Model modules hold model code: no Hub, card, trainer or command-line code.
+MODEL_MODULES = (
+    "heads",
+    "losses",
+    "outputs",
+    "speculative",
+    "sharing",
+    "modeling_aligned",
+    "modeling_causal_lm",
+    "asr",
+)
+
+
+def test_no_model_module_imports_hub_card_trainer_or_cli_code():
+    for module in MODEL_MODULES:
+        imported = package_imports(PACKAGE / f"{module}.py")
+        assert not imported & {"hub", "model_card", "card_data", "cli", "trainer", "kinds"}, module
+
+
+def transformers_private_names() -> set[str]:
+    """Private (single-underscore) attributes of transformers' public classes and of a default config."""
+    from transformers import (
+        GenerationConfig,
+        PreTrainedConfig,
+        PreTrainedModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers.generation import GenerationMixin
+    from transformers.utils import PushToHubMixin
+
+    objects = (
+        PreTrainedModel,
+        PreTrainedConfig,
+        PreTrainedConfig(),
+        Trainer,
+        TrainingArguments,
+        GenerationConfig,
+        TrainerCallback,
+        GenerationMixin,
+        PushToHubMixin,
+    )
+    return {name for item in objects for name in dir(item) if name.startswith("_") and not name.startswith("__")}
+
+
+def private_transformers_uses(path: Path, private: set[str]) -> list[str]:
+    """Private transformers names a module uses: imported from transformers, read as attributes, or overridden as
+    methods."""
+    uses = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transformers"):
+            parts = node.module.split(".")
+            uses += [
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if alias.name.startswith("_") or any(part.startswith("_") for part in parts)
+            ]
+        elif isinstance(node, ast.Attribute) and node.attr in private:
+            uses.append(node.attr)
+        elif isinstance(node, ast.ClassDef):
+            uses += [item.name for item in node.body if isinstance(item, ast.FunctionDef) and item.name in private]
+    return uses
+
+
+def test_private_transformers_names_are_used_in_compat_only():
+    private = transformers_private_names()
+    assert {"_from_config", "_save", "_name_or_path", "_upload_modified_files"} <= private  # the scan sees them
+    assert private_transformers_uses(PACKAGE / "compat.py", private)  # and finds compat's own uses
+    found = {
+        path.stem: uses
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.stem != "compat" and (uses := private_transformers_uses(path, private))
+    }
+    assert not found, f"move these uses of transformers internals into compat.py: {found}"
+
+
+def test_no_tracked_symlinks_and_card_templates_live_once_in_the_package():
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return
+    listed = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t")[-1] for line in listed.splitlines() if line.startswith("120000")]
+    assert not links, f"tracked symlinks break Windows checkouts and some packaging tools: {links}"
+    assert not list((REPO / "model_cards").glob("*model_card.md"))  # the top-level folder points, holds no copy
+    assert {path.name for path in (PACKAGE / "model_cards").glob("*.md")} == {
+        "aligned_model_card.md",
+        "causal_lm_model_card.md",
+    }
