@@ -815,11 +815,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
                 "to call. Call `model.eval()` before serving."
             )
-        if exit_config.rule != "fixed" and self.config.problem_type not in (None, "single_label_classification"):
-            raise ValueError(
-                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
-                f"{self.config.problem_type!r}; use rule='fixed' for it."
-            )
+        self._check_exit_rule(exit_config)
         batch_source = next(
             model_inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs
         )
@@ -841,6 +837,24 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             layers_computed=result.layers_computed,
             num_layers=self.num_layers,
         )
+
+    def _check_exit_rule(self, exit_config: ExitConfig) -> None:
+        """Refuses a rule that reads class probabilities for a regression or multi-label model; the default exit
+        config (no sample leaves early) reads none, so it serves every problem type.
+
+        Raises:
+            ValueError: naming the rule and the model's problem type.
+        """
+        problem_type = self.config.problem_type
+        if problem_type is None and self.config.num_labels == 1:
+            problem_type = "regression"  # what the loss infers for one output
+        if exit_config.rule == "fixed" or exit_config.never_exits:
+            return
+        if problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
+                f"{problem_type!r}; use rule='fixed' for it."
+            )
 
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.

@@ -1,0 +1,49 @@
+"""AlignedForSequenceClassification does what transformers' own classifiers do with the same habits: plain calls of
+regression and multi-label models, `return_dict=False`, config overrides in `from_pretrained`, loading info, and
+settings that cannot hold are refused instead of silently changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    pipeline,
+)
+
+from hf_aligned import ExitConfig
+
+from .testing_utils import NUM_LAYERS, tiny_inputs, tiny_model, tiny_tokenizer
+
+TEXTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"num_labels": 1},
+        {"num_labels": 1, "problem_type": "regression"},
+        {"problem_type": "multi_label_classification"},
+    ],
+)
+def test_regression_and_multi_label_models_answer_plain_calls_and_pipelines(settings, tmp_path):
+    model = tiny_model("bert", **settings)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        full = model(**inputs, early_exit=False).logits
+        served = model(**inputs)
+    torch.testing.assert_close(served.logits, full)
+    assert served.exit_layers.tolist() == [NUM_LAYERS] * 3
+    classify = pipeline("text-classification", model=model, tokenizer=tiny_tokenizer(tmp_path), top_k=None)
+    scores = classify(TEXTS, function_to_apply="none")
+    tokenizer = tiny_tokenizer(tmp_path)
+    for text, result in zip(TEXTS, scores):
+        with torch.no_grad():
+            expected = model(**tokenizer(text, return_tensors="pt"), early_exit=False).logits[0]
+        got = {row["label"]: row["score"] for row in result}
+        assert [got[model.config.id2label[index]] for index in range(len(expected))] == pytest.approx(
+            expected.tolist(), abs=1e-5
+        )
+    # Exits that read class probabilities are still refused for such a model, by name.
+    model.exit_config = ExitConfig(threshold=0.9)
+    with pytest.raises(ValueError, match="reads class probabilities"), torch.no_grad():
+        model(**inputs)
