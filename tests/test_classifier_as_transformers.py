@@ -10,9 +10,9 @@ from transformers import (
     pipeline,
 )
 
-from hf_aligned import ExitConfig
+from hf_aligned import AlignedConfig, ExitConfig
 
-from .testing_utils import NUM_LAYERS, tiny_inputs, tiny_model, tiny_tokenizer
+from .testing_utils import NUM_LAYERS, tiny_base_config, tiny_inputs, tiny_model, tiny_tokenizer
 
 TEXTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10"]
 
@@ -47,3 +47,10 @@ def test_regression_and_multi_label_models_answer_plain_calls_and_pipelines(sett
     model.exit_config = ExitConfig(threshold=0.9)
     with pytest.raises(ValueError, match="reads class probabilities"), torch.no_grad():
         model(**inputs)
+
+
+def test_a_pooler_with_another_pooling_is_refused():
+    for pooling in ("mean", "last"):
+        with pytest.raises(ValueError, match=rf"`use_pooler=True` reads the first token.*pooling='{pooling}'"):
+            AlignedConfig(base_config=tiny_base_config("bert"), pooling=pooling, use_pooler=True)
+    assert AlignedConfig(base_config=tiny_base_config("bert"), pooling="mean").use_pooler is None
