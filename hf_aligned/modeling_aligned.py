@@ -404,7 +404,6 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
             )
             | backbone_keyword_names()
-            | {"return_dict"}
         )
         self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
         num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
@@ -627,6 +626,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             ValueError: for a call without inputs, an empty batch, or `early_exit=True` with labels, hidden states
                 or attentions.
         """
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         base_inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -636,7 +637,20 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             "pixel_values": pixel_values,
             **kwargs,
         }
-        exit_fields = sorted(set(kwargs) & set(ExitConfig.__dataclass_fields__))
+        output = self._forward(base_inputs, labels, output_hidden_states, output_attentions, early_exit)
+        return output if return_dict else output.to_tuple()
+
+    def _forward(
+        self,
+        base_inputs: dict[str, Any],
+        labels: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        early_exit: bool | None,
+    ) -> AlignedSequenceClassifierOutput:
+        """`forward` with its output as a [`AlignedSequenceClassifierOutput`]."""
+        input_ids, attention_mask = base_inputs["input_ids"], base_inputs["attention_mask"]
+        exit_fields = sorted(set(base_inputs) & set(ExitConfig.__dataclass_fields__))
         if exit_fields:
             raise TypeError(
                 f"forward() does not take the ExitConfig fields {exit_fields}: pass them to `early_exit_predict`, or "

@@ -54,3 +54,22 @@ def test_a_pooler_with_another_pooling_is_refused():
         with pytest.raises(ValueError, match=rf"`use_pooler=True` reads the first token.*pooling='{pooling}'"):
             AlignedConfig(base_config=tiny_base_config("bert"), pooling=pooling, use_pooler=True)
     assert AlignedConfig(base_config=tiny_base_config("bert"), pooling="mean").use_pooler is None
+
+
+def test_return_dict_false_gives_a_tuple_like_transformers():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert")
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels, output_hidden_states=True, output_attentions=True)
+        as_tuple = model(**inputs, labels=labels, output_hidden_states=True, output_attentions=True, return_dict=False)
+        served = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(expected.to_tuple())
+    assert len(expected.hidden_states) == NUM_LAYERS + 1 and expected.attentions is not None
+    for got, wanted in zip(as_tuple, expected.to_tuple()):
+        if isinstance(wanted, tuple):
+            for got_item, wanted_item in zip(got, wanted):
+                torch.testing.assert_close(got_item, wanted_item)
+        else:
+            torch.testing.assert_close(got, wanted)
+    assert isinstance(served, tuple) and len(served) == 2  # logits and exit layers
