@@ -319,6 +319,17 @@ class AlignedConfig(PreTrainedConfig):
                 dropout if dropout is not None else getattr(base, "hidden_dropout_prob", 0.0)
             )
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`; keyword arguments that are not aligned settings but are attributes of the base
+        config (`hidden_dropout_prob=0.0`, `use_cache=False`, ...) override the base config, as `AutoConfig` applies
+        them to a plain checkpoint's config. Others are returned unused (or dropped) as transformers does."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        for key in [key for key in unused if hasattr(config.base_config, key)]:
+            setattr(config.base_config, key, unused.pop(key))
+        return (config, unused) if return_unused_kwargs else config
+
     @property
     def num_layers(self) -> int:
         """The number of blocks of the base model (the L of the method)."""

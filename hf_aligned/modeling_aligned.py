@@ -471,11 +471,10 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         sentence-transformers checkpoint's own pooling config decides the pooling.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            if isinstance(config, AlignedConfig):
-                config = None  # let transformers load it again, applying the config overrides in `kwargs`
-        if config is not None and not isinstance(config, AlignedConfig):
+        found = config or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if not isinstance(found, AlignedConfig):
+            # Without a `config` argument the base model loads its config itself, applying the config overrides in
+            # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
             return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         if isinstance(model, tuple):  # output_loading_info=True
@@ -497,7 +496,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
 
     @classmethod
     def _from_base_pretrained(
-        cls, path: str | os.PathLike, base_config: PreTrainedConfig, **kwargs
+        cls, path: str | os.PathLike, base_config: PreTrainedConfig | None, **kwargs
     ) -> AlignedForSequenceClassification:
         aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}

@@ -261,12 +261,14 @@ class AlignedForCausalLM:
         """
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIGNMENT_FIELDS}
         if cls is AlignedForCausalLM:
-            config = kwargs.pop("config", None)
+            config = kwargs.get("config")
             if not isinstance(config, PreTrainedConfig):
                 hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
                 config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
             model_class = cls.aligned_class(_causal_lm_class_for(config))
-            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            # The family's `from_pretrained` loads the config again unless one was given, applying the config
+            # overrides in `kwargs` (`use_cache=False`, `resid_pdrop=0.0`, ...) as `AutoModelForCausalLM` does.
+            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         else:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True

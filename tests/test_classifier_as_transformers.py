@@ -7,10 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertForSequenceClassification,
     pipeline,
 )
 
-from hf_aligned import AlignedConfig, ExitConfig
+from hf_aligned import AlignedConfig, AlignedForCausalLM, AlignedForSequenceClassification, ExitConfig
 
 from .testing_utils import NUM_LAYERS, tiny_base_config, tiny_inputs, tiny_model, tiny_tokenizer
 
@@ -73,3 +76,33 @@ def test_return_dict_false_gives_a_tuple_like_transformers():
         else:
             torch.testing.assert_close(got, wanted)
     assert isinstance(served, tuple) and len(served) == 2  # logits and exit layers
+
+
+def test_from_pretrained_applies_config_overrides_like_auto_models(tmp_path):
+    plain = BertForSequenceClassification(tiny_base_config("bert"))
+    plain.save_pretrained(tmp_path / "plain")
+    aligned = tiny_model("bert")
+    aligned.save_pretrained(tmp_path / "aligned")
+    overrides = {"hidden_dropout_prob": 0.0, "use_cache": False, "attention_probs_dropout_prob": 0.25}
+    expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", **overrides).config
+    for path in (tmp_path / "plain", tmp_path / "aligned"):
+        model = AlignedForSequenceClassification.from_pretrained(path, **overrides)
+        for key, value in overrides.items():
+            assert getattr(model.config.base_config, key) == getattr(expected, key) == value, (path, key)
+        assert model.classifier.heads[0].dropout.p == (0.0 if path.name == "plain" else 0.1)
+        with pytest.raises(TypeError, match="not_a_setting"):
+            AlignedForSequenceClassification.from_pretrained(path, not_a_setting=1)
+    with pytest.raises(TypeError, match="not_a_setting"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", not_a_setting=1)
+
+
+def test_causal_lm_from_pretrained_applies_config_overrides_like_auto_models(tmp_path):
+    AlignedForCausalLM.from_config(tiny_base_config("gpt2")).save_pretrained(tmp_path)
+    overrides = {"resid_pdrop": 0.0, "use_cache": False, "embd_pdrop": 0.3}
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path, **overrides).config
+    model = AlignedForCausalLM.from_pretrained(tmp_path, layer_weights="last", **overrides)
+    for key, value in overrides.items():
+        assert getattr(model.config, key) == getattr(expected, key) == value, key
+    assert model.alignment.layer_weights == "last"
+    with pytest.raises(TypeError, match="not_a_setting"):
+        AlignedForCausalLM.from_pretrained(tmp_path, not_a_setting=1)
