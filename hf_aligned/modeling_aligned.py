@@ -117,7 +117,6 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
             )
             | backbone_keyword_names()
-            | {"return_dict"}
         )
         self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
         num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
@@ -206,11 +205,10 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         sentence-transformers checkpoint's own pooling config decides the pooling.
         """
         locating = hub_kwargs(kwargs)
-        if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **locating)
-            if isinstance(config, AlignedConfig):
-                config = None  # let transformers load it again, applying the config overrides in `kwargs`
-        if config is not None and not isinstance(config, AlignedConfig):
+        found = config or AutoConfig.from_pretrained(pretrained_model_name_or_path, **locating)
+        if not isinstance(found, AlignedConfig):
+            # Without a `config` argument the base model loads its config itself, applying the config overrides in
+            # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
             return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         if isinstance(model, tuple):  # output_loading_info=True
@@ -232,7 +230,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
 
     @classmethod
     def _from_base_pretrained(
-        cls, path: str | os.PathLike, base_config: PreTrainedConfig, **kwargs
+        cls, path: str | os.PathLike, base_config: PreTrainedConfig | None, **kwargs
     ) -> AlignedForSequenceClassification:
         aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
         locating = hub_kwargs(kwargs)
@@ -361,6 +359,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             ValueError: for a call without inputs, an empty batch, or `early_exit=True` with labels, hidden states
                 or attentions.
         """
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         base_inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -370,7 +370,20 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             "pixel_values": pixel_values,
             **kwargs,
         }
-        exit_fields = sorted(set(kwargs) & set(ExitConfig.__dataclass_fields__))
+        output = self._forward(base_inputs, labels, output_hidden_states, output_attentions, early_exit)
+        return output if return_dict else output.to_tuple()
+
+    def _forward(
+        self,
+        base_inputs: dict[str, Any],
+        labels: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        early_exit: bool | None,
+    ) -> AlignedSequenceClassifierOutput:
+        """`forward` with its output as a [`AlignedSequenceClassifierOutput`]."""
+        input_ids, attention_mask = base_inputs["input_ids"], base_inputs["attention_mask"]
+        exit_fields = sorted(set(base_inputs) & set(ExitConfig.__dataclass_fields__))
         if exit_fields:
             raise TypeError(
                 f"forward() does not take the ExitConfig fields {exit_fields}: pass them to `early_exit_predict`, or "
@@ -515,11 +528,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
                 "to call. Call `model.eval()` before serving."
             )
-        if exit_config.rule != "fixed" and self.config.problem_type not in (None, "single_label_classification"):
-            raise ValueError(
-                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
-                f"{self.config.problem_type!r}; use rule='fixed' for it."
-            )
+        self._check_exit_rule(exit_config)
         batch_source = next(
             model_inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs
         )
@@ -541,6 +550,24 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             layers_computed=result.layers_computed,
             num_layers=self.num_layers,
         )
+
+    def _check_exit_rule(self, exit_config: ExitConfig) -> None:
+        """Refuses a rule that reads class probabilities for a regression or multi-label model; the default exit
+        config (no sample leaves early) reads none, so it serves every problem type.
+
+        Raises:
+            ValueError: naming the rule and the model's problem type.
+        """
+        problem_type = self.config.problem_type
+        if problem_type is None and self.config.num_labels == 1:
+            problem_type = "regression"  # what the loss infers for one output
+        if exit_config.rule == "fixed" or exit_config.never_exits:
+            return
+        if problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
+                f"{problem_type!r}; use rule='fixed' for it."
+            )
 
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.

@@ -13,6 +13,7 @@ full model verifies, so `generate(..., assistant_early_exit=k)` gives plain gree
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import ClassVar
@@ -78,6 +79,7 @@ class AlignedForCausalLM:
         if base_class not in cls._aligned_classes:
             name = f"Aligned{base_class.__name__}"
             attributes = {"__module__": __name__, "__qualname__": name, "__doc__": AlignedForCausalLM.__doc__}
+            attributes["forward"] = _forward_of(base_class, name)
             cls._aligned_classes[base_class] = type(name, (AlignedForCausalLM, base_class), attributes)
         return cls._aligned_classes[base_class]
 
@@ -105,11 +107,13 @@ class AlignedForCausalLM:
         """
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in ALIGNMENT_KEYWORDS}
         if cls is AlignedForCausalLM:
-            config = kwargs.pop("config", None)
+            config = kwargs.get("config")
             if not isinstance(config, PreTrainedConfig):
                 config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs(kwargs))
             model_class = cls.aligned_class(_causal_lm_class_for(config))
-            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            # The family's `from_pretrained` loads the config again unless one was given, applying the config
+            # overrides in `kwargs` (`use_cache=False`, `resid_pdrop=0.0`, ...) as `AutoModelForCausalLM` does.
+            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         else:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
@@ -193,10 +197,16 @@ class AlignedForCausalLM:
 
     # -- the aligned loss ---------------------------------------------------------------------------------------
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        """The base model's forward; with `labels`, the aligned loss over every block (see the class docstring)."""
+    def forward(self, labels=None, **kwargs):
+        """The family's forward; with `labels`, the aligned loss over every block (see the class docstring).
+
+        Each aligned class gets a `forward` with its family's exact signature (same parameters, order and defaults)
+        that binds its arguments by that signature and calls this one by name (see `_forward_of`): transformers and
+        Trainer read `inspect.signature(model.forward)` to pass `position_ids` and `logits_to_keep` in generation and
+        to keep dataset columns.
+        """
         if labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return super().forward(**kwargs)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = self.config.return_dict
@@ -209,7 +219,7 @@ class AlignedForCausalLM:
         kwargs["use_cache"] = False
         base = getattr(self, self.base_model_prefix)
         with observe_blocks(BlockOutputs(self.aligned_blocks)) as captured:
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+            outputs = base(return_dict=True, **kwargs)
         logits = self._head(outputs.last_hidden_state)
         targets = shifted_labels(labels.to(logits.device))
         counted = (targets != -100).sum().clamp(min=1)
@@ -300,6 +310,26 @@ def __getattr__(name: str) -> type:
     if isinstance(base_class, type) and issubclass(base_class, PreTrainedModel):
         return AlignedForCausalLM.aligned_class(base_class)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _forward_of(base_class: type[PreTrainedModel], class_name: str):
+    """The `forward` of an aligned class: the family's own signature (what `inspect.signature` shows transformers),
+    binding positional and keyword arguments exactly as the family's forward does, then
+    [`AlignedForCausalLM.forward`] by name."""
+    signature = inspect.signature(base_class.forward)
+    extra = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop(next(iter(signature.parameters)))  # self
+        named = arguments.pop(extra, {}) if extra is not None else {}
+        return AlignedForCausalLM.forward(self, **arguments, **named)
+
+    forward.__signature__ = signature
+    forward.__doc__ = AlignedForCausalLM.forward.__doc__
+    forward.__module__ = __name__
+    forward.__qualname__ = f"{class_name}.forward"
+    return forward
 
 
 def _plain_class(model_class: type) -> type:
