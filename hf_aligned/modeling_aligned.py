@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
-import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +16,12 @@ from transformers.utils import logging
 from .alignment import CLASSIFICATION, KIND_FIELDS, AlignmentSettings
 from .backbones import detach_module, find_layout, sentence_transformers_pooling
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
-from .compat import backbone_keyword_names, mark_initialized, set_name_or_path
-from .configuration_aligned import AlignedConfig, is_decoder_only
-from .exits import ExitConfig, run_early_exit
+from .compat import mark_initialized, set_name_or_path
+from .configuration_aligned import AlignedConfig
+from .early_exit import check_exit_rule, classify_with_early_exit
+from .exits import ExitConfig
 from .heads import AlignedClassifier, ClassificationHead, pool_hidden_states
+from .inputs import BaseModelInputs, non_padding_mask
 from .losses import aligned_loss, distillation_losses, infer_problem_type, layer_losses
 from .outputs import AlignedSequenceClassifierOutput, EarlyExitOutput
 from .sharing import push_to_hub
@@ -108,17 +108,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         self.backbone = backbone
         self.blocks_path = layout.blocks
         install_block_hooks(self.blocks)
-        base_parameters = inspect.signature(backbone.forward).parameters
-        self._backbone_accepts_use_cache = "use_cache" in base_parameters
-        self._base_input_names = (
-            frozenset(
-                name
-                for name, parameter in base_parameters.items()
-                if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-            )
-            | backbone_keyword_names()
-        )
-        self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
+        self.base_inputs = BaseModelInputs(backbone, extra_names=ExitConfig.__dataclass_fields__)
         num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
         hidden_size = backbone.config.get_text_config().hidden_size
         heads = []
@@ -253,60 +243,14 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         return model
 
     def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
-        """The base model's inputs: the non-`None` ones, `use_cache=False` where the base model would build a cache,
-        and, for decoder-only models given a padding mask, positions that count real tokens only (as `generate`
-        does), so a left-padded sequence is encoded exactly like the same sequence alone.
-
-        Raises:
-            TypeError: naming the arguments the base model does not take (`caller` names the method in the message).
-            ValueError: when no input (`input_ids`, `inputs_embeds`, `pixel_values`) is given, or the batch is empty.
-        """
-        model_inputs = {name: value for name, value in inputs.items() if value is not None}
-        self._check_inputs(model_inputs, caller)
-        if self._backbone_accepts_use_cache:
-            model_inputs["use_cache"] = False
-        attention_mask = model_inputs.get("attention_mask")
-        if self._positions_from_mask and attention_mask is not None and "position_ids" not in model_inputs:
-            model_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return model_inputs
-
-    def _check_inputs(self, model_inputs: dict, caller: str) -> None:
-        unknown = sorted(set(model_inputs) - self._base_input_names)
-        if unknown:
-            known = sorted(self._base_input_names)
-            if caller == "early_exit_predict":
-                known += sorted(ExitConfig.__dataclass_fields__)
-            hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
-            hint = "; ".join(
-                f"did you mean {match[0]!r} instead of {name!r}?" for name, match in hints.items() if match
-            )
-            raise TypeError(
-                f"{caller}() got unexpected keyword arguments {unknown}: the "
-                f"{self.backbone.config.model_type!r} base model does not take them"
-                + (" and they are not ExitConfig fields" if caller == "early_exit_predict" else "")
-                + (f" ({hint})." if hint else ".")
-            )
-        main_inputs = [name for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs]
-        if not main_inputs:
-            raise ValueError(
-                f"{caller}() got no inputs: pass `{self.backbone.main_input_name}` (or `inputs_embeds`), e.g. the "
-                "output of the model's tokenizer or image processor."
-            )
-        batch = model_inputs[main_inputs[0]]
-        if batch.dim() == 0 or batch.shape[0] == 0:
-            raise ValueError(
-                f"{caller}() got an empty batch (`{main_inputs[0]}` of shape {tuple(batch.shape)}); pass at least "
-                "one sample."
-            )
+        """The base model's inputs of one call, checked and completed ([`BaseModelInputs.prepare`])."""
+        return self.base_inputs.prepare(caller, **inputs)
 
     def pooling_mask(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The mask pooling reads: the attention mask, or for `"last"` pooling without one, non-pad tokens."""
         if attention_mask is not None or self.config.pooling != "last" or input_ids is None:
             return attention_mask
-        pad_token_id = self.config.base_config.get_text_config().pad_token_id
-        if pad_token_id is None:
-            return None
-        return (input_ids != pad_token_id).long()
+        return non_padding_mask(input_ids, self.config.base_config.get_text_config().pad_token_id)
 
     @contextmanager
     def capture_block_outputs(self, include_embeddings: bool = False) -> Iterator[list[torch.Tensor]]:
@@ -528,46 +472,16 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
                 "to call. Call `model.eval()` before serving."
             )
-        self._check_exit_rule(exit_config)
-        batch_source = next(
-            model_inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs
+        check_exit_rule(exit_config, self.config.problem_type, self.config.num_labels)
+        return classify_with_early_exit(
+            self.backbone,
+            self.blocks,
+            self.classifier,
+            model_inputs,
+            exit_config,
+            self.pooling_mask(input_ids, attention_mask),
+            self.config.problem_type,
         )
-        result = run_early_exit(
-            blocks=self.blocks,
-            run_base_model=lambda: self.backbone(**model_inputs),
-            classify=lambda layer, hidden, mask: self.classifier.head(layer)(hidden, mask),
-            exit_config=exit_config,
-            batch_size=batch_source.shape[0],
-            pooling_mask=self.pooling_mask(input_ids, attention_mask),
-            model_type=self.backbone.config.model_type,
-        )
-        single_output = result.logits.shape[-1] == 1 or self.config.problem_type == "regression"
-        predictions = result.logits.squeeze(-1) if single_output else result.logits.argmax(dim=-1)
-        return EarlyExitOutput(
-            predictions=predictions,
-            logits=result.logits,
-            exit_layers=result.exit_layers,
-            layers_computed=result.layers_computed,
-            num_layers=self.num_layers,
-        )
-
-    def _check_exit_rule(self, exit_config: ExitConfig) -> None:
-        """Refuses a rule that reads class probabilities for a regression or multi-label model; the default exit
-        config (no sample leaves early) reads none, so it serves every problem type.
-
-        Raises:
-            ValueError: naming the rule and the model's problem type.
-        """
-        problem_type = self.config.problem_type
-        if problem_type is None and self.config.num_labels == 1:
-            problem_type = "regression"  # what the loss infers for one output
-        if exit_config.rule == "fixed" or exit_config.never_exits:
-            return
-        if problem_type not in (None, "single_label_classification"):
-            raise ValueError(
-                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
-                f"{problem_type!r}; use rule='fixed' for it."
-            )
 
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.

@@ -301,6 +301,6 @@ def test_inputs_that_cannot_be_shrunk_give_a_clear_error(monkeypatch):
     model = confident_model("llama")
     inputs = tiny_inputs("llama", batch_size=6, padding_side="left", seed=4)
     # Pretend compaction does not recognise the per-sample tensors: the next block then sees mismatched batches.
-    monkeypatch.setattr("hf_aligned.exits._select_samples", lambda value, running, batch_size: value)
+    monkeypatch.setattr("hf_aligned.early_exit._select_samples", lambda value, running, batch_size: value)
     with pytest.raises(ValueError, match=r"Early exit could not shrink the batch of this 'llama' model"):
         model.early_exit_predict(**inputs, threshold=0.9)
