@@ -102,7 +102,7 @@ def collect_layer_logits(
     chunks, label_chunks = [], []
     with eval_mode(model), torch.no_grad():
         for inputs, labels in iter_model_batches(model, data, batch_size, collate_fn, max_samples):
-            chunks.append(model(**inputs, early_exit=False).layer_logits.float().cpu())
+            chunks.append(model(**inputs, output_layer_logits=True).layer_logits.float().cpu())
             label_chunks.append(labels)
     if not chunks:
         raise ValueError("`data` yielded no samples.")

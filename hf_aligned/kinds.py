@@ -104,7 +104,7 @@ class ClassificationKind(ModelKind):
         loss, layer_logits, labels = Trainer.prediction_step(
             trainer,
             model,
-            {**inputs, "early_exit": False},
+            {**inputs, "output_layer_logits": True},
             prediction_loss_only,
             ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS],
         )
@@ -140,7 +140,7 @@ class CausalLMKind(ModelKind):
                 "run_clm), which keeps end-of-text tokens in the loss."
             )
         with torch.no_grad(), trainer.compute_loss_context_manager():
-            outputs = model(**inputs)
+            outputs = model(**inputs, output_layer_agreement=True)
         loss = outputs.loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None

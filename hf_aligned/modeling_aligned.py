@@ -274,34 +274,35 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        output_layer_logits: bool | None = None,
         early_exit: bool | None = None,
         **kwargs,
     ) -> AlignedSequenceClassifierOutput:
-        r"""Runs the base model once and the classifier after every block.
+        r"""Classifies a batch: the base model once and the classifier after every block, or with early exit.
+
+        What the call returns depends on its arguments and the model's configuration only (never on the grad mode):
 
         Args:
             labels (`torch.Tensor` of shape `(batch_size,)`, or `(batch_size, num_labels)` for multi-label and
-                multi-output regression, *optional*):
-                Targets. Class indices in `[0, num_labels)` for single-label classification; floats for
-                regression (`num_labels == 1` or `problem_type="regression"`) and multi-label classification.
-            early_exit (`bool`, *optional*):
-                `False`: the full forward, with every layer's `layer_logits`. `True`: serve the call with
-                [`early_exit_predict`] under `self.exit_config` (per-sample `logits` and `exit_layers`, no
-                `layer_logits`). By default a serving call — eval mode, gradients off, no labels, no hidden states or
-                attentions asked for, not being compiled or exported; how pipelines call a model — is served with
-                early exit (with the default `ExitConfig` every sample leaves at the last layer), and every other
-                call runs the full forward. Analyses that need `layer_logits` under `torch.no_grad()` pass `False`.
+                multi-output regression, *optional*): class indices in `[0, num_labels)` for single-label
+                classification; floats for regression and multi-label classification. Adds the aligned `loss`.
+            output_layer_logits (`bool`, *optional*): also return every block's scores, `layer_logits` of shape
+                `(num_layers, batch_size, num_labels)` (what the trainer, the metrics and the analyses ask for).
+            early_exit (`bool`, *optional*): `True` serves the call with [`early_exit_predict`] under
+                `self.exit_config`; `False` runs every block. Unset, an inference call (eval mode, no labels, hidden
+                states, attentions or layer logits asked for, not compiled) exits early when `self.exit_config` lets
+                samples leave before the last layer; every other call runs every block.
             Other arguments are the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...).
 
         Returns:
-            [`AlignedSequenceClassifierOutput`] with `layer_logits` for every block and, given labels, the aligned
-            `loss` and the per-layer `layer_losses`; when served with early exit, only batch-first per-sample
-            outputs (what pipelines split into samples): `logits` at each sample's exit layer and `exit_layers`.
+            [`AlignedSequenceClassifierOutput`], batch first by default (what pipelines split into samples):
+            `logits` after the last block, or with early exit at each sample's exit layer with `exit_layers`; given
+            labels, `loss` and `layer_losses`; `layer_logits` when asked for.
 
         Raises:
             TypeError: naming keyword arguments the base model does not take.
-            ValueError: for a call without inputs, an empty batch, or `early_exit=True` with labels, hidden states
-                or attentions.
+            ValueError: for a call without inputs, an empty batch, or `early_exit=True` with labels, hidden states,
+                attentions or layer logits.
         """
         return_dict = kwargs.pop("return_dict", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -314,41 +315,39 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             "pixel_values": pixel_values,
             **kwargs,
         }
-        output = self._forward(base_inputs, labels, output_hidden_states, output_attentions, early_exit)
+        outputs = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        output = self._forward(base_inputs, labels, outputs, bool(output_layer_logits), early_exit)
         return output if return_dict else output.to_tuple()
 
     def _forward(
         self,
         base_inputs: dict[str, Any],
         labels: torch.Tensor | None,
-        output_hidden_states: bool | None,
-        output_attentions: bool | None,
+        outputs: dict[str, bool | None],
+        output_layer_logits: bool,
         early_exit: bool | None,
     ) -> AlignedSequenceClassifierOutput:
         """`forward` with its output as a [`AlignedSequenceClassifierOutput`]."""
-        input_ids, attention_mask = base_inputs["input_ids"], base_inputs["attention_mask"]
         exit_fields = sorted(set(base_inputs) & set(ExitConfig.__dataclass_fields__))
         if exit_fields:
             raise TypeError(
                 f"forward() does not take the ExitConfig fields {exit_fields}: pass them to `early_exit_predict`, or "
                 "set `model.exit_config`."
             )
-        if self._serves_with_early_exit(
-            early_exit, bool(labels is not None or output_hidden_states or output_attentions)
-        ):
+        every_layer = labels is not None or output_layer_logits or any(outputs.values())
+        if self._exits_early(early_exit, every_layer):
             result = self.early_exit_predict(**base_inputs)
             return AlignedSequenceClassifierOutput(logits=result.logits, exit_layers=result.exit_layers)
-        model_inputs = self._inputs(
-            **base_inputs, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
-        base_outputs, layer_logits = self._run_all_layers(model_inputs, self.pooling_mask(input_ids, attention_mask))
+        model_inputs = self._inputs(**base_inputs, **outputs)
+        mask = self.pooling_mask(base_inputs["input_ids"], base_inputs["attention_mask"])
+        base_outputs, layer_logits = self._run_all_layers(model_inputs, mask)
         loss = layer_losses = distillation_losses = None
         if labels is not None:
             loss, layer_losses, distillation_losses = self.aligned_loss(layer_logits, labels)
         return AlignedSequenceClassifierOutput(
             loss=loss,
             logits=layer_logits[-1],
-            layer_logits=layer_logits,
+            layer_logits=layer_logits if output_layer_logits else None,
             layer_losses=layer_losses,
             layer_distillation_losses=distillation_losses,
             hidden_states=getattr(base_outputs, "hidden_states", None),
@@ -360,26 +359,26 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         with self.capture_block_outputs() as block_outputs:
             base_outputs = self.backbone(**model_inputs)
         layers = range(1, self.num_layers + 1)
-        frozen_layers = frozenset()
-        if self.config.classifier_update == "last" and torch.is_grad_enabled():
-            frozen_layers = frozenset(layers[:-1])
+        # `classifier_update="last"`: the earlier layers' scores give the shared head no gradient. Only how gradients
+        # are routed depends on the grad mode; the scores are the same.
+        frozen = self.config.classifier_update == "last" and torch.is_grad_enabled()
+        frozen_layers = frozenset(layers[:-1]) if frozen else frozenset()
         return base_outputs, self.classifier(block_outputs, pooling_mask, layers, frozen_layers=frozen_layers)
 
-    def _serves_with_early_exit(self, early_exit: bool | None, needs_full_forward: bool) -> bool:
-        """Whether `forward` serves the call with early exit: as asked, else for a serving call (see `forward`).
+    def _exits_early(self, early_exit: bool | None, every_layer: bool) -> bool:
+        """Whether `forward` serves the call with early exit: as asked, else an inference call whose exit config
+        lets samples leave early (see `forward`).
 
         Raises:
-            ValueError: for `early_exit=True` with labels, hidden states or attentions (`needs_full_forward`).
+            ValueError: for `early_exit=True` with labels, hidden states, attentions or layer logits (`every_layer`).
         """
         if early_exit is None:
-            return not (
-                self.training or needs_full_forward or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            )
-        if early_exit and needs_full_forward:
+            return not (self.training or every_layer or self.exit_config.never_exits or torch.compiler.is_compiling())
+        if early_exit and every_layer:
             raise ValueError(
                 "`early_exit=True` returns each sample's logits at its exit layer only: it computes no loss, hidden "
-                "states or attentions. Leave `early_exit` unset (or pass False) with `labels`, "
-                "`output_hidden_states` or `output_attentions`."
+                "states, attentions or layer logits. Leave `early_exit` unset (or pass False) with `labels`, "
+                "`output_hidden_states`, `output_attentions` or `output_layer_logits`."
             )
         return early_exit
 

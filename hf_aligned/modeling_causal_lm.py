@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -200,11 +200,17 @@ class AlignedForCausalLM:
     def forward(self, labels=None, **kwargs):
         """The family's forward; with `labels`, the aligned loss over every block (see the class docstring).
 
+        With labels, the loss of every block with a weight is computed (in train mode, `layers_per_step` draws the
+        earlier ones); `output_layer_agreement=True` computes every block's loss and its top-1 agreement with the last
+        block (`layer_agreement`), which evaluation asks for. What a call returns depends on its arguments and the
+        model's settings, never on the grad mode.
+
         Each aligned class gets a `forward` with its family's exact signature (same parameters, order and defaults)
         that binds its arguments by that signature and calls this one by name (see `_forward_of`): transformers and
         Trainer read `inspect.signature(model.forward)` to pass `position_ids` and `logits_to_keep` in generation and
         to keep dataset columns.
         """
+        every_layer = bool(kwargs.pop("output_layer_agreement", False))
         if labels is None:
             return super().forward(**kwargs)
         return_dict = kwargs.pop("return_dict", None)
@@ -220,6 +226,13 @@ class AlignedForCausalLM:
         base = getattr(self, self.base_model_prefix)
         with observe_blocks(BlockOutputs(self.aligned_blocks)) as captured:
             outputs = base(return_dict=True, **kwargs)
+        output = self._aligned_output(outputs, captured.outputs, labels, every_layer)
+        return output if return_dict else output.to_tuple()
+
+    def _aligned_output(
+        self, outputs: Any, block_outputs: list[torch.Tensor], labels: torch.Tensor, every_layer: bool
+    ) -> AlignedCausalLMOutput:
+        """The aligned loss and per-layer losses (and, for `every_layer`, every layer's agreement) of one call."""
         logits = self._head(outputs.last_hidden_state)
         targets = shifted_labels(labels.to(logits.device))
         counted = (targets != -100).sum().clamp(min=1)
@@ -228,30 +241,24 @@ class AlignedForCausalLM:
         last_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum") / counted
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
-        agreement = None
-        computed = torch.ones(self.num_layers, dtype=torch.bool, device=last_loss.device)
-        if torch.is_grad_enabled():
-            computed[:-1] = False
-            for layer in weights:
-                if layer < self.num_layers:
-                    layer_losses[layer - 1] = (
-                        chunked_next_token_loss(self.layer_logits, captured.outputs[layer - 1], targets, chunk_size)
-                        / counted
-                    )
-                    computed[layer - 1] = True
-        else:
-            agreement = torch.ones(self.num_layers, device=last_loss.device)  # the last layer agrees with itself
-            top_last = logits.argmax(dim=-1)
-            for layer in range(1, self.num_layers):
+        computed = torch.zeros(self.num_layers, dtype=torch.bool, device=last_loss.device)
+        computed[-1] = True
+        agreement = torch.ones(self.num_layers, device=last_loss.device) if every_layer else None
+        top_last = logits.argmax(dim=-1)
+        for layer in range(1, self.num_layers) if every_layer else sorted(set(weights) - {self.num_layers}):
+            hidden = block_outputs[layer - 1]
+            if every_layer:
                 loss_sum, agreeing = chunked_next_token_statistics(
-                    self.layer_logits, captured.outputs[layer - 1], targets, top_last, chunk_size
+                    self.layer_logits, hidden, targets, top_last, chunk_size
                 )
-                layer_losses[layer - 1] = loss_sum / counted
                 agreement[layer - 1] = agreeing / counted
+            else:
+                loss_sum = chunked_next_token_loss(self.layer_logits, hidden, targets, chunk_size)
+            layer_losses[layer - 1] = loss_sum / counted
+            computed[layer - 1] = True
         layer_losses = torch.stack(layer_losses)
-        loss = sum(weight * layer_losses[layer - 1] for layer, weight in weights.items())
-        output = AlignedCausalLMOutput(
-            loss=loss,
+        return AlignedCausalLMOutput(
+            loss=sum(weight * layer_losses[layer - 1] for layer, weight in weights.items()),
             logits=logits,
             layer_losses=layer_losses,
             layer_agreement=agreement,
@@ -259,7 +266,6 @@ class AlignedForCausalLM:
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
-        return output if return_dict else output.to_tuple()
 
     def _step_weights(self) -> dict[int, float]:
         """This step's weight of every layer with a loss (see [`step_weights`]): in train mode, `layers_per_step`

@@ -16,8 +16,10 @@ class AlignedSequenceClassifierOutput(ModelOutput):
         loss (`torch.Tensor` of shape `()`, *optional*, returned when `labels` is provided):
             The aligned loss: per-layer losses combined with the configured layer weights.
         logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-            The classifier's scores after the last block (the same as `layer_logits[-1]`).
-        layer_logits (`torch.Tensor` of shape `(num_layers, batch_size, num_labels)`):
+            The classifier's scores after the last block (the same as `layer_logits[-1]`), or, when the call exited
+            early, at each sample's exit layer.
+        layer_logits (`torch.Tensor` of shape `(num_layers, batch_size, num_labels)`, *optional*, returned when
+            `output_layer_logits=True`):
             The classifier's scores after every block, block 1 first.
         layer_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*, returned when `labels` is provided):
             The loss of every block's scores, before weighting.
@@ -30,7 +32,7 @@ class AlignedSequenceClassifierOutput(ModelOutput):
             The base model's attention weights, when `output_attentions=True`.
         exit_layers (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             When the forward exited early: the 1-based layer each sample left at (then `logits` are the scores at
-            that layer and `layer_logits` is `None`).
+            that layer).
     """
 
     loss: torch.Tensor | None = None
@@ -77,11 +79,12 @@ class AlignedCausalLMOutput(CausalLMOutputWithPast):
         loss (`torch.Tensor` of shape `()`): Σ_l λ_l · (next-token cross-entropy after block l).
         logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`): the last block's logits.
         layer_losses (`torch.Tensor` of shape `(num_layers,)`): every block's mean next-token cross-entropy over the
-            tokens whose label is not -100; `nan` for blocks whose loss this training step did not compute (weight 0,
-            or not drawn with `layers_per_step`). In evaluation (gradients off) every block's loss is computed.
-        layer_agreement (`torch.Tensor` of shape `(num_layers,)`, *optional*): with gradients off, the fraction of
-            those tokens where block l's top-1 next token equals the last block's, which is what a draft exiting
-            after block l gets accepted on.
+            tokens whose label is not -100; `nan` for blocks whose loss this call did not compute (weight 0, or not
+            drawn with `layers_per_step` in train mode). With `output_layer_agreement=True` every block's loss is
+            computed.
+        layer_agreement (`torch.Tensor` of shape `(num_layers,)`, *optional*): with `output_layer_agreement=True`,
+            the fraction of those tokens where block l's top-1 next token equals the last block's, which is what a
+            draft exiting after block l gets accepted on.
         layer_computed (`torch.BoolTensor` of shape `(num_layers,)`): which blocks' losses this call computed (the
             others are the `nan` placeholders above), so a computed loss that is itself `nan` (a diverged run) is
             told apart from a skipped one.

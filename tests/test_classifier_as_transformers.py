@@ -32,16 +32,23 @@ def test_regression_and_multi_label_models_answer_plain_calls_and_pipelines(sett
     model = tiny_model("bert", **settings)
     inputs = tiny_inputs("bert")
     with torch.no_grad():
-        full = model(**inputs, early_exit=False).logits
+        full = model(**inputs, output_layer_logits=True).logits
         served = model(**inputs)
     torch.testing.assert_close(served.logits, full)
-    assert served.exit_layers.tolist() == [NUM_LAYERS] * 3
+    assert served.exit_layers is None  # exits off: a plain call is the full forward, batch first
+    model.exit_config = ExitConfig(rule="fixed", exit_layer=NUM_LAYERS - 1)  # a rule that reads no probabilities
+    with torch.no_grad():
+        served = model(**inputs)
+        expected = model(**inputs, output_layer_logits=True).layer_logits[NUM_LAYERS - 2]
+    torch.testing.assert_close(served.logits, expected)
+    assert served.exit_layers.tolist() == [NUM_LAYERS - 1] * 3
+    model.exit_config = ExitConfig()
     classify = pipeline("text-classification", model=model, tokenizer=tiny_tokenizer(tmp_path), top_k=None)
     scores = classify(TEXTS, function_to_apply="none")
     tokenizer = tiny_tokenizer(tmp_path)
     for text, result in zip(TEXTS, scores):
         with torch.no_grad():
-            expected = model(**tokenizer(text, return_tensors="pt"), early_exit=False).logits[0]
+            expected = model(**tokenizer(text, return_tensors="pt"), output_layer_logits=True).logits[0]
         got = {row["label"]: row["score"] for row in result}
         assert [got[model.config.id2label[index]] for index in range(len(expected))] == pytest.approx(
             expected.tolist(), abs=1e-5
@@ -75,7 +82,13 @@ def test_return_dict_false_gives_a_tuple_like_transformers():
                 torch.testing.assert_close(got_item, wanted_item)
         else:
             torch.testing.assert_close(got, wanted)
+    assert isinstance(served, tuple) and len(served) == 1  # exits off: the last layer's logits
+    torch.testing.assert_close(served[0], expected.logits)
+    model.exit_config = ExitConfig(rule="fixed", exit_layer=2)
+    with torch.no_grad():
+        served = model(**inputs, return_dict=False)
     assert isinstance(served, tuple) and len(served) == 2  # logits and exit layers
+    assert served[1].tolist() == [2, 2, 2]
 
 
 def test_from_pretrained_applies_config_overrides_like_auto_models(tmp_path):

@@ -134,7 +134,7 @@ def test_analyze_text_model(text_model_dir, tmp_path, capsys):
     with torch.no_grad():
         batch = DataCollatorWithPadding(tokenizer)(encoded)
         labels = batch.pop("labels").numpy()
-        logits = model(**batch, early_exit=False).layer_logits.numpy()
+        logits = model(**batch, output_layer_logits=True).layer_logits.numpy()
     assert results["classifier_accuracy"] == pytest.approx((logits.argmax(-1) == labels).mean(axis=1), abs=1e-12)
     assert len(results["probe_accuracy"]["test_accuracy"]) == 5
     assert results["agreement"]["num_pairs"] == 6  # pairs of blocks 1..4

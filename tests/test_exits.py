@@ -61,7 +61,7 @@ def test_threshold_that_never_fires_equals_the_full_forward(family):
     inputs = tiny_inputs(family, batch_size=5, padding_side=padding_for(family))
     output = model.early_exit_predict(**inputs)
     with torch.no_grad():
-        full = model(**inputs, early_exit=False)
+        full = model(**inputs, output_layer_logits=True)
     torch.testing.assert_close(output.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert output.exit_layers.tolist() == [NUM_LAYERS] * 5
     assert output.layers_computed == 5 * NUM_LAYERS
@@ -74,7 +74,7 @@ def test_fixed_rule_equals_that_layers_logits(family, layer):
     inputs = tiny_inputs(family, batch_size=4, padding_side=padding_for(family))
     output = model.early_exit_predict(**inputs, rule="fixed", exit_layer=layer)
     with torch.no_grad():
-        expected = model(**inputs, early_exit=False).layer_logits[layer - 1]
+        expected = model(**inputs, output_layer_logits=True).layer_logits[layer - 1]
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=1e-5)
     assert output.exit_layers.tolist() == [layer] * 4
     assert output.layers_computed == 4 * layer
@@ -90,7 +90,7 @@ def test_exit_layers_follow_the_rule_computed_by_hand(family, rule, setting):
     inputs = tiny_inputs(family, batch_size=6, padding_side=padding_for(family), seed=4)
     output = model.early_exit_predict(**inputs, rule=rule, **setting)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     expected = reference_exits(layer_logits, rule, **setting)
     assert output.exit_layers.tolist() == expected
     for sample, layer in enumerate(expected):
@@ -134,7 +134,7 @@ def test_a_batch_exits_like_each_sample_alone(family_padding, threshold, batch_s
     model = MODELS[family]
     inputs = tiny_inputs(family, batch_size=batch_size, padding_side=padding_side, seed=seed)
     with torch.no_grad():
-        scores = exit_scores(model(**inputs, early_exit=False).layer_logits, "confidence")
+        scores = exit_scores(model(**inputs, output_layer_logits=True).layer_logits, "confidence")
     assume(bool(((scores - threshold).abs() > 1e-4).all()))  # float noise must not decide a sample's fate
     batched = model.early_exit_predict(**inputs, threshold=threshold)
     for row in range(batch_size):
@@ -160,7 +160,7 @@ def test_per_layer_heads_baseline_exits_with_its_own_heads():
     model = confident_model("bert", classifier_sharing="per_layer")
     inputs = tiny_inputs("bert", batch_size=6, seed=4)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     for layer in range(1, NUM_LAYERS + 1):
         fixed = model.early_exit_predict(**inputs, rule="fixed", exit_layer=layer)
         torch.testing.assert_close(fixed.logits, layer_logits[layer - 1], atol=1e-5, rtol=1e-5)
@@ -202,7 +202,7 @@ def test_regression_models_only_exit_at_a_fixed_layer():
         model.early_exit_predict(**inputs, threshold=0.5)
     output = model.early_exit_predict(**inputs, rule="fixed", exit_layer=2)
     with torch.no_grad():
-        torch.testing.assert_close(output.predictions, model(**inputs, early_exit=False).layer_logits[1, :, 0])
+        torch.testing.assert_close(output.predictions, model(**inputs, output_layer_logits=True).layer_logits[1, :, 0])
 
 
 def test_exit_config_is_saved_and_loaded_with_the_model(tmp_path):
@@ -220,7 +220,7 @@ def test_truncate_gives_the_layer_logits_and_saves_as_a_normal_checkpoint(family
     model = tiny_model(family, classifier_sharing=sharing, layer_weights=[1.0, 2.0, 3.0, 4.0])
     inputs = tiny_inputs(family, padding_side=padding_for(family))
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     truncated = model.truncate(2)
     assert truncated.num_layers == 2 and len(truncated.blocks) == 2
     assert truncated.config.layer_weights == [1.0, 2.0]
@@ -238,7 +238,7 @@ def test_simulated_exits_match_online_early_exit():
     model = confident_model("llama")
     inputs = tiny_inputs("llama", batch_size=8, padding_side="left", seed=4)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     # A threshold in the middle of the early layers' confidences, so that samples leave at different layers.
     threshold = layer_logits[:-1].softmax(-1).amax(-1).median().item()
     cases = [(ExitConfig(threshold=threshold), {"rule": "confidence", "threshold": threshold})]
@@ -260,7 +260,7 @@ def labelled_batches(model, count=4, batch_size=8):
     for seed in range(count):
         inputs = tiny_inputs("bert", batch_size=batch_size, seed=100 + seed)
         with torch.no_grad():
-            labels = model(**inputs, early_exit=False).logits.argmax(-1)
+            labels = model(**inputs, output_layer_logits=True).logits.argmax(-1)
         labels[::4] = (labels[::4] + 1) % 3
         batches.append({**inputs, "labels": labels})
     return batches
@@ -273,7 +273,7 @@ def test_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path)
     result = calibrate_exits(model, batches, max_accuracy_drop=0.05, rule=rule)
     inputs = {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]}
     labels = inputs.pop("labels")
-    full_accuracy = (model(**inputs, early_exit=False).logits.argmax(-1) == labels).float().mean().item()
+    full_accuracy = (model(**inputs, output_layer_logits=True).logits.argmax(-1) == labels).float().mean().item()
     assert result.full_accuracy == pytest.approx(full_accuracy)
     online = model.early_exit_predict(**inputs)  # uses the calibrated exit config
     assert model.exit_config.rule == rule

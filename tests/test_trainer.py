@@ -75,7 +75,7 @@ class LogRecorder(TrainerCallback):
 def direct_layer_outputs(model, dataset):
     model.eval()
     with torch.no_grad():
-        return model(**as_batch(dataset))
+        return model(**as_batch(dataset), output_layer_logits=True)
 
 
 def direct_layer_accuracies(model, dataset) -> list[float]:
@@ -252,7 +252,7 @@ def test_predict_runs_every_layer_even_when_the_model_would_exit_early(tmp_path)
     prediction = AlignedTrainer(model, training_args(tmp_path)).predict(dataset)
     model.eval()
     with torch.no_grad():
-        expected = model(**as_batch(dataset), early_exit=False).layer_logits.transpose(0, 1).numpy()
+        expected = model(**as_batch(dataset), output_layer_logits=True).layer_logits.transpose(0, 1).numpy()
     assert prediction.label_ids is None
     np.testing.assert_allclose(prediction.predictions, expected, rtol=1e-5, atol=1e-6)
 
