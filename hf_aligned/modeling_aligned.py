@@ -876,11 +876,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
         deployment, with no early-exit machinery at run time.
 
+        The training settings are cut to the kept blocks (`layer_weights`, `aligned_layers`) and checked as
+        `from_pretrained` checks them, so the copy always reloads.
+
         Raises:
-            ValueError: if `num_layers` is not between 1 and the model's depth.
+            ValueError: if `num_layers` is not between 1 and the model's depth, if no kept block is an aligned layer
+                (the classifier was never trained after them), or if the cut settings do not hold (e.g.
+                `classifier_update="last"` with a zero weight on the new last layer).
         """
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"`num_layers={num_layers!r}` must be an integer between 1 and {self.num_layers}.")
+        trained = [layer for layer, weight in enumerate(self.config.resolved_layer_weights, start=1) if weight > 0]
+        if min(trained) > num_layers:
+            raise ValueError(
+                f"truncate({num_layers}) keeps none of the aligned layers {trained}: the classifier was never trained "
+                f"after blocks 1-{num_layers}. Truncate to at least {min(trained)} blocks."
+            )
         truncated = copy.deepcopy(self)
         del truncated.blocks[num_layers:]
         base_config = truncated.backbone.config
@@ -891,10 +902,13 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         config = truncated.config
         config.base_config = base_config
         if not isinstance(config.layer_weights, str):
-            kept = config.layer_weights[:num_layers]
-            config.layer_weights = kept if sum(kept) > 0 else "last"
+            config.layer_weights = config.layer_weights[:num_layers]
         if config.aligned_layers is not None:
-            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers] or None
+            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers]
+        try:
+            AlignedConfig.from_dict(config.to_dict())
+        except ValueError as error:
+            raise ValueError(f"truncate({num_layers}) would save settings that do not load: {error}") from error
         if config.classifier_sharing == "per_layer":
             del truncated.classifier.heads[num_layers:]
         truncated.exit_config = ExitConfig()

@@ -106,3 +106,20 @@ def test_causal_lm_from_pretrained_applies_config_overrides_like_auto_models(tmp
     assert model.alignment.layer_weights == "last"
     with pytest.raises(TypeError, match="not_a_setting"):
         AlignedForCausalLM.from_pretrained(tmp_path, not_a_setting=1)
+
+
+def test_truncate_never_gives_a_config_from_pretrained_refuses(tmp_path):
+    model = tiny_model("bert", num_layers=3, layer_weights=[1.0, 0.0, 1.0], classifier_update="last")
+    with pytest.raises(ValueError, match=r"truncate\(2\).*classifier_update='last'"):
+        model.truncate(2)
+    model = tiny_model("bert", aligned_layers=[3, 4])
+    with pytest.raises(ValueError, match=r"truncate\(2\) keeps none of the aligned layers \[3, 4\]"):
+        model.truncate(2)
+    model = tiny_model("bert", layer_weights=[0.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"truncate\(2\) keeps none of the aligned layers \[3, 4\]"):
+        model.truncate(2)
+    model = tiny_model("bert", aligned_layers=[1, 3, 4], layer_weights="uniform")
+    truncated = model.truncate(2)
+    assert truncated.config.aligned_layers == [1]
+    truncated.save_pretrained(tmp_path)
+    assert AlignedForSequenceClassification.from_pretrained(tmp_path).config.resolved_layer_weights == [1.0, 0.0]
