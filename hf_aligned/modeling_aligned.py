@@ -476,9 +476,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             # Without a `config` argument the base model loads its config itself, applying the config overrides in
             # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
             return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        if isinstance(model, tuple):  # output_loading_info=True
-            return model
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if exit_config is not None:
             try:
@@ -486,7 +485,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             except ValueError as error:
                 raise ValueError(f"exit_config.json of {pretrained_model_name_or_path}: {error}") from error
             model.exit_config = exit_config
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         """Saves the model like transformers does, plus its [`ExitConfig`] as `exit_config.json`."""
@@ -500,6 +499,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     ) -> AlignedForSequenceClassification:
         aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        output_loading_info = kwargs.pop("output_loading_info", False)
         base_model, loading_info = AutoModel.from_pretrained(
             path, config=base_config, output_loading_info=True, **kwargs
         )
@@ -516,7 +516,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         # The new classifier follows the base model's dtype and the device its last block was loaded on.
         model.classifier.to(device=next(model.blocks[-1].parameters()).device, dtype=base_model.dtype)
         model.eval()
-        return model
+        if not output_loading_info:
+            return model
+        return model, _wrapped_loading_info(model, loading_info)
 
     def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
         """The base model's inputs: the non-`None` ones, `use_cache=False` where the base model would build a cache,
@@ -957,6 +959,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
         heads = [self.classifier.head(max(layer, 1)) for layer in range(len(captured))]
         return torch.stack([head.features(hidden, mask) for head, hidden in zip(heads, captured)])
+
+
+def _wrapped_loading_info(model: AlignedForSequenceClassification, base_info: dict) -> dict:
+    """The loading info of a wrapped base checkpoint, named as in the aligned model: the base model's keys under
+    `backbone.`, plus the new classification layer (and projection head) as missing keys."""
+    moved = {"norm", "pooler"}  # the base model's own parts, loaded with it
+    new_keys = [
+        f"classifier.{name}" for name, _ in model.classifier.named_parameters() if name.split(".")[2] not in moved
+    ]
+    info = {
+        key: [f"backbone.{name}" for name in base_info.get(key, [])] for key in ("missing_keys", "unexpected_keys")
+    }
+    info["missing_keys"] += new_keys
+    info["mismatched_keys"] = list(base_info.get("mismatched_keys", []))
+    info["error_msgs"] = list(base_info.get("error_msgs", []))
+    return info
 
 
 def register_hub_pusher(pusher: Callable[..., Any]) -> None:
