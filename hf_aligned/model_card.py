@@ -198,7 +198,7 @@ def build_model_card(
 
     Args:
         model_or_config: an [`AlignedForSequenceClassification`] (its `exit_config`, when set, fills
-            `data.exit_config`) or its [`AlignedConfig`].
+            `data.exit_config`), an [`AlignedForCausalLM`] (possibly wrapped by peft) or an [`AlignedConfig`].
         data: results and metadata to show; see [`AlignedModelCardData`].
 
     Returns:
@@ -209,6 +209,8 @@ def build_model_card(
         ValueError: if the data contradicts the model (a layer that does not exist) or a calibration point lacks a
             key.
     """
+    if hasattr(model_or_config, "get_base_model"):  # a peft wrapper: the card describes the model it wraps
+        model_or_config = model_or_config.get_base_model()
     if isinstance(model_or_config, AlignedForCausalLM):
         return build_causal_lm_card(model_or_config, data)
     config = getattr(model_or_config, "config", model_or_config)
