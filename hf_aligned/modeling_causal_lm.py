@@ -27,12 +27,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 from transformers.utils.hub import create_and_tag_model_card, hf_api
 
 from .backbones import find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .compat import causal_lm_class
 from .configuration_aligned import is_decoder_only, num_hidden_layers, resolve_layer_weights
+
+logger = logging.get_logger(__name__)
 
 # The key of the base config under which a checkpoint records how it was trained (ignored by other libraries).
 ALIGNED_TRAINING_KEY = "aligned_training"
@@ -527,7 +530,8 @@ class AlignedForCausalLM:
     def generate(self, *args, assistant_early_exit: int | None = None, **kwargs):
         """transformers' `generate`; with `assistant_early_exit=k` (or a generation config that sets it), the first
         k blocks draft tokens and the full model verifies them (assisted generation with [`early_exit_draft`]), for
-        every family, GPT-2 included. Greedy output equals plain greedy decoding.
+        every family, GPT-2 included. Greedy output equals plain greedy decoding (in eval mode: in train mode dropout
+        changes every forward, and a warning says so).
 
         The draft's settings `num_assistant_tokens`, `num_assistant_tokens_schedule` and
         `assistant_confidence_threshold` come from this call (keywords or `generation_config`), else from the model's
@@ -536,6 +540,12 @@ class AlignedForCausalLM:
         Raises:
             ValueError: for a `k` outside [1, L - 1], or together with an `assistant_model`.
         """
+        if self.training:
+            logger.warning_once(
+                "generate runs in train mode: dropout is active, so outputs change from call to call and "
+                "`assistant_early_exit` no longer reproduces plain greedy decoding. `from_config` leaves a model in "
+                "train mode (as in transformers): call `model.eval()` before generating."
+            )
         source = kwargs.get("generation_config") or self.generation_config
         if assistant_early_exit is None:
             assistant_early_exit = getattr(source, "assistant_early_exit", None)
