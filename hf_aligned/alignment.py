@@ -148,31 +148,6 @@ class AlignmentSettings:
         _validate_training_options(self, last_layer_weight=weights[-1])
         return weights
 
-    def truncated(self, num_layers: int) -> AlignmentSettings:
-        """The settings of the model's first `num_layers` blocks (kept weights and aligned layers), validated.
-
-        Raises:
-            ValueError: when the settings do not hold for the truncated model (no aligned layer or no positive weight
-                left, or an option that needs the last layer's loss), naming what to change.
-        """
-        changes: dict[str, Any] = {}
-        if not isinstance(self.layer_weights, str):
-            changes["layer_weights"] = self.layer_weights[:num_layers]
-        if self.aligned_layers is not None:
-            kept = [layer for layer in self.aligned_layers if layer <= num_layers]
-            if not kept:
-                raise ValueError(
-                    f"No aligned layer ({self.aligned_layers}) is among the first {num_layers} blocks, so the "
-                    f"truncated model would have no loss; truncate to at least {min(self.aligned_layers)} blocks."
-                )
-            changes["aligned_layers"] = kept
-        settings = dataclasses.replace(self, **changes)
-        try:
-            settings.validate(num_layers)
-        except ValueError as error:
-            raise ValueError(f"The settings do not hold for the first {num_layers} blocks: {error}") from error
-        return settings
-
 
 def foreign_settings_message(names: Sequence[str], kind: str) -> str:
     """The error for settings of the other model kind (classifier options on a language model, or the reverse)."""

@@ -80,6 +80,8 @@ def build_model_card(
         ValueError: if the data contradicts the model (a layer that does not exist) or a calibration point lacks a
             key.
     """
+    if hasattr(model_or_config, "get_base_model"):  # a peft wrapper: the card describes the model it wraps
+        model_or_config = model_or_config.get_base_model()
     config = getattr(model_or_config, "config", model_or_config)
     kind = model_kind(config)
     if kind is None:

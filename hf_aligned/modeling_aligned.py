@@ -200,9 +200,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             # Without a `config` argument the base model loads its config itself, applying the config overrides in
             # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
             return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        if isinstance(model, tuple):  # output_loading_info=True
-            return model
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **locating)
         if exit_config is not None:
             try:
@@ -210,7 +209,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             except ValueError as error:
                 raise ValueError(f"exit_config.json of {pretrained_model_name_or_path}: {error}") from error
             model.exit_config = exit_config
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         """Saves the model like transformers does, plus its [`ExitConfig`] as `exit_config.json`."""
@@ -224,6 +223,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     ) -> AlignedForSequenceClassification:
         aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
         locating = hub_kwargs(kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
         base_model, loading_info = AutoModel.from_pretrained(
             path, config=base_config, output_loading_info=True, **kwargs
         )
@@ -240,7 +240,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         # The new classifier follows the base model's dtype and the device its last block was loaded on.
         model.classifier.to(device=next(model.blocks[-1].parameters()).device, dtype=base_model.dtype)
         model.eval()
-        return model
+        if not output_loading_info:
+            return model
+        return model, _wrapped_loading_info(model, loading_info)
 
     def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
         """The base model's inputs of one call, checked and completed ([`BaseModelInputs.prepare`])."""
@@ -489,11 +491,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
         deployment, with no early-exit machinery at run time.
 
+        The training settings are cut to the kept blocks (`layer_weights`, `aligned_layers`) and checked as
+        `from_pretrained` checks them, so the copy always reloads.
+
         Raises:
-            ValueError: if `num_layers` is not between 1 and the model's depth.
+            ValueError: if `num_layers` is not between 1 and the model's depth, if no kept block is an aligned layer
+                (the classifier was never trained after them), or if the cut settings do not hold (e.g.
+                `classifier_update="last"` with a zero weight on the new last layer).
         """
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"`num_layers={num_layers!r}` must be an integer between 1 and {self.num_layers}.")
+        trained = [layer for layer, weight in enumerate(self.config.resolved_layer_weights, start=1) if weight > 0]
+        if min(trained) > num_layers:
+            raise ValueError(
+                f"truncate({num_layers}) keeps none of the aligned layers {trained}: the classifier was never trained "
+                f"after blocks 1-{num_layers}. Truncate to at least {min(trained)} blocks."
+            )
         truncated = copy.deepcopy(self)
         del truncated.blocks[num_layers:]
         base_config = truncated.backbone.config
@@ -504,10 +517,13 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         config = truncated.config
         config.base_config = base_config
         if not isinstance(config.layer_weights, str):
-            kept = config.layer_weights[:num_layers]
-            config.layer_weights = kept if sum(kept) > 0 else "last"
+            config.layer_weights = config.layer_weights[:num_layers]
         if config.aligned_layers is not None:
-            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers] or None
+            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers]
+        try:
+            AlignedConfig.from_dict(config.to_dict())
+        except ValueError as error:
+            raise ValueError(f"truncate({num_layers}) would save settings that do not load: {error}") from error
         if config.classifier_sharing == "per_layer":
             del truncated.classifier.heads[num_layers:]
         truncated.exit_config = ExitConfig()
@@ -556,3 +572,19 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
         heads = [self.classifier.head(max(layer, 1)) for layer in range(len(captured))]
         return torch.stack([head.features(hidden, mask) for head, hidden in zip(heads, captured)])
+
+
+def _wrapped_loading_info(model: AlignedForSequenceClassification, base_info: dict) -> dict:
+    """The loading info of a wrapped base checkpoint, named as in the aligned model: the base model's keys under
+    `backbone.`, plus the new classification layer (and projection head) as missing keys."""
+    moved = {"norm", "pooler"}  # the base model's own parts, loaded with it
+    new_keys = [
+        f"classifier.{name}" for name, _ in model.classifier.named_parameters() if name.split(".")[2] not in moved
+    ]
+    info = {
+        key: [f"backbone.{name}" for name in base_info.get(key, [])] for key in ("missing_keys", "unexpected_keys")
+    }
+    info["missing_keys"] += new_keys
+    info["mismatched_keys"] = list(base_info.get("mismatched_keys", []))
+    info["error_msgs"] = list(base_info.get("error_msgs", []))
+    return info

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers.utils import logging
 
 from .alignment import ALIGNED_TRAINING_KEY, ALIGNMENT_KEYWORDS, CAUSAL_LM, AlignmentSettings
 from .backbones import find_layout
@@ -34,6 +35,8 @@ from .outputs import AlignedCausalLMOutput
 from .sharing import push_options, push_saved, push_to_hub
 from .speculative import draft_generation_kwargs, early_exit_draft
 from .utils import hub_kwargs
+
+logger = logging.get_logger(__name__)
 
 
 class AlignedForCausalLM:
@@ -296,7 +299,8 @@ class AlignedForCausalLM:
     def generate(self, *args, assistant_early_exit: int | None = None, **kwargs):
         """transformers' `generate`; with `assistant_early_exit=k` (or a generation config that sets it), the first
         k blocks draft tokens and the full model verifies them (assisted generation with [`early_exit_draft`]), for
-        every family, GPT-2 included. Greedy output equals plain greedy decoding.
+        every family, GPT-2 included. Greedy output equals plain greedy decoding (in eval mode: in train mode dropout
+        changes every forward, and a warning says so).
 
         The draft's settings `num_assistant_tokens`, `num_assistant_tokens_schedule` and
         `assistant_confidence_threshold` come from this call (keywords or `generation_config`), else from the model's
@@ -305,6 +309,12 @@ class AlignedForCausalLM:
         Raises:
             ValueError: for a `k` outside [1, L - 1], or together with an `assistant_model`.
         """
+        if self.training:
+            logger.warning_once(
+                "generate runs in train mode: dropout is active, so outputs change from call to call and "
+                "`assistant_early_exit` no longer reproduces plain greedy decoding. `from_config` leaves a model in "
+                "train mode (as in transformers): call `model.eval()` before generating."
+            )
         return super().generate(*args, **draft_generation_kwargs(self, assistant_early_exit, kwargs))
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from hf_aligned import CAUSAL_LM_HEADS, AlignedForCausalLM
 from hf_aligned.compat import causal_lm_class
@@ -108,3 +110,20 @@ def test_trainer_keeps_the_columns_the_familys_forward_names(tmp_path):
         tensors = {name: torch.tensor(kept[name]) for name in kept.column_names}
         expected = model(**tensors).loss
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_generating_in_train_mode_warns_and_eval_mode_gives_identical_output():
+    config = tiny_family_config("gpt2")
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.5
+    torch.manual_seed(0)
+    model = AlignedForCausalLM.from_config(config)
+    assert model.training  # as transformers' from_config leaves it
+    prompt = torch.tensor([[5, 9, 2]])
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    logger = logging.get_logger("hf_aligned.modeling_causal_lm")
+    with CaptureLogger(logger) as captured:
+        model.generate(prompt, **settings)
+    assert "generate runs in train mode: dropout is active" in captured.out
+    model.eval()
+    plain = model.generate(prompt, **settings)
+    assert torch.equal(model.generate(prompt, assistant_early_exit=1, **settings), plain)

@@ -4,6 +4,8 @@ settings that cannot hold are refused instead of silently changed."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -119,3 +121,40 @@ def test_causal_lm_from_pretrained_applies_config_overrides_like_auto_models(tmp
     assert model.alignment.layer_weights == "last"
     with pytest.raises(TypeError, match="not_a_setting"):
         AlignedForCausalLM.from_pretrained(tmp_path, not_a_setting=1)
+
+
+def test_truncate_never_gives_a_config_from_pretrained_refuses(tmp_path):
+    model = tiny_model("bert", num_layers=3, layer_weights=[1.0, 0.0, 1.0], classifier_update="last")
+    with pytest.raises(ValueError, match=r"truncate\(2\).*classifier_update='last'"):
+        model.truncate(2)
+    model = tiny_model("bert", aligned_layers=[3, 4])
+    with pytest.raises(ValueError, match=r"truncate\(2\) keeps none of the aligned layers \[3, 4\]"):
+        model.truncate(2)
+    model = tiny_model("bert", layer_weights=[0.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"truncate\(2\) keeps none of the aligned layers \[3, 4\]"):
+        model.truncate(2)
+    model = tiny_model("bert", aligned_layers=[1, 3, 4], layer_weights="uniform")
+    truncated = model.truncate(2)
+    assert truncated.config.aligned_layers == [1]
+    truncated.save_pretrained(tmp_path)
+    assert AlignedForSequenceClassification.from_pretrained(tmp_path).config.resolved_layer_weights == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("source", ["aligned", "plain"])
+def test_output_loading_info_still_reads_the_exit_config(source, tmp_path):
+    model = tiny_model("bert")
+    model.exit_config = ExitConfig(threshold=0.75)
+    model.save_pretrained(tmp_path / "aligned")
+    BertForSequenceClassification(tiny_base_config("bert")).save_pretrained(tmp_path / "plain")
+    loaded, info = AlignedForSequenceClassification.from_pretrained(tmp_path / source, output_loading_info=True)
+    assert isinstance(loaded, AlignedForSequenceClassification)
+    assert sorted(info) == ["error_msgs", "mismatched_keys", "missing_keys", "unexpected_keys"]
+    if source == "aligned":
+        assert loaded.exit_config.threshold == 0.75
+        assert json.loads((tmp_path / "aligned" / "exit_config.json").read_text())["threshold"] == 0.75
+        assert not info["missing_keys"]
+    else:
+        assert sorted(info["missing_keys"]) == [
+            "classifier.heads.0.out_proj.bias",
+            "classifier.heads.0.out_proj.weight",
+        ]
