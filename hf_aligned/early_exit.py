@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .block_hooks import BlockObserver, observe_blocks
 from .exits import EarlyExitResult, ExitConfig, ExitDecider, ExitLedger
 from .outputs import EarlyExitOutput
+
+logger = logging.get_logger(__name__)
 
 # Per-sample tensors the blocks receive are recognised by their batch dimension; these arguments never have one.
 NON_BATCH_ARGUMENTS = frozenset({"cache_position"})
@@ -64,6 +67,87 @@ def classify_with_early_exit(
         layers_computed=result.layers_computed,
         num_layers=len(blocks),
     )
+
+
+class EarlyExitMixin:
+    """Serving with early exit, for [`AlignedForSequenceClassification`]: `early_exit_predict`, and the decision of
+    when a plain `forward` call exits early. Reads the model's `backbone`, `blocks`, `classifier`, `config`,
+    `exit_config`, `num_layers`, `_inputs` and `pooling_mask`."""
+
+    @torch.no_grad()
+    def early_exit_predict(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        exit_config: ExitConfig | None = None,
+        **inputs,
+    ) -> EarlyExitOutput:
+        """Classifies a batch, letting each sample leave at the first layer where the exit rule fires.
+
+        Blocks run one at a time; after each, the shared classifier scores the samples still running and those that
+        leave are removed from the batch (and from every per-sample tensor the blocks take: masks, positions, rotary
+        tables) before the next block, so no compute is spent on them. Results do not depend on how samples are
+        batched.
+
+        Args:
+            exit_config ([`ExitConfig`], *optional*): the exit rule; defaults to `self.exit_config`.
+            inputs: the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...) and any
+                [`ExitConfig`] field to override for this call (`threshold=0.9`, `rule="patience"`, ...).
+
+        Returns:
+            [`EarlyExitOutput`] with `predictions`, `logits` at the exit layer, `exit_layers` and
+            `layers_computed`.
+
+        Raises:
+            TypeError: naming arguments that are neither base-model inputs nor `ExitConfig` fields (with the closest
+                valid name).
+            ValueError: for an invalid exit setting, a call without inputs or an empty batch.
+
+        Safe to call from several threads at once. In train mode it runs as asked (dropout active) and warns once.
+
+        Example:
+
+        ```python
+        >>> out = model.early_exit_predict(**batch, threshold=0.9)
+        >>> out.exit_layers, out.ideal_speedup
+        ```
+        """
+        overrides = {name: inputs.pop(name) for name in list(inputs) if name in ExitConfig.__dataclass_fields__}
+        model_inputs = self._inputs("early_exit_predict", input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        exit_config = (exit_config or self.exit_config).update(**overrides)
+        exit_config.validate(self.num_layers)
+        if self.training:
+            logger.warning_once(
+                "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
+                "to call. Call `model.eval()` before serving."
+            )
+        check_exit_rule(exit_config, self.config.problem_type, self.config.num_labels)
+        return classify_with_early_exit(
+            self.backbone,
+            self.blocks,
+            self.classifier,
+            model_inputs,
+            exit_config,
+            self.pooling_mask(input_ids, attention_mask),
+            self.config.problem_type,
+        )
+
+    def _exits_early(self, early_exit: bool | None, every_layer: bool) -> bool:
+        """Whether `forward` serves the call with early exit: as asked, else an inference call whose exit config
+        lets samples leave early (see `forward`).
+
+        Raises:
+            ValueError: for `early_exit=True` with labels, hidden states, attentions or layer logits (`every_layer`).
+        """
+        if early_exit is None:
+            return not (self.training or every_layer or self.exit_config.never_exits or torch.compiler.is_compiling())
+        if early_exit and every_layer:
+            raise ValueError(
+                "`early_exit=True` returns each sample's logits at its exit layer only: it computes no loss, hidden "
+                "states, attentions or layer logits. Leave `early_exit` unset (or pass False) with `labels`, "
+                "`output_hidden_states`, `output_attentions` or `output_layer_logits`."
+            )
+        return early_exit
 
 
 def check_exit_rule(exit_config: ExitConfig, problem_type: str | None, num_labels: int) -> None:

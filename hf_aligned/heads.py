@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -156,6 +157,44 @@ class AlignedClassifier(nn.Module):
             else:
                 scores.append(head(hidden, attention_mask))
         return torch.stack(scores)
+
+
+def resolve_use_pooler(config, pooler: nn.Module | None, model_type: str) -> bool:
+    """Whether the classifier uses the base model's pooler: `config.use_pooler`, by default when the base model has
+    one and `pooling` is `"cls"`.
+
+    Raises:
+        ValueError: for `use_pooler=True` on a base model without a pooler.
+    """
+    if config.use_pooler is None:
+        return pooler is not None and config.pooling == "cls"
+    if config.use_pooler and pooler is None:
+        raise ValueError(
+            f"`use_pooler=True` but model type {model_type!r} has no pooler; leave `use_pooler` unset or set it to "
+            "False."
+        )
+    return config.use_pooler
+
+
+def build_classifier(config, hidden_size: int, norm: nn.Module | None, pooler: nn.Module | None) -> AlignedClassifier:
+    """The classifier an [`AlignedConfig`] describes: one head shared by every layer, or one per layer; each made of
+    the base model's final norm and pooler (copied for all but the last head) and a new classification layer."""
+    num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
+    heads = []
+    for index in range(num_heads):
+        last = index == num_heads - 1
+        heads.append(
+            ClassificationHead(
+                hidden_size=hidden_size,
+                num_labels=config.num_labels,
+                dropout=config.classifier_dropout,
+                pooling=config.pooling,
+                norm=norm if last else copy.deepcopy(norm),
+                pooler=(pooler if last else copy.deepcopy(pooler)) if config.use_pooler else None,
+                projection_head=config.projection_head,
+            )
+        )
+    return AlignedClassifier(heads, shared=config.classifier_sharing == "shared")
 
 
 class _InputGradientOnly(torch.autograd.Function):

@@ -81,16 +81,10 @@ def push_aligned_model(
             "or `Trainer.save_model`."
         )
     _check_repo_id(repo_id)
-    card = None
-    if card_data is not None or not (model_dir / MODEL_CARD_NAME).is_file():
-        card_data = card_data or AlignedModelCardData()
-        if card_data.model_id is None:
-            card_data = dataclasses.replace(card_data, model_id=repo_id)
-        card = str(build_model_card(_aligned_config(model_dir), card_data.fill_from_directory(model_dir)))
     return _commit_directory(
         model_dir,
         repo_id,
-        card=card,
+        card=_directory_card(model_dir, repo_id, card_data),
         private=private,
         token=token,
         revision=revision,
@@ -153,6 +147,17 @@ def push_model(
                 shutil.copyfile(plot, Path(folder) / "plots" / plot.name)
         build_model_card(model, card_data.fill_from_directory(folder)).save(Path(folder) / MODEL_CARD_NAME)
         return push_aligned_model(folder, repo_id, **push_kwargs)
+
+
+def _directory_card(model_dir: Path, repo_id: str, card_data: AlignedModelCardData | None) -> str | None:
+    """The card a directory push uploads: rendered from `card_data` (unset fields read from the directory) or, when
+    the directory has no card, from its files alone; `None` keeps the directory's own `README.md`."""
+    if card_data is None and (model_dir / MODEL_CARD_NAME).is_file():
+        return None
+    card_data = card_data or AlignedModelCardData()
+    if card_data.model_id is None:
+        card_data = dataclasses.replace(card_data, model_id=repo_id)
+    return str(build_model_card(_aligned_config(model_dir), card_data.fill_from_directory(model_dir)))
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,36 +12,23 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
-from .alignment import CLASSIFICATION, KIND_FIELDS, AlignmentSettings
-from .backbones import detach_module, find_layout, sentence_transformers_pooling
+from .alignment import AlignmentSettings
+from .backbones import detach_module, find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
-from .compat import mark_initialized, set_name_or_path
+from .checkpoints import truncated_copy, wrap_base_checkpoint
+from .compat import mark_initialized
 from .configuration_aligned import AlignedConfig
-from .early_exit import check_exit_rule, classify_with_early_exit
+from .early_exit import EarlyExitMixin
 from .exits import ExitConfig
-from .heads import AlignedClassifier, ClassificationHead, pool_hidden_states
+from .heads import build_classifier, pool_hidden_states, resolve_use_pooler
 from .inputs import BaseModelInputs, non_padding_mask
-from .losses import aligned_loss, distillation_losses, infer_problem_type, layer_losses
-from .outputs import AlignedSequenceClassifierOutput, EarlyExitOutput
+from .losses import aligned_loss, infer_problem_type
+from .outputs import AlignedSequenceClassifierOutput
 from .sharing import push_to_hub
 from .utils import hub_kwargs
 
 logger = logging.get_logger(__name__)
 
-# Keyword arguments that configure the aligned model rather than the base model it wraps: the alignment settings of a
-# classifier and the classifier's own structure and labels.
-ALIGNED_KWARGS = (
-    *KIND_FIELDS[CLASSIFICATION],
-    "pooling",
-    "projection_head",
-    "use_pooler",
-    "classifier_dropout",
-    "layout",
-    "num_labels",
-    "id2label",
-    "label2id",
-    "problem_type",
-)
 # Where `pooled_layer_states` reads a layer's vector: before the classifier, or where its classification layer reads.
 REPRESENTATION_STAGES = ("pre", "post")
 
@@ -62,7 +48,7 @@ class AlignedPreTrainedModel(PreTrainedModel):
     push_to_hub = push_to_hub
 
 
-class AlignedForSequenceClassification(AlignedPreTrainedModel):
+class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
     """A base model with one classifier applied after every block, trained with the aligned loss.
 
     The classifier is the base model's own final norm and pooler (where the family has them) followed by a new
@@ -94,38 +80,14 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         layout = find_layout(backbone, config.layout)
         norm = detach_module(backbone, layout.final_norm, nn.Identity()) if layout.final_norm else None
         pooler = detach_module(backbone, layout.pooler, None) if layout.pooler else None
-        use_pooler = config.use_pooler
-        if use_pooler is None:
-            use_pooler = pooler is not None and config.pooling == "cls"
-        elif use_pooler and pooler is None:
-            raise ValueError(
-                f"`use_pooler=True` but model type {backbone.config.model_type!r} has no pooler; leave `use_pooler` "
-                "unset or set it to False."
-            )
-        config.use_pooler = use_pooler
+        config.use_pooler = resolve_use_pooler(config, pooler, backbone.config.model_type)
         config.layout = layout.to_dict()
         config.base_config = backbone.config
         self.backbone = backbone
         self.blocks_path = layout.blocks
         install_block_hooks(self.blocks)
         self.base_inputs = BaseModelInputs(backbone, extra_names=ExitConfig.__dataclass_fields__)
-        num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
-        hidden_size = backbone.config.get_text_config().hidden_size
-        heads = []
-        for index in range(num_heads):
-            last = index == num_heads - 1
-            heads.append(
-                ClassificationHead(
-                    hidden_size=hidden_size,
-                    num_labels=config.num_labels,
-                    dropout=config.classifier_dropout,
-                    pooling=config.pooling,
-                    norm=norm if last else copy.deepcopy(norm),
-                    pooler=(pooler if last else copy.deepcopy(pooler)) if use_pooler else None,
-                    projection_head=config.projection_head,
-                )
-            )
-        self.classifier = AlignedClassifier(heads, shared=config.classifier_sharing == "shared")
+        self.classifier = build_classifier(config, backbone.config.get_text_config().hidden_size, norm, pooler)
         self.exit_config = ExitConfig()
         # Whether a pretrained backbone got a new, untrained classification layer (and projection head) here (the
         # trainer gives such layers their own learning rate by default); a reloaded aligned checkpoint's classifier is
@@ -199,7 +161,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         if not isinstance(found, AlignedConfig):
             # Without a `config` argument the base model loads its config itself, applying the config overrides in
             # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
-            return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
+            return wrap_base_checkpoint(cls, pretrained_model_name_or_path, base_config=config, **kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **locating)
@@ -216,33 +178,6 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             self.exit_config.save_pretrained(save_directory)
-
-    @classmethod
-    def _from_base_pretrained(
-        cls, path: str | os.PathLike, base_config: PreTrainedConfig | None, **kwargs
-    ) -> AlignedForSequenceClassification:
-        aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
-        locating = hub_kwargs(kwargs)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        base_model, loading_info = AutoModel.from_pretrained(
-            path, config=base_config, output_loading_info=True, **kwargs
-        )
-        if aligned_kwargs.get("pooling", "auto") == "auto":
-            aligned_kwargs["pooling"] = sentence_transformers_pooling(path, locating) or "auto"
-        if aligned_kwargs.get("use_pooler") is None and any(
-            key.startswith("pooler.") for key in loading_info["missing_keys"]
-        ):
-            # The checkpoint has no trained pooler: a randomly initialized one would only get in the way.
-            aligned_kwargs["use_pooler"] = False
-        config = AlignedConfig(base_config=base_model.config, **aligned_kwargs)
-        set_name_or_path(config, str(path))
-        model = cls(config, base_model=base_model)
-        # The new classifier follows the base model's dtype and the device its last block was loaded on.
-        model.classifier.to(device=next(model.blocks[-1].parameters()).device, dtype=base_model.dtype)
-        model.eval()
-        if not output_loading_info:
-            return model
-        return model, _wrapped_loading_info(model, loading_info)
 
     def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
         """The base model's inputs of one call, checked and completed ([`BaseModelInputs.prepare`])."""
@@ -367,23 +302,6 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         frozen_layers = frozenset(layers[:-1]) if frozen else frozenset()
         return base_outputs, self.classifier(block_outputs, pooling_mask, layers, frozen_layers=frozen_layers)
 
-    def _exits_early(self, early_exit: bool | None, every_layer: bool) -> bool:
-        """Whether `forward` serves the call with early exit: as asked, else an inference call whose exit config
-        lets samples leave early (see `forward`).
-
-        Raises:
-            ValueError: for `early_exit=True` with labels, hidden states, attentions or layer logits (`every_layer`).
-        """
-        if early_exit is None:
-            return not (self.training or every_layer or self.exit_config.never_exits or torch.compiler.is_compiling())
-        if early_exit and every_layer:
-            raise ValueError(
-                "`early_exit=True` returns each sample's logits at its exit layer only: it computes no loss, hidden "
-                "states, attentions or layer logits. Leave `early_exit` unset (or pass False) with `labels`, "
-                "`output_hidden_states`, `output_attentions` or `output_layer_logits`."
-            )
-        return early_exit
-
     def aligned_loss(
         self, layer_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -403,86 +321,11 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             config.distillation_temperature,
         )
 
-    def layer_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of each layer's scores, `(num_layers,)`, for the configured (or inferred) problem type.
-
-        Raises:
-            ValueError: naming the offending labels, when a class index lies outside `[0, num_labels)`.
-        """
-        return layer_losses(layer_logits, labels, self._problem_type(layer_logits, labels))
-
-    def layer_distillation_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Self-distillation loss of each layer, `(num_layers,)` (see [`distillation_losses`]).
-
-        Raises:
-            ValueError: when the model is not a single-label classifier.
-        """
-        config = self.config
-        return distillation_losses(layer_logits, labels, config.problem_type, config.distillation_temperature)
-
     def _problem_type(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> str:
         """The configured problem type; when unset, inferred from the labels (as transformers does) and recorded."""
         if self.config.problem_type is None:
             self.config.problem_type = infer_problem_type(layer_logits.shape[-1], labels)
         return self.config.problem_type
-
-    @torch.no_grad()
-    def early_exit_predict(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        exit_config: ExitConfig | None = None,
-        **inputs,
-    ) -> EarlyExitOutput:
-        """Classifies a batch, letting each sample leave at the first layer where the exit rule fires.
-
-        Blocks run one at a time; after each, the shared classifier scores the samples still running and those that
-        leave are removed from the batch (and from every per-sample tensor the blocks take: masks, positions, rotary
-        tables) before the next block, so no compute is spent on them. Results do not depend on how samples are
-        batched.
-
-        Args:
-            exit_config ([`ExitConfig`], *optional*): the exit rule; defaults to `self.exit_config`.
-            inputs: the base model's inputs (`input_ids`, `attention_mask`, `pixel_values`, ...) and any
-                [`ExitConfig`] field to override for this call (`threshold=0.9`, `rule="patience"`, ...).
-
-        Returns:
-            [`EarlyExitOutput`] with `predictions`, `logits` at the exit layer, `exit_layers` and
-            `layers_computed`.
-
-        Raises:
-            TypeError: naming arguments that are neither base-model inputs nor `ExitConfig` fields (with the closest
-                valid name).
-            ValueError: for an invalid exit setting, a call without inputs or an empty batch.
-
-        Safe to call from several threads at once. In train mode it runs as asked (dropout active) and warns once.
-
-        Example:
-
-        ```python
-        >>> out = model.early_exit_predict(**batch, threshold=0.9)
-        >>> out.exit_layers, out.ideal_speedup
-        ```
-        """
-        overrides = {name: inputs.pop(name) for name in list(inputs) if name in ExitConfig.__dataclass_fields__}
-        model_inputs = self._inputs("early_exit_predict", input_ids=input_ids, attention_mask=attention_mask, **inputs)
-        exit_config = (exit_config or self.exit_config).update(**overrides)
-        exit_config.validate(self.num_layers)
-        if self.training:
-            logger.warning_once(
-                "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
-                "to call. Call `model.eval()` before serving."
-            )
-        check_exit_rule(exit_config, self.config.problem_type, self.config.num_labels)
-        return classify_with_early_exit(
-            self.backbone,
-            self.blocks,
-            self.classifier,
-            model_inputs,
-            exit_config,
-            self.pooling_mask(input_ids, attention_mask),
-            self.config.problem_type,
-        )
 
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.
@@ -499,35 +342,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 (the classifier was never trained after them), or if the cut settings do not hold (e.g.
                 `classifier_update="last"` with a zero weight on the new last layer).
         """
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= self.num_layers:
-            raise ValueError(f"`num_layers={num_layers!r}` must be an integer between 1 and {self.num_layers}.")
-        trained = [layer for layer, weight in enumerate(self.config.resolved_layer_weights, start=1) if weight > 0]
-        if min(trained) > num_layers:
-            raise ValueError(
-                f"truncate({num_layers}) keeps none of the aligned layers {trained}: the classifier was never trained "
-                f"after blocks 1-{num_layers}. Truncate to at least {min(trained)} blocks."
-            )
-        truncated = copy.deepcopy(self)
-        del truncated.blocks[num_layers:]
-        base_config = truncated.backbone.config
-        base_config.get_text_config().num_hidden_layers = num_layers
-        layer_types = getattr(base_config, "layer_types", None)
-        if isinstance(layer_types, list):
-            base_config.layer_types = layer_types[:num_layers]
-        config = truncated.config
-        config.base_config = base_config
-        if not isinstance(config.layer_weights, str):
-            config.layer_weights = config.layer_weights[:num_layers]
-        if config.aligned_layers is not None:
-            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers]
-        try:
-            AlignedConfig.from_dict(config.to_dict())
-        except ValueError as error:
-            raise ValueError(f"truncate({num_layers}) would save settings that do not load: {error}") from error
-        if config.classifier_sharing == "per_layer":
-            del truncated.classifier.heads[num_layers:]
-        truncated.exit_config = ExitConfig()
-        return truncated
+        return truncated_copy(self, num_layers)
 
     @torch.no_grad()
     def pooled_layer_states(
@@ -572,19 +387,3 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
         heads = [self.classifier.head(max(layer, 1)) for layer in range(len(captured))]
         return torch.stack([head.features(hidden, mask) for head, hidden in zip(heads, captured)])
-
-
-def _wrapped_loading_info(model: AlignedForSequenceClassification, base_info: dict) -> dict:
-    """The loading info of a wrapped base checkpoint, named as in the aligned model: the base model's keys under
-    `backbone.`, plus the new classification layer (and projection head) as missing keys."""
-    moved = {"norm", "pooler"}  # the base model's own parts, loaded with it
-    new_keys = [
-        f"classifier.{name}" for name, _ in model.classifier.named_parameters() if name.split(".")[2] not in moved
-    ]
-    info = {
-        key: [f"backbone.{name}" for name in base_info.get(key, [])] for key in ("missing_keys", "unexpected_keys")
-    }
-    info["missing_keys"] += new_keys
-    info["mismatched_keys"] = list(base_info.get("mismatched_keys", []))
-    info["error_msgs"] = list(base_info.get("error_msgs", []))
-    return info

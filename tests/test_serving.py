@@ -22,7 +22,7 @@ from hf_aligned import (
 from hf_aligned.calibration import calibrate_exits
 from hf_aligned.cli import main as cli_main
 from hf_aligned.data import _explain_collate_errors
-from hf_aligned.modeling_aligned import logger as modeling_logger
+from hf_aligned.early_exit import logger as modeling_logger
 from tests.test_callbacks import token_dataset, training_args
 from tests.test_exits import confident_model
 from tests.testing_utils import NUM_LAYERS, tiny_inputs, tiny_model, tiny_tokenizer
