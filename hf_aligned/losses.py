@@ -114,6 +114,12 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
+def next_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (in float32) of logits `(batch, seq, vocab)` against shifted targets
+    `(batch, seq)`; positions whose target is -100 add nothing."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
 def step_weights(weights: Sequence[float], layers_per_step: int | None, draw: bool) -> dict[int, float]:
     """This step's weight of every 1-based layer with a loss: the configured λ_l, or, when `layers_per_step` draws a
     subset of the earlier layers (`draw`: a training step), the drawn layers' λ_l times (candidates / drawn); the

@@ -19,7 +19,6 @@ import os
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
@@ -30,7 +29,13 @@ from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .compat import build_from_config, causal_lm_class
 from .configuration_aligned import is_decoder_only, num_hidden_layers
 from .heads import causal_lm_head
-from .losses import chunked_next_token_loss, chunked_next_token_statistics, shifted_labels, step_weights
+from .losses import (
+    chunked_next_token_loss,
+    chunked_next_token_statistics,
+    next_token_loss_sum,
+    shifted_labels,
+    step_weights,
+)
 from .outputs import AlignedCausalLMOutput
 from .sharing import push_options, push_saved, push_to_hub
 from .speculative import draft_generation_kwargs, early_exit_draft
@@ -241,7 +246,7 @@ class AlignedForCausalLM:
         counted = (targets != -100).sum().clamp(min=1)
         weights = self._step_weights()
         chunk_size = self.alignment.loss_chunk_size
-        last_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum") / counted
+        last_loss = next_token_loss_sum(logits, targets) / counted
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
         computed = torch.zeros(self.num_layers, dtype=torch.bool, device=last_loss.device)

@@ -156,3 +156,15 @@ def test_no_tracked_symlinks_and_card_templates_live_once_in_the_package():
         "aligned_model_card.md",
         "causal_lm_model_card.md",
     }
+
+
+def test_the_map_says_where_a_change_to_the_loss_early_exit_and_the_card_goes():
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| (the loss|early exit|the Hub card) [^|]*\| `(\w+)\.py`", text, flags=re.MULTILINE))
+    assert rows == {"the loss": "losses", "early exit": "early_exit", "the Hub card": "model_card"}
+    for module in rows.values():
+        assert (PACKAGE / f"{module}.py").is_file()
+    # The loss lives in that one module: neither model nor the metrics compute a loss of their own.
+    for module in ("modeling_aligned", "modeling_causal_lm", "metrics", "kinds"):
+        text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        assert not re.search(r"\b(cross_entropy|mse_loss|binary_cross_entropy\w*|kl_div)\(", text), module
