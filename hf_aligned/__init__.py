@@ -33,6 +33,7 @@ from .modeling_causal_lm import (
     SpeculationEstimate,
     suggest_assistant_early_exit,
 )
+from .pipelines import AlignedTextClassificationPipeline
 from .plotting import (
     plot_calibration,
     plot_dynamics,
@@ -87,6 +88,7 @@ __all__ = [
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "AlignedTextClassificationPipeline",
     "AlignedTrainer",
     "AlignedTrainingArguments",
     "BackboneLayout",
