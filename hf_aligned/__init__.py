@@ -11,7 +11,7 @@ from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
-from .data import collect_layer_logits
+from .data import collect_layer_logits, show_progress
 from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
 from .layouts import BRANCH_OUTPUTS, LAYOUTS
@@ -143,6 +143,7 @@ __all__ = [
     "sample_cosine",
     "saturation_layers",
     "saturation_report",
+    "show_progress",
     "similarity_agreement",
     "similarity_by_distance",
     "simulate_exits",

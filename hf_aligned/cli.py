@@ -7,7 +7,9 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,21 +114,26 @@ def run_analyze(args: argparse.Namespace) -> int:
             f"`--stage post` reads the vectors the classifier reads, with the model's own pooling; drop "
             f"`--pooling {args.pooling}` or use `--stage pre`."
         )
-    model, trained_classifier = _load_analyzed_model(args)
-    dataset, processed, collate_fn = _load_analyzed_data(model, args)
-    reps, labels = layer_representations(
-        model,
-        processed,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        collate_fn=collate_fn,
-        return_labels=True,
-        stage=args.stage,
-    )
-    results = _similarity_results(reps, model, dataset, args)
-    curves = _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
+    with _step("loading the model and the data"):
+        model, trained_classifier = _load_analyzed_model(args)
+        dataset, processed, collate_fn = _load_analyzed_data(model, args)
+    with _step(f"every layer's representation of {len(processed)} samples"):
+        reps, labels = layer_representations(
+            model,
+            processed,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            collate_fn=collate_fn,
+            return_labels=True,
+            stage=args.stage,
+        )
+    with _step("COS and CKA between layers"):
+        results = _similarity_results(reps, model, dataset, args)
+    with _step("per-layer accuracy" + (" and linear probes" if args.probes else "")):
+        curves = _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
     if trained_classifier and _single_label(model):
-        saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
+        with _step("saturation"):
+            saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
     else:
         saturation = None
         logger.info("Saturation skipped: it needs an aligned checkpoint of a single-label classifier.")
@@ -145,6 +152,19 @@ def run_analyze(args: argparse.Namespace) -> int:
             f"the last layer's class probability {report['probability_similarity']['last_class']['spearman']:.4f}."
         )
     return 0
+
+
+@contextmanager
+def _step(description: str) -> Iterator[None]:
+    """Announces a step of a command on stderr, shows a progress bar over its passes through the data, and says how
+    long it took (as transformers' tools report long work)."""
+    from .data import show_progress
+
+    print(f"hf-aligned: {description} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with show_progress(description):
+        yield
+    print(f"hf-aligned: {description}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _load_analyzed_model(args: argparse.Namespace):

@@ -114,7 +114,12 @@ def test_analyze_text_model(text_model_dir, tmp_path, capsys):
     assert results["num_samples"] == len(rows) == 24
     assert (output / "similarity.png").stat().st_size > 0
     assert (output / "layer_accuracy.png").stat().st_size > 0
-    assert "mean off-diagonal COS" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "mean off-diagonal COS" in printed.out
+    # Long steps are announced on stderr, with a progress bar over the batches (24 samples, batch 5: 5 batches).
+    for step in ("every layer's representation of 24 samples", "per-layer accuracy and linear probes", "saturation"):
+        assert f"hf-aligned: {step} ..." in printed.err and f"hf-aligned: {step}: done in " in printed.err
+    assert "every layer's representation of 24 samples: 100%" in printed.err and "5/5" in printed.err
 
     # The same numbers, computed independently from the model's representations.
     model = AlignedForSequenceClassification.from_pretrained(text_model_dir)
