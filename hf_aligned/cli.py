@@ -214,7 +214,8 @@ def _similarity_results(reps, model, dataset, args: argparse.Namespace) -> dict[
     return {
         "model": str(args.model_dir),
         "dataset": str(args.dataset),
-        "split": str(dataset.split) if dataset.split is not None else args.split,
+        # A single data file is read as one whole split, whatever its name says: no split to record.
+        "split": None if Path(args.dataset).is_file() else str(dataset.split or args.split),
         "num_samples": reps.shape[1],
         "pooling": args.pooling or model.config.pooling,
         "stage": args.stage,
@@ -237,13 +238,14 @@ def _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_c
         results["classifier_accuracy"] = classifier_layer_accuracy(
             model, processed, batch_size=args.batch_size, collate_fn=collate_fn
         )
-        curves["shared classifier"] = results["classifier_accuracy"]
+        curves[f"shared classifier (all {len(labels)} samples)"] = results["classifier_accuracy"]
     elif labels is not None:
         logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
     if labels is not None and args.probes:
         probes = linear_probe_accuracy(reps, labels)
         results["probe_accuracy"] = probes.to_dict()
-        curves["linear probe"] = probes.test_accuracy[1:]
+        # From the embedding output (layer 0), on the probes' held-out samples only.
+        curves[f"linear probe ({probes.num_test} held-out samples)"] = probes.test_accuracy
     return curves
 
 
@@ -259,7 +261,8 @@ def _write_analysis(args: argparse.Namespace, results: dict, curves: dict, satur
     matrices = {"COS": results["cos"], "CKA": results["cka"]}
     plot_similarity_heatmaps(matrices, output / "similarity.png", title=str(args.model_dir))
     if curves:
-        plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))
+        starts = {name: 0 if name.startswith("linear probe") else 1 for name in curves}
+        plot_layer_accuracy(curves, output / "layer_accuracy.png", first_layer=starts, title=str(args.model_dir))
     if saturation is not None:
         _write_saturation(saturation, output, str(args.model_dir))
     return output
