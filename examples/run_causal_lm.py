@@ -162,6 +162,7 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     tokenizer = load_tokenizer(model_args, splits["train"]["text"])
     with training_args.main_process_first(desc="tokenizing"):
         splits = pack(splits, tokenizer, data_args.block_size)
+    tokenizer.model_max_length = data_args.block_size  # saved with the model: the length it was trained on
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))

@@ -13,7 +13,7 @@ from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .card_data import AlignedModelCardData
 from .configuration_aligned import AlignedConfig
-from .data import collect_layer_logits
+from .data import collect_layer_logits, show_progress
 from .exits import ExitConfig, simulate_exits
 from .heads import CAUSAL_LM_HEADS, CausalLMHead, pool_hidden_states
 from .hub import HubPushError, push_aligned_model
@@ -23,6 +23,7 @@ from .model_card import build_causal_lm_card, build_model_card, write_model_card
 from .modeling_aligned import AlignedForSequenceClassification, AlignedPreTrainedModel
 from .modeling_causal_lm import AlignedForCausalLM
 from .outputs import AlignedCausalLMOutput, AlignedSequenceClassifierOutput, EarlyExitOutput
+from .pipelines import AlignedTextClassificationPipeline
 from .plotting import (
     plot_calibration,
     plot_dynamics,
@@ -78,6 +79,7 @@ __all__ = [
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "AlignedTextClassificationPipeline",
     "AlignedTrainer",
     "AlignedTrainingArguments",
     "AlignmentSettings",
@@ -132,6 +134,7 @@ __all__ = [
     "sample_cosine",
     "saturation_layers",
     "saturation_report",
+    "show_progress",
     "similarity_agreement",
     "similarity_by_distance",
     "simulate_exits",
