@@ -359,11 +359,15 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     Args:
         config ([`AlignedConfig`]): the aligned settings and the base model's config.
         base_model ([`PreTrainedModel`], *optional*): an already built (usually pretrained) base model to wrap; by
-            default one is built from `config.base_config`.
+            default one is built from `config.base_config`. The model takes ownership of it (as peft's
+            `get_peft_model` does): it becomes `model.backbone`, and its final norm and pooler are moved into the
+            shared classifier, leaving an identity / `None` in their place. Pass `copy.deepcopy(base_model)` to keep
+            the original intact.
 
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import BertConfig
     >>> from hf_aligned import AlignedConfig, AlignedForSequenceClassification
 
@@ -561,6 +565,11 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "output of the model's tokenizer or image processor."
             )
         batch = model_inputs[main_inputs[0]]
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(
+                f"{caller}() got `{main_inputs[0]}` as a {type(batch).__name__}; pass a tensor, e.g. "
+                "`tokenizer(texts, padding=True, return_tensors='pt')` or `torch.tensor(ids)`."
+            )
         if batch.dim() == 0 or batch.shape[0] == 0:
             raise ValueError(
                 f"{caller}() got an empty batch (`{main_inputs[0]}` of shape {tuple(batch.shape)}); pass at least "

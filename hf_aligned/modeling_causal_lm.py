@@ -209,6 +209,7 @@ class AlignedForCausalLM:
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import LlamaConfig
     >>> from hf_aligned import AlignedForCausalLM
 
