@@ -471,8 +471,11 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         `pooling` is `"cls"` and the checkpoint has trained pooler weights, its pooler become part of the shared
         classifier); only the classification layer is new. Keyword arguments named like [`AlignedConfig`] fields
         (`num_labels`, `layer_weights`, `pooling`, ...) configure the aligned model, the others go to the base
-        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...). With `pooling="auto"` a
-        sentence-transformers checkpoint's own pooling config decides the pooling.
+        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...); attributes of the base config
+        among them (`hidden_dropout_prob=0.0`, `use_cache=False`) override it, as `AutoModel*` applies them, and
+        unknown keywords are an error. With `pooling="auto"` a sentence-transformers checkpoint's own pooling config
+        decides the pooling. `output_loading_info=True` returns `(model, loading_info)` as transformers does (the
+        saved `exit_config.json` is read either way).
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         found = config or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
@@ -883,8 +886,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.
 
-        The copy's logits are exactly this model's `layer_logits[num_layers - 1]`; it saves and loads as a normal
-        checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
+        The copy's logits are this model's `layer_logits[num_layers - 1]` (to float rounding); it saves and loads as
+        a normal checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
         deployment, with no early-exit machinery at run time.
 
         The training settings are cut to the kept blocks (`layer_weights`, `aligned_layers`) and checked as
