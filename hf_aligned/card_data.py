@@ -33,6 +33,8 @@ CALIBRATION_NAME = "calibration.json"
 # Written by `Trainer.save_metrics`; when both exist, the later file wins.
 RESULTS_FILES = ("all_results.json", "eval_results.json")
 
+# Names that are data files, never Hub dataset ids.
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow")
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
 
 # Standard `TrainingArguments` fields a card lists; fields that a subclass adds (aligned options) are listed too.
@@ -240,9 +242,25 @@ def hub_model_id(name: str | None) -> str | None:
     return name
 
 
+def hub_dataset_id(name: str) -> str | None:
+    """`name` when it reads as a Hub dataset id: not a local file or folder, not a data file's name."""
+    if os.path.exists(name) or Path(name).suffix.lower() in DATA_FILE_SUFFIXES:
+        return None
+    return hub_model_id(name)
+
+
+def hub_datasets(datasets: Sequence[str] | None) -> list[str] | None:
+    """The Hub dataset ids among `datasets`, for the card metadata (the Hub reads them as links)."""
+    return [name for name in datasets or () if hub_dataset_id(name)] or None
+
+
 def dataset_markdown(datasets: Sequence[str] | None, dataset_name: str | None) -> str | None:
+    """The datasets as Hub links, where a name reads as a Hub dataset id (others, e.g. a local file, as they are)."""
     if datasets:
-        return ", ".join(f"[{dataset}](https://huggingface.co/datasets/{dataset})" for dataset in datasets)
+        return ", ".join(
+            f"[{dataset}](https://huggingface.co/datasets/{dataset})" if hub_dataset_id(dataset) else f"`{dataset}`"
+            for dataset in datasets
+        )
     return dataset_name
 
 

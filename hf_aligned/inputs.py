@@ -82,6 +82,11 @@ class BaseModelInputs:
                 "the model's tokenizer or image processor."
             )
         batch = model_inputs[main_inputs[0]]
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(
+                f"{caller}() got `{main_inputs[0]}` as a {type(batch).__name__}; pass a tensor, e.g. "
+                "`tokenizer(texts, padding=True, return_tensors='pt')` or `torch.tensor(ids)`."
+            )
         if batch.dim() == 0 or batch.shape[0] == 0:
             raise ValueError(
                 f"{caller}() got an empty batch (`{main_inputs[0]}` of shape {tuple(batch.shape)}); pass at least "

@@ -51,6 +51,10 @@ class ModelKind:
     model_class: ClassVar[type]
     # Training arguments that apply only to the other model kinds: refused, by name, when set.
     foreign_arguments: ClassVar[tuple[str, ...]] = ()
+    # Training arguments a card of this kind leaves out (they configure the other kinds only).
+    foreign_card_arguments: ClassVar[frozenset[str]] = frozenset()
+    # Whether training gives the model a new classification layer (with its own learning-rate ratio).
+    trains_a_new_classifier: ClassVar[bool] = False
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
@@ -94,6 +98,7 @@ class ClassificationKind(ModelKind):
 
     name = CLASSIFICATION
     model_class = AlignedForSequenceClassification
+    trains_a_new_classifier = True
 
     def metrics(self, model, compute_metrics, tolerance):
         return LayerwiseMetrics(model, compute_metrics, tolerance)
@@ -119,6 +124,7 @@ class CausalLMKind(ModelKind):
     name = CAUSAL_LM
     model_class = AlignedForCausalLM
     foreign_arguments = CLASSIFIER_ARGUMENTS
+    foreign_card_arguments = frozenset({*CLASSIFIER_ARGUMENTS, "fold_asr_on_save"})
 
     def metrics(self, model, compute_metrics, tolerance):
         if compute_metrics is not None:

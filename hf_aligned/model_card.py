@@ -32,6 +32,7 @@ from .card_data import (
     dataset_markdown,
     format_metric,
     framework_versions,
+    hub_datasets,
     hub_model_id,
     layer_results,
     ordered_metric_names,
@@ -109,7 +110,7 @@ def build_classification_card(
     eval_results = _eval_results(layers, exits["rows"], exits["rule"], task, dataset_name, data.eval_split)
     card_data = ModelCardData(
         base_model=base_model_id,
-        datasets=data.datasets,
+        datasets=hub_datasets(data.datasets),
         language=data.language,
         license=data.license,
         library_name=LIBRARY_NAME,
@@ -212,7 +213,7 @@ def build_causal_lm_card(
     model_type = config.model_type
     card_data = ModelCardData(
         base_model=hub_model_id(data.base_model or name_or_path(config) or None),
-        datasets=data.datasets,
+        datasets=hub_datasets(data.datasets),
         language=data.language,
         license=data.license,
         library_name="transformers",
@@ -415,7 +416,8 @@ def _base_model_markdown(name: str | None, hub_id: str | None, config: AlignedCo
     if hub_id is not None:
         return f"[{hub_id}](https://huggingface.co/{hub_id}) (`{model_type}`)"
     if name:
-        return f"a local `{model_type}` checkpoint (`{Path(name).name}`)"
+        # The folder's last two parts: a checkpoint folder is often named generically (`model`, `checkpoint-500`).
+        return f"a `{model_type}` checkpoint from the local folder `{'/'.join(Path(name).parts[-2:])}`"
     return f"a randomly initialized `{model_type}` model"
 
 

@@ -58,17 +58,21 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
     Args:
         config ([`AlignedConfig`]): the aligned settings and the base model's config.
         base_model ([`PreTrainedModel`], *optional*): an already built (usually pretrained) base model to wrap; by
-            default one is built from `config.base_config`.
+            default one is built from `config.base_config`. The model takes ownership of it (as peft's
+            `get_peft_model` does): it becomes `model.backbone`, and its final norm and pooler are moved into the
+            shared classifier, leaving an identity / `None` in their place. Pass `copy.deepcopy(base_model)` to keep
+            the original intact.
 
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import BertConfig
     >>> from hf_aligned import AlignedConfig, AlignedForSequenceClassification
 
     >>> base = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37)
     >>> model = AlignedForSequenceClassification(AlignedConfig(base_config=base, num_labels=3))
-    >>> out = model(input_ids=torch.tensor([[2, 5, 7]]), labels=torch.tensor([1]))
+    >>> out = model(input_ids=torch.tensor([[2, 5, 7]]), labels=torch.tensor([1]), output_layer_logits=True)
     >>> out.layer_logits.shape
     torch.Size([4, 1, 3])
     ```
@@ -153,8 +157,11 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
         `pooling` is `"cls"` and the checkpoint has trained pooler weights, its pooler become part of the shared
         classifier); only the classification layer is new. Keyword arguments named like [`AlignedConfig`] fields
         (`num_labels`, `layer_weights`, `pooling`, ...) configure the aligned model, the others go to the base
-        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...). With `pooling="auto"` a
-        sentence-transformers checkpoint's own pooling config decides the pooling.
+        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...); attributes of the base config
+        among them (`hidden_dropout_prob=0.0`, `use_cache=False`) override it, as `AutoModel*` applies them, and
+        unknown keywords are an error. With `pooling="auto"` a sentence-transformers checkpoint's own pooling config
+        decides the pooling. `output_loading_info=True` returns `(model, loading_info)` as transformers does (the
+        saved `exit_config.json` is read either way).
         """
         locating = hub_kwargs(kwargs)
         found = config or AutoConfig.from_pretrained(pretrained_model_name_or_path, **locating)
@@ -330,8 +337,8 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.
 
-        The copy's logits are exactly this model's `layer_logits[num_layers - 1]`; it saves and loads as a normal
-        checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
+        The copy's logits are this model's `layer_logits[num_layers - 1]` (to float rounding); it saves and loads as
+        a normal checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
         deployment, with no early-exit machinery at run time.
 
         The training settings are cut to the kept blocks (`layer_weights`, `aligned_layers`) and checked as

@@ -57,6 +57,7 @@ class AlignedForCausalLM:
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import LlamaConfig
     >>> from hf_aligned import AlignedForCausalLM
 
@@ -111,7 +112,9 @@ class AlignedForCausalLM:
         """Loads any causal-LM checkpoint (plain or aligned) as an aligned causal LM.
 
         Keyword arguments named like [`AlignmentSettings`] fields override the settings the checkpoint records (or the
-        defaults); the others go to the family's `from_pretrained` (`dtype`, `revision`, `attn_implementation`, ...).
+        defaults); the others go to the family's `from_pretrained` (`dtype`, `revision`, `attn_implementation`, ...),
+        config attributes among them (`use_cache=False`, `resid_pdrop=0.0`) overriding the checkpoint's config as
+        `AutoModelForCausalLM` applies them.
         """
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in ALIGNMENT_KEYWORDS}
         if cls is AlignedForCausalLM:

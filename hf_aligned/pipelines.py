@@ -27,6 +27,7 @@ class AlignedTextClassificationPipeline(TextClassificationPipeline):
     Example:
 
     ```python
+    >>> from transformers import pipeline
     >>> classify = pipeline("aligned-text-classification", model=model, tokenizer=tokenizer, return_exit_layer=True)
     >>> classify("a long review ...")
     [{'label': 'positive', 'score': 0.97, 'exit_layer': 3}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +104,12 @@ class AlignedTrainer(TrainerCheckpointHooks, Trainer):
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
         kind, aligned = find_aligned_model(self.model)
         self.compute_metrics = kind.metrics(aligned, compute_metrics, args.minimal_depth_tolerance)
+        if args.classifier_lr_ratio is None and kind.trains_a_new_classifier:
+            # The default rate is recorded in the trainer's own copy of the arguments (the caller's stay as given),
+            # so `training_args.bin` and the card say which rate the run used.
+            ratio = self.classifier_lr_ratio
+            self.args = copy.copy(self.args)
+            self.args.classifier_lr_ratio = ratio
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(list(self._tag_names))
 
@@ -234,6 +241,15 @@ class AlignedTrainer(TrainerCheckpointHooks, Trainer):
         """
         if not self.is_world_process_zero():
             return
+        training_args = self.args.to_dict()
+        if self.state.global_step > 0:  # what ran: `num_train_epochs` does not say it when `max_steps` is set
+            training_args |= {"epochs_run": round(self.state.epoch or 0.0, 2), "steps_run": self.state.global_step}
+            if self.args.max_steps > 0:
+                training_args.pop("num_train_epochs")
+        kind, _ = find_aligned_model(self.model)  # settings of the other model kinds do not apply to this one
+        training_args = {
+            name: value for name, value in training_args.items() if name not in kind.foreign_card_arguments
+        }
         data = AlignedModelCardData(
             model_id=self.args.hub_model_id or model_name,
             base_model=finetuned_from,
@@ -243,7 +259,7 @@ class AlignedTrainer(TrainerCheckpointHooks, Trainer):
             license=license,
             tags=[tags] if isinstance(tags, str) else tags,
             eval_metrics=latest_eval_metrics(self.state.log_history) or None,
-            training_args={**self.args.to_dict(), "classifier_lr_ratio": self.classifier_lr_ratio},
+            training_args=training_args,
         )
         write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model), data)
 

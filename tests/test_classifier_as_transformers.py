@@ -12,6 +12,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
+    BertModel,
+    GPT2Model,
     pipeline,
 )
 
@@ -158,3 +160,31 @@ def test_output_loading_info_still_reads_the_exit_config(source, tmp_path):
             "classifier.heads.0.out_proj.bias",
             "classifier.heads.0.out_proj.weight",
         ]
+
+
+def test_a_list_as_input_ids_is_a_clear_error():
+    model = tiny_model("bert")
+    with pytest.raises(TypeError, match=r"got `input_ids` as a list; pass a tensor.*return_tensors='pt'"):
+        model(input_ids=[[2, 5, 7]])
+    with pytest.raises(TypeError, match=r"early_exit_predict\(\) got `input_ids` as a list"):
+        model.early_exit_predict(input_ids=[[2, 5, 7]])
+
+
+def test_wrapping_a_base_model_takes_it_over_as_documented():
+    base = BertModel(tiny_base_config("bert"))
+    norm, pooler = base.embeddings.LayerNorm, base.pooler
+    model = AlignedForSequenceClassification(AlignedConfig(base_config=base.config, num_labels=3), base_model=base)
+    assert model.backbone is base and model.classifier.heads[0].pooler is pooler and base.pooler is None
+    assert base.embeddings.LayerNorm is norm  # a post-norm BERT has no final norm to move
+    decoder = GPT2Model(tiny_base_config("gpt2"))
+    final_norm = decoder.ln_f
+    model = AlignedForSequenceClassification(AlignedConfig(base_config=decoder.config), base_model=decoder)
+    assert model.classifier.heads[0].norm is final_norm and isinstance(decoder.ln_f, torch.nn.Identity)
+
+
+def test_reload_keeps_the_weights_bit_for_bit(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved)

@@ -248,7 +248,7 @@ def test_card_reads_base_model_task_and_classifier_from_config(tmp_path):
     model.config.base_config._name_or_path = str(local)
     card = build_model_card(model.config)
     assert card.data.base_model is None
-    assert "a local `vit` checkpoint (`my-base`)" in card.text
+    assert f"a `vit` checkpoint from the local folder `{tmp_path.name}/my-base`" in card.text
 
 
 def test_card_records_the_training_options():
@@ -538,3 +538,11 @@ def test_trainer_cards_and_pushes_a_lora_wrapped_causal_lm(hub, tmp_path):
     uploaded = hub.files(REPO_ID)
     assert uploaded["README.md"].decode() == card
     assert "adapter_config.json" in uploaded and hub.commits[-1].summary == "lora llama"
+
+
+def test_card_links_only_hub_datasets():
+    names = ["../shared/data/sst2/train.tsv", "BBC News", "bbc/news.csv", "SetFit/bbc-news"]
+    card = build_model_card(tiny_model("bert"), AlignedModelCardData(datasets=names))
+    assert "- **Dataset:** `../shared/data/sst2/train.tsv`, `BBC News`, `bbc/news.csv`, " in card.text
+    assert "[SetFit/bbc-news](https://huggingface.co/datasets/SetFit/bbc-news)" in card.text
+    assert card.text.count("huggingface.co/datasets/") == 1 and card.data.datasets == ["SetFit/bbc-news"]
