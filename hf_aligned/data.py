@@ -47,14 +47,7 @@ def iter_model_batches(
     input_names = _model_input_names(model)
     device = _model_device(model)
     seen = 0
-    batches = _batches(data, batch_size, collate_fn, input_names, max_samples)
-    description = _progress_description.get()
-    if description is not None:
-        from transformers.utils.logging import tqdm
-
-        total = len(batches) if hasattr(batches, "__len__") else None
-        batches = tqdm(batches, desc=description, total=total, unit="batch", leave=False)
-    for batch in batches:
+    for batch in _with_progress(_batches(data, batch_size, collate_fn, input_names, max_samples)):
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"Expected dict batches (input name -> tensor), got {type(batch).__name__}. Pass a tokenized "
@@ -85,6 +78,18 @@ def iter_model_batches(
 
 # The description of the progress bar batch loops show in this context (None: no bar); set by `show_progress`.
 _progress_description: ContextVar[str | None] = ContextVar("hf_aligned_progress", default=None)
+
+
+def _with_progress(batches: Iterable[Any]) -> Iterable[Any]:
+    """`batches` behind a progress bar when this context shows one ([`show_progress`])."""
+    description = _progress_description.get()
+    if description is None:
+        return batches
+    from transformers.utils.logging import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    # Every batch refreshes the bar (batches take far longer than a refresh), so its last state is always shown.
+    return tqdm(batches, desc=description, total=total, unit="batch", leave=False, mininterval=0)
 
 
 @contextmanager
