@@ -128,7 +128,7 @@ def test_two_process_cpu_training_matches_one_process(tmp_path):
     )  # fmt: skip
     stdout = run_script(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         "examples/accelerate_config_2proc.yaml", "--main_process_port", str(free_port()),
+         "examples/accelerate/ddp.yaml", "--main_process_port", str(free_port()),
          "examples/run_image_classification.py", "--output_dir", str(distributed), "--use_cpu", "true",
          "--per_device_train_batch_size", "8", *TINY_VIT]
     )  # fmt: skip
