@@ -479,7 +479,9 @@ class AlignedForCausalLM:
         tokens whose top-1 equals the last block's (the last block's count is its number of counted tokens)."""
         top_last = logits.argmax(dim=-1)
         last = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        rows = [self._chunked_statistics(block_outputs[layer], targets, top_last) for layer in range(self.num_layers - 1)]
+        rows = [
+            self._chunked_statistics(block_outputs[layer], targets, top_last) for layer in range(self.num_layers - 1)
+        ]
         rows.append(torch.stack([last.view_as(targets).sum(dim=1), (targets != -100).sum(dim=1).float()], dim=-1))
         return torch.stack(rows, dim=1)
 
