@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
+from .distributed import check_launch
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
 from .modeling_aligned import AlignedSequenceClassifierOutput
@@ -127,6 +128,7 @@ class AlignedTrainer(Trainer):
         self._layer_loss_sum: torch.Tensor | None = None
         self._layer_loss_names: list[str] = []
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
+        check_launch(self.accelerator.num_processes, self.accelerator.distributed_type.value)
         if _causal_lm(self.model) is not None:
             if compute_metrics is not None:
                 raise ValueError(

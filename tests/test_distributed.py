@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +139,53 @@ def test_causal_evaluation_is_the_exact_token_average_when_batches_do_not_divide
     for layer, (loss, agree) in enumerate(zip(losses, agreement), start=1):
         assert metrics[f"eval_layer_{layer}_loss"] == pytest.approx(loss, rel=1e-5), layer
         assert metrics[f"eval_layer_{layer}_agreement"] == pytest.approx(agree, abs=1e-9), layer
+
+
+GUARDED_SCRIPT = """
+import sys
+import torch
+from datasets import Dataset
+from transformers import BertConfig
+from hf_aligned import AlignedConfig, AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments
+
+base = BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8)
+model = AlignedForSequenceClassification(AlignedConfig(base_config=base, num_labels=2))
+args = AlignedTrainingArguments(sys.argv[1], use_cpu=sys.argv[2] == "true", report_to="none", max_steps=1)
+trainer = AlignedTrainer(model, args, train_dataset=Dataset.from_dict({"input_ids": [[1, 2]] * 4, "labels": [0, 1] * 2}))
+print(f"trainer ready with {trainer.accelerator.num_processes} process(es)")
+"""
+
+
+def launch_guarded(tmp_path: Path, options: list[str], use_cpu: bool) -> subprocess.CompletedProcess:
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_SCRIPT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *options, "--main_process_port", str(free_port()),
+               str(script), str(tmp_path / "out"), str(use_cpu).lower()]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(CONFIGS.parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+
+
+def test_processes_that_would_train_unsynchronised_are_refused_with_the_fix(tmp_path):
+    # An FSDP config on a machine without GPUs, script not on the CPU: accelerate joins the two processes in one
+    # process group but gives each a non-distributed trainer (before the guard: both trained alone and drifted).
+    completed = launch_guarded(tmp_path, ["--config_file", str(CONFIGS / "fsdp2.yaml")], use_cpu=False)
+    assert completed.returncode != 0
+    assert (
+        "2 processes share a torch.distributed process group, but the trainer is not distributed" in completed.stderr
+    )
+    assert "examples/accelerate/ddp.yaml train.py --use_cpu true" in completed.stderr
+    assert "trainer ready" not in completed.stdout
+
+
+def test_a_multi_process_cpu_launch_that_came_up_as_one_process_warns(tmp_path):
+    completed = launch_guarded(tmp_path, ["--cpu", "--num_processes", "2"], use_cpu=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("trainer ready with 1 process(es)") == 1
+    assert "was asked for several processes but started one" in completed.stderr
+
+
+def test_an_fsdp_config_on_cpu_processes_warns_that_it_runs_ddp(tmp_path):
+    completed = launch_guarded(tmp_path, ["--config_file", str(CONFIGS / "fsdp2.yaml")], use_cpu=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("trainer ready with 2 process(es)") == 2
+    assert "The launch config asks for FSDP, but accelerate trains with MULTI_CPU" in completed.stderr
