@@ -1,0 +1,48 @@
+"""FSDP2 through accelerate: the default transformer-based wrap finds each aligned model's blocks by itself."""
+
+from __future__ import annotations
+
+import pytest
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from transformers import BertModel
+
+from hf_aligned import AlignedForCausalLM
+
+from .testing_utils import tiny_base_config, tiny_model
+
+
+def wrapped_modules(model) -> list[str]:
+    """The modules accelerate's default `TRANSFORMER_BASED_WRAP` (no class names given) shards one by one."""
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    return [name for name, module in model.named_modules() if policy(module)]
+
+
+def block_names(model, blocks) -> list[str]:
+    ids = {id(block) for block in blocks}
+    return [name for name, module in model.named_modules() if id(module) in ids]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "vit", "llama", "gpt2"])
+def test_the_default_transformer_wrap_shards_every_block_of_a_classifier(family):
+    model = tiny_model(family)
+    wrapped = wrapped_modules(model)
+    blocks = block_names(model, model.blocks)
+    assert len(blocks) == model.num_layers
+    assert set(blocks) <= set(wrapped)
+    # Besides the blocks, only what the family itself keeps in one piece (BERT's and ViT's embeddings).
+    others = {type(model.get_submodule(name)).__name__ for name in set(wrapped) - set(blocks)}
+    assert all(name.endswith("Embeddings") for name in others), others
+
+
+def test_the_blocks_are_wrapped_also_when_the_backbone_names_no_class(monkeypatch):
+    monkeypatch.setattr(BertModel, "_no_split_modules", None)
+    model = tiny_model("bert")
+    assert wrapped_modules(model) == block_names(model, model.blocks)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_default_transformer_wrap_shards_every_block_of_a_causal_lm(family):
+    model = AlignedForCausalLM.from_config(tiny_base_config(family))
+    assert wrapped_modules(model) == block_names(model, model.aligned_blocks)
