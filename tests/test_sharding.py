@@ -1,15 +1,18 @@
-"""FSDP2 through accelerate: the default transformer-based wrap finds each aligned model's blocks by itself."""
+"""Sharded models: accelerate's default FSDP2 wrap finds each aligned model's blocks by itself, and an aligned model
+can be built over parameters that DeepSpeed ZeRO-3 has partitioned (empty, with their shape in `ds_shape`)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from transformers import BertModel
 
 from hf_aligned import AlignedForCausalLM
+from hf_aligned.backbones import find_layout
 
-from .testing_utils import tiny_base_config, tiny_model
+from .testing_utils import HIDDEN_SIZE, tiny_base_config, tiny_model
 
 
 def wrapped_modules(model) -> list[str]:
@@ -46,3 +49,16 @@ def test_the_blocks_are_wrapped_also_when_the_backbone_names_no_class(monkeypatc
 def test_the_default_transformer_wrap_shards_every_block_of_a_causal_lm(family):
     model = AlignedForCausalLM.from_config(tiny_base_config(family))
     assert wrapped_modules(model) == block_names(model, model.aligned_blocks)
+
+
+def test_the_layout_of_a_backbone_whose_parameters_zero3_partitioned_is_found():
+    # Under ZeRO-3, transformers builds a model from a config inside DeepSpeed's `zero.Init`: every parameter is
+    # empty outside its module's forward and keeps its shape in `ds_shape`; the layout check reads that shape (it
+    # refused the model as "blocks do not all output the hidden size" before).
+    model = AlignedForCausalLM.from_config(tiny_base_config("llama"))
+    expected = find_layout(model.model)
+    for parameter in model.parameters():
+        parameter.ds_shape = parameter.shape
+        parameter.data = torch.empty(0)
+    assert find_layout(model.model) == expected
+    assert model.model.norm.weight.ds_shape == (HIDDEN_SIZE,)
