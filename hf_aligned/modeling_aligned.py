@@ -437,9 +437,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                     mark_initialized(head.pooler)
             mark_initialized(backbone)
         self.post_init()
-        # accelerate's transformer-based FSDP wrap (and `device_map`) read `_no_split_modules`: the backbone's list,
-        # with the class of the blocks the classifier reads always in it.
-        self._no_split_modules = {*self._no_split_modules, *(type(block).__name__ for block in self.blocks)}
+        # accelerate's transformer-based FSDP wrap reads `_no_split_modules`: the blocks the classifier reads, and not
+        # the embeddings some backbones list (FSDP2 then shards the embedding module twice and fails).
+        self._no_split_modules = {type(block).__name__ for block in self.blocks}
 
     @property
     def num_layers(self) -> int:

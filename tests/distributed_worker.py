@@ -96,7 +96,8 @@ def run(kind: str, model: torch.nn.Module, output: Path) -> None:
         logits = model(input_ids=PROBE).logits
     rank = trainer.args.process_index
     groups = [group["lr"] for group in trainer.optimizer.param_groups]
-    (output / f"rank_{rank}.json").write_text(json.dumps({"world_size": world, "group_lrs": groups}))
+    record = {"world_size": world, "group_lrs": groups, "engine": trainer.accelerator.distributed_type.value}
+    (output / f"rank_{rank}.json").write_text(json.dumps(record))
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         torch.save(logits.detach().cpu(), output / "probe_logits.pt")
@@ -104,7 +105,37 @@ def run(kind: str, model: torch.nn.Module, output: Path) -> None:
         (output / "log_history.json").write_text(json.dumps(trainer.state.log_history))
 
 
+def force_fsdp2_on_cpu() -> None:
+    """Turns the CPU processes' DDP into FSDP2 with the settings of examples/accelerate/fsdp2.yaml (accelerate runs
+    FSDP on GPUs only, and falls back to DDP on CPU processes); the tests set `FORCE_FSDP2=1`."""
+    import yaml
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml").read_text())
+    fsdp = config["fsdp_config"]
+    settings = {
+        "fsdp_version": fsdp["fsdp_version"],
+        "auto_wrap_policy": fsdp["fsdp_auto_wrap_policy"],
+        "cpu_ram_efficient_loading": fsdp["fsdp_cpu_ram_efficient_loading"],
+        "cpu_offload": fsdp["fsdp_offload_params"],
+        "reshard_after_forward": fsdp["fsdp_reshard_after_forward"],
+        "state_dict_type": fsdp["fsdp_state_dict_type"],
+    }
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = FullyShardedDataParallelPlugin(**settings)
+
+    AcceleratorState.__init__ = init
+
+
 if __name__ == "__main__":
+    if os.environ.get("FORCE_FSDP2") == "1":
+        force_fsdp2_on_cpu()
     # Both models are built before any training arguments: under ZeRO-3, arguments turn on transformers' partitioned
     # (ZeRO-3) init for models built afterwards, whose random weights then differ from the one-process run's.
     models = {name: build_model(name) for name in ("classifier", "causal")}

@@ -28,10 +28,17 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NO_DEEPSPEED = "deepspeed is not installed: `pip install -e '.[deepspeed]'` (make install does)"
 ENGINES = [
     "ddp",
+    "fsdp2_forced",
     pytest.param("deepspeed_zero2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)),
     pytest.param("deepspeed_zero3", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)),
 ]
 MODELS = ("classifier", "causal")
+ENGINE_TYPES = {
+    "ddp": "MULTI_CPU",
+    "fsdp2_forced": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +63,13 @@ def engine_run(runs, launched):
     def get(engine: str) -> Path:
         if engine not in launched:
             output = runs / engine
+            # FSDP2 does not run through accelerate on CPU processes: the worker turns the DDP launch into FSDP2 with
+            # the settings of fsdp2.yaml (FORCE_FSDP2).
+            config = CONFIGS / ("ddp.yaml" if engine == "fsdp2_forced" else f"{engine}.yaml")
             run_script(
-                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{engine}.yaml"),
-                 "--main_process_port", str(free_port()), "tests/distributed_worker.py", str(output)]
+                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                 "--main_process_port", str(free_port()), "tests/distributed_worker.py", str(output)],
+                environment={"FORCE_FSDP2": "1"} if engine == "fsdp2_forced" else {},
             )  # fmt: skip
             launched[engine] = output
         return launched[engine]
@@ -88,6 +99,7 @@ def test_every_rank_keeps_the_learning_rate_groups(runs, engine_run, engine, kin
     single = json.loads((runs / "single" / kind / "rank_0.json").read_text())
     ranks = [json.loads((engine_run(engine) / kind / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
     assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert [rank["engine"] for rank in ranks] == [ENGINE_TYPES[engine]] * 2  # what was asked for, no silent fallback
     for rank in ranks:
         assert rank["group_lrs"] == single["group_lrs"]
     lrs = single["group_lrs"]

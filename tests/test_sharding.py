@@ -28,15 +28,13 @@ def block_names(model, blocks) -> list[str]:
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "vit", "llama", "gpt2"])
-def test_the_default_transformer_wrap_shards_every_block_of_a_classifier(family):
+def test_the_default_transformer_wrap_shards_exactly_the_blocks_of_a_classifier(family):
+    # Only the blocks: accelerate shards the input embedding on its own as well, so a wrapped embeddings module (BERT
+    # and ViT list theirs) made FSDP2 shard the word embedding twice (TypeError); DistilBERT's blocks were not listed.
     model = tiny_model(family)
-    wrapped = wrapped_modules(model)
     blocks = block_names(model, model.blocks)
     assert len(blocks) == model.num_layers
-    assert set(blocks) <= set(wrapped)
-    # Besides the blocks, only what the family itself keeps in one piece (BERT's and ViT's embeddings).
-    others = {type(model.get_submodule(name)).__name__ for name in set(wrapped) - set(blocks)}
-    assert all(name.endswith("Embeddings") for name in others), others
+    assert wrapped_modules(model) == blocks
 
 
 def test_the_blocks_are_wrapped_also_when_the_backbone_names_no_class(monkeypatch):
