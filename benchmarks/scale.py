@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, describe_machine, print_table, write_json
 from recipes import write_blocks
+from transformers import TrainerCallback
 
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
 DOCUMENTS = ("docs/distributed.md", "docs/results.md")
@@ -105,6 +106,39 @@ def state_bytes(model, optimizer) -> dict[str, int]:
     return totals
 
 
+class StateMeter(TrainerCallback):
+    """Keeps the largest `state_bytes` (and their sum, `total`) seen before and after every optimizer step."""
+
+    def __init__(self):
+        self.peaks = {"parameters": 0, "gradients": 0, "optimizer": 0, "buffers": 0, "total": 0}
+
+    def record(self, model, optimizer) -> None:
+        sizes = state_bytes(model, optimizer)
+        sizes["total"] = sizes["parameters"] + sizes["gradients"] + sizes["optimizer"]
+        for key, value in sizes.items():
+            self.peaks[key] = max(self.peaks[key], value)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # accelerate runs DeepSpeed's step inside `backward`, where ZeRO-2's gradient partition lives: the optimizer's
+        # own step is measured from inside, before and after.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        original = inner.step
+
+        def step(*step_args, **step_kwargs):
+            self.record(model, optimizer)
+            result = original(*step_args, **step_kwargs)
+            self.record(model, optimizer)
+            return result
+
+        inner.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.record(model, optimizer)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.record(model, optimizer)
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -112,7 +146,7 @@ def peak_rss() -> int:
 def worker(output: Path) -> None:
     import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, TrainerCallback, default_data_collator
+    from transformers import LlamaConfig, default_data_collator
 
     from hf_aligned import AlignedForCausalLM, AlignedTrainer, AlignedTrainingArguments
 
@@ -121,35 +155,6 @@ def worker(output: Path) -> None:
     model = AlignedForCausalLM.from_config(LlamaConfig(**MODEL))
     ids = torch.randint(0, MODEL["vocab_size"], (64, SEQUENCE), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    peaks = {"parameters": 0, "gradients": 0, "optimizer": 0, "buffers": 0, "total": 0}
-
-    class Measure(TrainerCallback):
-        def record(self, model, optimizer) -> None:
-            sizes = state_bytes(model, optimizer)
-            sizes["total"] = sizes["parameters"] + sizes["gradients"] + sizes["optimizer"]
-            for key, value in sizes.items():
-                peaks[key] = max(peaks[key], value)
-
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            # accelerate runs DeepSpeed's step inside `backward`, where ZeRO-2's gradient partition lives: the
-            # optimizer's own step is measured from inside, before and after.
-            inner = getattr(optimizer, "optimizer", optimizer)
-            original = inner.step
-
-            def step(*step_args, **step_kwargs):
-                self.record(model, optimizer)
-                result = original(*step_args, **step_kwargs)
-                self.record(model, optimizer)
-                return result
-
-            inner.step = step
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self.record(model, optimizer)
-
-        def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self.record(model, optimizer)
-
     args = AlignedTrainingArguments(
         output_dir=str(output.parent / "trainer"),
         per_device_train_batch_size=BATCH,
@@ -163,14 +168,15 @@ def worker(output: Path) -> None:
         seed=0,
     )
     trainer = AlignedTrainer(model, args, train_dataset=data, data_collator=default_data_collator)
-    trainer.add_callback(Measure())
+    meter = StateMeter()
+    trainer.add_callback(meter)
     started = time.perf_counter()
     trainer.train()
     record = {
         "rank": trainer.args.process_index,
         "world_size": trainer.args.world_size,
         "distributed_type": trainer.accelerator.distributed_type.value,
-        "state_bytes": peaks,
+        "state_bytes": meter.peaks,
         "start_rss_bytes": start_rss,
         "peak_rss_bytes": peak_rss(),
         "train_seconds": time.perf_counter() - started,
