@@ -69,6 +69,8 @@ def engine_run(runs, launched):
             run_script(
                 [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                  "--main_process_port", str(free_port()), "tests/distributed_worker.py", str(output)],
+                # The first DeepSpeed launch on a machine compiles DeepSpeed's shared-memory op (cached afterwards).
+                timeout=600,
                 environment={"FORCE_FSDP2": "1"} if engine == "fsdp2_forced" else {},
             )  # fmt: skip
             launched[engine] = output
