@@ -437,6 +437,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                     mark_initialized(head.pooler)
             mark_initialized(backbone)
         self.post_init()
+        # accelerate's transformer-based FSDP wrap reads `_no_split_modules`: the blocks the classifier reads, and not
+        # the embeddings some backbones list (FSDP2 then shards the embedding module twice and fails).
+        self._no_split_modules = {type(block).__name__ for block in self.blocks}
 
     @property
     def num_layers(self) -> int:

@@ -186,11 +186,16 @@ class AlignedCausalLMOutput(CausalLMOutputWithPast):
         layer_computed (`torch.BoolTensor` of shape `(num_layers,)`): which blocks' losses this call computed (the
             others are the `nan` placeholders above), so a computed loss that is itself `nan` (a diverged run) is
             told apart from a skipped one.
+        layer_sample_sums (`torch.Tensor` of shape `(batch_size, num_layers, 2)`, *optional*): with gradients off,
+            each sample's summed next-token cross-entropy after every block and its number of tokens agreeing with
+            the last block (the last block's entry: its number of counted tokens), from which evaluation forms exact
+            token averages over any set of samples.
     """
 
     layer_losses: torch.Tensor | None = None
     layer_agreement: torch.Tensor | None = None
     layer_computed: torch.Tensor | None = None
+    layer_sample_sums: torch.Tensor | None = None
 
 
 class AlignedForCausalLM:
@@ -397,7 +402,7 @@ class AlignedForCausalLM:
         last_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum") / counted
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
-        agreement = None
+        agreement = sample_sums = None
         computed = torch.ones(self.num_layers, dtype=torch.bool, device=last_loss.device)
         if torch.is_grad_enabled():
             computed[:-1] = False
@@ -406,12 +411,9 @@ class AlignedForCausalLM:
                     layer_losses[layer - 1] = self._chunked_loss(captured.outputs[layer - 1], targets) / counted
                     computed[layer - 1] = True
         else:
-            agreement = torch.ones(self.num_layers, device=last_loss.device)  # the last layer agrees with itself
-            top_last = logits.argmax(dim=-1)
-            for layer in range(1, self.num_layers):
-                loss_sum, agreeing = self._chunked_statistics(captured.outputs[layer - 1], targets, top_last)
-                layer_losses[layer - 1] = loss_sum / counted
-                agreement[layer - 1] = agreeing / counted
+            sample_sums = self._sample_statistics(logits, captured.outputs, targets)
+            layer_losses[:-1] = list(sample_sums[:, :-1, 0].sum(dim=0) / counted)
+            agreement = sample_sums[:, :, 1].sum(dim=0) / counted
         layer_losses = torch.stack(layer_losses)
         loss = sum(weight * layer_losses[layer - 1] for layer, weight in weights.items())
         output = AlignedCausalLMOutput(
@@ -420,6 +422,7 @@ class AlignedForCausalLM:
             layer_losses=layer_losses,
             layer_agreement=agreement,
             layer_computed=computed,
+            layer_sample_sums=sample_sums,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
@@ -469,19 +472,30 @@ class AlignedForCausalLM:
             total = total + checkpoint(self._chunk_loss_sum, chunk, chunk_targets, use_reentrant=False)
         return total
 
-    def _chunked_statistics(
-        self, hidden: torch.Tensor, targets: torch.Tensor, top_last: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy and number of counted tokens whose top-1 equals `top_last`, for one block."""
-        total = hidden.new_zeros((), dtype=torch.float32)
-        agreeing = torch.zeros((), dtype=torch.long, device=hidden.device)
+    def _sample_statistics(
+        self, logits: torch.Tensor, block_outputs: list[torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Per sample and block `(batch, num_layers, 2)`: summed next-token cross-entropy, and the number of counted
+        tokens whose top-1 equals the last block's (the last block's count is its number of counted tokens)."""
+        top_last = logits.argmax(dim=-1)
+        last = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        rows = [
+            self._chunked_statistics(block_outputs[layer], targets, top_last) for layer in range(self.num_layers - 1)
+        ]
+        rows.append(torch.stack([last.view_as(targets).sum(dim=1), (targets != -100).sum(dim=1).float()], dim=-1))
+        return torch.stack(rows, dim=1)
+
+    def _chunked_statistics(self, hidden: torch.Tensor, targets: torch.Tensor, top_last: torch.Tensor) -> torch.Tensor:
+        """Per sample `(batch, 2)`: summed cross-entropy and number of counted tokens whose top-1 equals `top_last`,
+        for one block (per-sample sums let a distributed evaluation drop the samples it repeated to even batches)."""
+        per_token = hidden.new_zeros((targets.numel(), 2), dtype=torch.float32)
         top_last = top_last.flatten()
         for start, chunk, chunk_targets in self._chunks(hidden, targets):
             logits = self.layer_logits(chunk)
-            total = total + F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
-            same = logits.argmax(dim=-1) == top_last[start : start + len(chunk_targets)]
-            agreeing = agreeing + (same & (chunk_targets != -100)).sum()
-        return total, agreeing.to(total.dtype)
+            end = start + len(chunk_targets)
+            per_token[start:end, 0] = F.cross_entropy(logits.float(), chunk_targets, reduction="none")
+            per_token[start:end, 1] = (logits.argmax(dim=-1) == top_last[start:end]) & (chunk_targets != -100)
+        return per_token.view(*targets.shape, 2).sum(dim=1)
 
     # -- self-speculative decoding ------------------------------------------------------------------------------
 

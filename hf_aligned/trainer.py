@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
+from .distributed import check_launch
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
 from .modeling_aligned import AlignedSequenceClassifierOutput
@@ -127,11 +128,12 @@ class AlignedTrainer(Trainer):
         self._layer_loss_sum: torch.Tensor | None = None
         self._layer_loss_names: list[str] = []
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
+        check_launch(self.accelerator.num_processes, self.accelerator.distributed_type.value)
         if _causal_lm(self.model) is not None:
             if compute_metrics is not None:
                 raise ValueError(
                     "`compute_metrics` is not supported for AlignedForCausalLM: evaluation reports every layer's "
-                    "loss, perplexity and agreement from per-batch sums, without keeping logits."
+                    "loss, perplexity and agreement from per-sample sums, without keeping logits."
                 )
             self.compute_metrics = CausalLayerwiseMetrics(args.minimal_depth_tolerance)
         else:
@@ -348,8 +350,8 @@ class AlignedTrainer(Trainer):
         predictions (Trainer gathers and concatenates predictions along dim 0).
 
         The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
-        For an [`AlignedForCausalLM`] the predictions are the batch's per-layer sums `(1, num_layers, 2)` (summed
-        cross-entropy, tokens agreeing with the last layer) and the labels its counted tokens `(1,)`.
+        For an [`AlignedForCausalLM`] the predictions are per-sample, per-layer sums `(batch, num_layers, 2)` (summed
+        cross-entropy, tokens agreeing with the last layer) and the labels each sample's counted tokens `(batch,)`.
         """
         if _causal_lm(model) is not None:
             return self._causal_prediction_step(model, inputs, prediction_loss_only)
@@ -379,9 +381,10 @@ class AlignedTrainer(Trainer):
         loss = outputs.loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None
-        counted = (shifted_labels(labels) != -100).sum().to(outputs.layer_losses.dtype)
-        sums = torch.stack([outputs.layer_losses * counted, outputs.layer_agreement * counted], dim=-1)
-        return loss, sums[None].detach(), counted.reshape(1)
+        # One row per sample, so that `gather_for_metrics` drops exactly the samples a distributed evaluation
+        # repeated to even out its last batches (one row per batch would be cut by a count of samples).
+        counted = (shifted_labels(labels) != -100).sum(dim=1).to(outputs.layer_sample_sums.dtype)
+        return loss, outputs.layer_sample_sums.detach(), counted
 
 
 def _causal_lm(model: nn.Module | None) -> AlignedForCausalLM | None:
