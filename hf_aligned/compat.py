@@ -32,6 +32,7 @@ __all__ = [
     "name_or_path",
     "prepare_trainer_inputs",
     "set_name_or_path",
+    "set_no_split_modules",
 ]
 
 
@@ -97,6 +98,12 @@ def name_or_path(config: PreTrainedConfig) -> str:
 def set_name_or_path(config: PreTrainedConfig, path: str) -> None:
     """Records where a config (and its model) was loaded from, as `from_pretrained` does."""
     config._name_or_path = path
+
+
+def set_no_split_modules(model: nn.Module, names: set[str]) -> None:
+    """Names the module classes that must not be split across devices or FSDP shards (`_no_split_modules`, which
+    accelerate's transformer-based auto-wrap policy reads)."""
+    model._no_split_modules = names
 
 
 def build_from_config(model_class: type, config: PreTrainedConfig, **kwargs: Any) -> Any:

@@ -130,13 +130,14 @@ class CausalLMKind(ModelKind):
         if compute_metrics is not None:
             raise ValueError(
                 "`compute_metrics` is not supported for AlignedForCausalLM: evaluation reports every layer's "
-                "loss, perplexity and agreement from per-batch sums, without keeping logits."
+                "loss, perplexity and agreement from per-sample sums, without keeping logits."
             )
         return CausalLayerwiseMetrics(tolerance)
 
     def prediction_step(self, trainer, model, inputs, prediction_loss_only, ignore_keys):
-        """The batch's per-layer sums `(1, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last
-        layer) as predictions and its counted tokens `(1,)` as labels."""
+        """Per-sample, per-layer sums `(batch, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last
+        layer) as predictions and each sample's counted tokens `(batch,)` as labels: one row per sample, so that
+        `gather_for_metrics` drops exactly the samples a distributed evaluation repeated to even out its batches."""
         inputs = prepare_trainer_inputs(trainer, inputs)
         labels = inputs.get("labels")
         if labels is None:
@@ -150,9 +151,8 @@ class CausalLMKind(ModelKind):
         loss = outputs.loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None
-        counted = (shifted_labels(labels) != -100).sum().to(outputs.layer_losses.dtype)
-        sums = torch.stack([outputs.layer_losses * counted, outputs.layer_agreement * counted], dim=-1)
-        return loss, sums[None].detach(), counted.reshape(1)
+        counted = (shifted_labels(labels) != -100).sum(dim=1).to(outputs.layer_sample_sums.dtype)
+        return loss, outputs.layer_sample_sums.detach(), counted
 
 
 KINDS: tuple[ModelKind, ...] = (ClassificationKind(), CausalLMKind())

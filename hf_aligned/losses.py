@@ -168,15 +168,41 @@ def chunked_next_token_statistics(
     targets: torch.Tensor,
     top_last: torch.Tensor,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of one block's output and the number of counted tokens whose top-1 prediction equals
-    `top_last` (the last block's), chunk by chunk (for evaluation: no graph is kept)."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    agreeing = torch.zeros((), dtype=torch.long, device=hidden.device)
+) -> torch.Tensor:
+    """Per sample `(batch, 2)`: the summed next-token cross-entropy of one block's output `(batch, seq, dim)` and the
+    number of counted tokens whose top-1 prediction equals `top_last` (the last block's), chunk by chunk. Per-sample
+    sums let a distributed evaluation drop exactly the samples it repeated to even out its batches."""
+    per_token = hidden.new_zeros((targets.numel(), 2), dtype=torch.float32)
     top_last = top_last.flatten()
     for start, chunk, chunk_targets in _chunks(hidden, targets, chunk_size):
         logits = logits_of(chunk)
-        total = total + F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
-        same = logits.argmax(dim=-1) == top_last[start : start + len(chunk_targets)]
-        agreeing = agreeing + (same & (chunk_targets != -100)).sum()
-    return total, agreeing.to(total.dtype)
+        end = start + len(chunk_targets)
+        per_token[start:end, 0] = F.cross_entropy(logits.float(), chunk_targets, reduction="none")
+        per_token[start:end, 1] = (logits.argmax(dim=-1) == top_last[start:end]) & (chunk_targets != -100)
+    return per_token.view(*targets.shape, 2).sum(dim=1)
+
+
+def layer_sample_sums(
+    last_logits: torch.Tensor,
+    block_outputs: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int,
+) -> torch.Tensor:
+    """Per sample and block `(batch, num_layers, 2)`: summed next-token cross-entropy and the number of counted tokens
+    whose top-1 equals the last block's (for the last block: its number of counted tokens), from which evaluation
+    forms exact token averages over any set of samples.
+
+    Args:
+        last_logits: the last block's logits `(batch, seq, vocab)`.
+        block_outputs: every block's output hidden states (the last one is read through `last_logits` instead).
+        logits_of: the head that turns an earlier block's hidden states into logits.
+    """
+    top_last = last_logits.argmax(dim=-1)
+    last = F.cross_entropy(last_logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    rows = [
+        chunked_next_token_statistics(logits_of, hidden, targets, top_last, chunk_size)
+        for hidden in block_outputs[:-1]
+    ]
+    rows.append(torch.stack([last.view_as(targets).sum(dim=1), (targets != -100).sum(dim=1).float()], dim=-1))
+    return torch.stack(rows, dim=1)

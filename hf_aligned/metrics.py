@@ -178,9 +178,10 @@ class CausalLayerwiseMetrics:
     """A `compute_metrics` for [`AlignedForCausalLM`] evaluated by [`AlignedTrainer`]: next-token loss, perplexity
     and top-1 agreement with the last layer after every layer.
 
-    [`AlignedTrainer`] reduces every evaluation batch to per-layer sums, `predictions` of shape
-    `(batches, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last layer) and `label_ids` of shape
-    `(batches,)` (tokens counted), so the metrics are exact token averages over the whole set with no logits kept.
+    [`AlignedTrainer`] reduces every evaluation sample to per-layer sums, `predictions` of shape
+    `(samples, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last layer) and `label_ids` of shape
+    `(samples,)` (tokens counted), so the metrics are exact token averages over the whole set with no logits kept,
+    also when a distributed evaluation repeats samples to even out its last batches (they are dropped by sample).
     It returns `layer_{l}_loss`, `layer_{l}_perplexity` and `layer_{l}_agreement` for every 1-based layer `l`, the
     last layer's `perplexity`, and `minimal_depth`: the first layer whose perplexity is at most
     (1 + `tolerance`) times the last layer's (left out when the last layer's loss is nan).
@@ -194,7 +195,7 @@ class CausalLayerwiseMetrics:
         counts = np.asarray(eval_pred.label_ids, dtype=np.float64)
         if sums.ndim != 3 or sums.shape[2] != 2:
             raise ValueError(
-                f"Causal-LM layer metrics expect per-batch sums of shape (batches, layers, 2), got {sums.shape}."
+                f"Causal-LM layer metrics expect per-sample sums of shape (samples, layers, 2), got {sums.shape}."
             )
         tokens = max(counts.sum(), 1.0)
         losses = sums[:, :, 0].sum(axis=0) / tokens

@@ -16,7 +16,7 @@ from .alignment import AlignmentSettings
 from .backbones import detach_module, find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .checkpoints import truncated_copy, wrap_base_checkpoint
-from .compat import mark_initialized
+from .compat import mark_initialized, set_no_split_modules
 from .configuration_aligned import AlignedConfig
 from .early_exit import EarlyExitMixin
 from .exits import ExitConfig
@@ -105,6 +105,9 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
                     mark_initialized(head.pooler)
             mark_initialized(backbone)
         self.post_init()
+        # accelerate's transformer-based FSDP wrap shards the modules named here: the blocks the classifier reads, and
+        # not the embeddings some backbones list (FSDP2 then shards the embedding module twice and fails).
+        set_no_split_modules(self, {type(block).__name__ for block in self.blocks})
 
     @property
     def num_layers(self) -> int:

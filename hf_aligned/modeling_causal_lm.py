@@ -31,7 +31,7 @@ from .configuration_aligned import is_decoder_only, num_hidden_layers
 from .heads import causal_lm_head
 from .losses import (
     chunked_next_token_loss,
-    chunked_next_token_statistics,
+    layer_sample_sums,
     next_token_loss_sum,
     shifted_labels,
     step_weights,
@@ -252,21 +252,18 @@ class AlignedForCausalLM:
         last_loss = next_token_loss_sum(logits, targets) / counted
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
-        computed = torch.zeros(self.num_layers, dtype=torch.bool, device=last_loss.device)
-        computed[-1] = True
-        agreement = torch.ones(self.num_layers, device=last_loss.device) if every_layer else None
-        top_last = logits.argmax(dim=-1)
-        for layer in range(1, self.num_layers) if every_layer else sorted(set(weights) - {self.num_layers}):
-            hidden = block_outputs[layer - 1]
-            if every_layer:
-                loss_sum, agreeing = chunked_next_token_statistics(
-                    self.layer_logits, hidden, targets, top_last, chunk_size
-                )
-                agreement[layer - 1] = agreeing / counted
-            else:
-                loss_sum = chunked_next_token_loss(self.layer_logits, hidden, targets, chunk_size)
-            layer_losses[layer - 1] = loss_sum / counted
-            computed[layer - 1] = True
+        computed = torch.ones(self.num_layers, dtype=torch.bool, device=last_loss.device)
+        agreement = sample_sums = None
+        if every_layer:
+            sample_sums = layer_sample_sums(logits, block_outputs, targets, self.layer_logits, chunk_size)
+            layer_losses[:-1] = list(sample_sums[:, :-1, 0].sum(dim=0) / counted)
+            agreement = sample_sums[:, :, 1].sum(dim=0) / counted
+        else:
+            computed[:-1] = False
+            for layer in sorted(set(weights) - {self.num_layers}):
+                loss_sum = chunked_next_token_loss(self.layer_logits, block_outputs[layer - 1], targets, chunk_size)
+                layer_losses[layer - 1] = loss_sum / counted
+                computed[layer - 1] = True
         layer_losses = torch.stack(layer_losses)
         return AlignedCausalLMOutput(
             loss=sum(weight * layer_losses[layer - 1] for layer, weight in weights.items()),
@@ -274,6 +271,7 @@ class AlignedForCausalLM:
             layer_losses=layer_losses,
             layer_agreement=agreement,
             layer_computed=computed,
+            layer_sample_sums=sample_sums,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )

@@ -88,8 +88,13 @@ class AlignedCausalLMOutput(CausalLMOutputWithPast):
         layer_computed (`torch.BoolTensor` of shape `(num_layers,)`): which blocks' losses this call computed (the
             others are the `nan` placeholders above), so a computed loss that is itself `nan` (a diverged run) is
             told apart from a skipped one.
+        layer_sample_sums (`torch.Tensor` of shape `(batch_size, num_layers, 2)`, *optional*): with
+            `output_layer_agreement=True`, each sample's summed next-token cross-entropy after every block and its
+            number of tokens agreeing with the last block (the last block's entry: its number of counted tokens), from
+            which evaluation forms exact token averages over any set of samples.
     """
 
     layer_losses: torch.Tensor | None = None
     layer_agreement: torch.Tensor | None = None
     layer_computed: torch.Tensor | None = None
+    layer_sample_sums: torch.Tensor | None = None

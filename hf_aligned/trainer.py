@@ -14,6 +14,7 @@ from transformers.utils import logging
 from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .card_data import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics
 from .compat import TrainerCheckpointHooks
+from .distributed import check_launch
 from .kinds import find_aligned_model
 from .model_card import write_model_card
 from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArguments
@@ -102,6 +103,7 @@ class AlignedTrainer(TrainerCheckpointHooks, Trainer):
         self._layer_loss_sum: torch.Tensor | None = None
         self._layer_loss_names: list[str] = []
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
+        check_launch(self.accelerator.num_processes, self.accelerator.distributed_type.value)
         kind, aligned = find_aligned_model(self.model)
         self.compute_metrics = kind.metrics(aligned, compute_metrics, args.minimal_depth_tolerance)
         if args.classifier_lr_ratio is None and kind.trains_a_new_classifier:
@@ -274,9 +276,9 @@ class AlignedTrainer(TrainerCheckpointHooks, Trainer):
         predictions (Trainer gathers and concatenates predictions along dim 0).
 
         The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
-        For an [`AlignedForCausalLM`] the predictions are the batch's per-layer sums `(1, num_layers, 2)` (summed
-        cross-entropy, tokens agreeing with the last layer) and the labels its counted tokens `(1,)` (see the kinds in
-        `hf_aligned.kinds`).
+        For an [`AlignedForCausalLM`] the predictions are per-sample, per-layer sums `(batch, num_layers, 2)` (summed
+        cross-entropy, tokens agreeing with the last layer) and the labels each sample's counted tokens `(batch,)`
+        (see the kinds in `hf_aligned.kinds`).
         """
         kind, _ = find_aligned_model(model)
         return kind.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
