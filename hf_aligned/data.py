@@ -47,14 +47,7 @@ def iter_model_batches(
     input_names = _model_input_names(model)
     device = _model_device(model)
     seen = 0
-    batches = _batches(data, batch_size, collate_fn, input_names, max_samples)
-    description = _progress_description.get()
-    if description is not None:
-        from transformers.utils.logging import tqdm
-
-        total = len(batches) if hasattr(batches, "__len__") else None
-        batches = tqdm(batches, desc=description, total=total, unit="batch", leave=False)
-    for batch in batches:
+    for batch in _with_progress(_batches(data, batch_size, collate_fn, input_names, max_samples)):
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"Expected dict batches (input name -> tensor), got {type(batch).__name__}. Pass a tokenized "
@@ -97,6 +90,17 @@ def show_progress(description: str) -> Iterator[None]:
         yield
     finally:
         _progress_description.reset(token)
+
+
+def _with_progress(batches: Iterable) -> Iterable:
+    """`batches`, behind a progress bar when this context asked for one ([`show_progress`])."""
+    description = _progress_description.get()
+    if description is None:
+        return batches
+    from transformers.utils.logging import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, desc=description, total=total, unit="batch", leave=False)
 
 
 @contextmanager
