@@ -478,7 +478,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         saved `exit_config.json` is read either way).
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        found = config or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        found = (
+            config if config is not None else AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        )
         if not isinstance(found, AlignedConfig):
             # Without a `config` argument the base model loads its config itself, applying the config overrides in
             # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
