@@ -167,7 +167,7 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
         saved `exit_config.json` is read either way).
         """
         locating = hub_kwargs(kwargs)
-        found = config or AutoConfig.from_pretrained(pretrained_model_name_or_path, **locating)
+        found = config if config is not None else AutoConfig.from_pretrained(pretrained_model_name_or_path, **locating)
         if not isinstance(found, AlignedConfig):
             # Without a `config` argument the base model loads its config itself, applying the config overrides in
             # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
