@@ -95,27 +95,8 @@ def calibrate_exits(
     full_accuracy = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
     if thresholds is None:
         thresholds = _default_candidates(layer_logits, rule, num_thresholds)
-    curve = []
-    for value in thresholds:
-        setting = {"patience": int(value)} if rule == "patience" else {"threshold": float(value)}
-        exit_config = ExitConfig(rule=rule, min_layer=min_layer, **setting)
-        logits, exit_layers = simulate_exits(layer_logits, exit_config)
-        mean_exit_layer = exit_layers.float().mean().item()
-        curve.append(
-            {
-                "threshold": float(value),
-                "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
-                "mean_exit_layer": mean_exit_layer,
-                "expected_speedup": num_layers / mean_exit_layer,
-            }
-        )
-    admissible = [point for point in curve if point["accuracy"] >= full_accuracy - max_accuracy_drop - 1e-12]
-    if not admissible:
-        raise ValueError(
-            "no candidate setting keeps accuracy within `max_accuracy_drop`; include a setting that never exits "
-            "(threshold 1.0 for confidence, 0.0 for entropy) or raise the drop."
-        )
-    best = min(admissible, key=lambda point: (point["mean_exit_layer"], -point["accuracy"]))
+    curve = [_curve_point(layer_logits, labels, rule, value, min_layer) for value in thresholds]
+    best = _fastest_admissible(curve, full_accuracy - max_accuracy_drop)
     chosen = {"patience": int(best["threshold"])} if rule == "patience" else {"threshold": best["threshold"]}
     model.exit_config = ExitConfig(rule=rule, min_layer=min_layer, **chosen)
     return CalibrationResult(
@@ -128,6 +109,36 @@ def calibrate_exits(
         num_layers=num_layers,
         curve=curve,
     )
+
+
+def _fastest_admissible(curve: list[dict[str, float]], min_accuracy: float) -> dict[str, float]:
+    """The point of lowest mean exit layer (then highest accuracy) whose accuracy is at least `min_accuracy`.
+
+    Raises:
+        ValueError: when no point is admissible.
+    """
+    admissible = [point for point in curve if point["accuracy"] >= min_accuracy - 1e-12]
+    if not admissible:
+        raise ValueError(
+            "no candidate setting keeps accuracy within `max_accuracy_drop`; include a setting that never exits "
+            "(threshold 1.0 for confidence, 0.0 for entropy) or raise the drop."
+        )
+    return min(admissible, key=lambda point: (point["mean_exit_layer"], -point["accuracy"]))
+
+
+def _curve_point(
+    layer_logits: torch.Tensor, labels: torch.Tensor, rule: str, value: float, min_layer: int
+) -> dict[str, float]:
+    """Accuracy, mean exit layer and expected speed-up of one candidate setting, simulated on every layer's logits."""
+    setting = {"patience": int(value)} if rule == "patience" else {"threshold": float(value)}
+    logits, exit_layers = simulate_exits(layer_logits, ExitConfig(rule=rule, min_layer=min_layer, **setting))
+    mean_exit_layer = exit_layers.float().mean().item()
+    return {
+        "threshold": float(value),
+        "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+        "mean_exit_layer": mean_exit_layer,
+        "expected_speedup": layer_logits.shape[0] / mean_exit_layer,
+    }
 
 
 def _default_candidates(layer_logits: torch.Tensor, rule: str, count: int) -> list[float]:

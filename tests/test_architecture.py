@@ -168,3 +168,30 @@ def test_the_map_says_where_a_change_to_the_loss_early_exit_and_the_card_goes():
     for module in ("modeling_aligned", "modeling_causal_lm", "metrics", "kinds"):
         text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
         assert not re.search(r"\b(cross_entropy|mse_loss|binary_cross_entropy\w*|kl_div)\(", text), module
+
+
+# The size limits of the package's code (docstrings included): a module, a class, a function or method.
+MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 500, 350, 60
+
+
+def test_no_module_class_or_function_is_over_its_size_limit():
+    too_long = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{path.name}: {len(text.splitlines())} lines (module limit {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+            lines = node.end_lineno - start + 1
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            if lines > limit:
+                too_long.append(f"{path.name}: {node.name} has {lines} lines (limit {limit})")
+    assert not too_long, "split these up:\n" + "\n".join(too_long)
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{index} = {index}" for index in range(MAX_FUNCTION_LINES))
+    node = ast.parse(f"def long():\n{body}\n").body[0]
+    assert node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
