@@ -24,7 +24,7 @@ from .heads import build_classifier, pool_hidden_states, resolve_use_pooler
 from .inputs import BaseModelInputs, non_padding_mask
 from .losses import aligned_loss, infer_problem_type
 from .outputs import AlignedSequenceClassifierOutput
-from .sharing import push_to_hub
+from .sharing import push_options, push_saved, push_to_hub
 from .utils import hub_kwargs
 
 logger = logging.get_logger(__name__)
@@ -46,6 +46,7 @@ class AlignedPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # hf_aligned's push: the model, its exit rule and its own card in one commit (see `hf_aligned.sharing`).
     push_to_hub = push_to_hub
+    push_saved = push_saved
 
 
 class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
@@ -183,11 +184,23 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
             model.exit_config = exit_config
         return loaded
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
-        """Saves the model like transformers does, plus its [`ExitConfig`] as `exit_config.json`."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """Saves the model like transformers does, plus its [`ExitConfig`] as `exit_config.json`. With
+        `push_to_hub=True` (and `repo_id`, `commit_message`, ...), the saved directory is then uploaded with
+        hf_aligned's card, the same push as `push_to_hub`."""
+        options = push_options(kwargs)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             self.exit_config.save_pretrained(save_directory)
+        if push_to_hub and self.should_save_on_this_rank(is_main_process):
+            self.push_saved(save_directory, options, token=kwargs.get("token"))
 
     def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
         """The base model's inputs of one call, checked and completed ([`BaseModelInputs.prepare`])."""
