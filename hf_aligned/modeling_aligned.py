@@ -325,30 +325,14 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
         frozen_layers = frozenset(layers[:-1]) if frozen else frozenset()
         return base_outputs, self.classifier(block_outputs, pooling_mask, layers, frozen_layers=frozen_layers)
 
-    def aligned_loss(
-        self, layer_logits: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The aligned loss of this model's settings ([`aligned_loss`]): Σ_l λ_l · loss_l, where each earlier layer's
-        loss mixes in self-distillation when `config.distillation_weight > 0`.
-
-        Returns:
-            The loss, the per-layer task losses `(num_layers,)` and the per-layer distillation losses (or `None`).
-        """
+    def aligned_loss(self, layer_logits: torch.Tensor, labels: torch.Tensor):
+        """[`losses.aligned_loss`] with this model's settings and problem type (inferred from the labels and recorded
+        when unset): the loss, the per-layer losses and the per-layer distillation losses (or `None`)."""
         config = self.config
-        return aligned_loss(
-            layer_logits,
-            labels,
-            self._problem_type(layer_logits, labels),
-            config.resolved_layer_weights,
-            config.distillation_weight,
-            config.distillation_temperature,
-        )
-
-    def _problem_type(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> str:
-        """The configured problem type; when unset, inferred from the labels (as transformers does) and recorded."""
-        if self.config.problem_type is None:
-            self.config.problem_type = infer_problem_type(layer_logits.shape[-1], labels)
-        return self.config.problem_type
+        if config.problem_type is None:
+            config.problem_type = infer_problem_type(layer_logits.shape[-1], labels)
+        distillation = (config.distillation_weight, config.distillation_temperature)
+        return aligned_loss(layer_logits, labels, config.problem_type, config.resolved_layer_weights, *distillation)
 
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.
