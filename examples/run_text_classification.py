@@ -173,10 +173,13 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Saved with the model: pipelines that truncate (`AlignedTextClassificationPipeline` does by default) cut texts
+    # to the length the model was trained on.
+    tokenizer.model_max_length = data_args.max_seq_length
 
     def tokenize(batch: dict) -> dict:
         texts = [batch[name] for name in text_columns]
-        return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+        return tokenizer(*texts, truncation=True)
 
     with training_args.main_process_first(desc="tokenizing"):
         splits = splits.map(

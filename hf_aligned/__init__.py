@@ -11,7 +11,7 @@ from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
-from .data import collect_layer_logits
+from .data import collect_layer_logits, show_progress
 from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
 from .layouts import BRANCH_OUTPUTS, LAYOUTS
@@ -33,6 +33,7 @@ from .modeling_causal_lm import (
     SpeculationEstimate,
     suggest_assistant_early_exit,
 )
+from .pipelines import AlignedTextClassificationPipeline
 from .plotting import (
     plot_calibration,
     plot_dynamics,
@@ -87,6 +88,7 @@ __all__ = [
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "AlignedTextClassificationPipeline",
     "AlignedTrainer",
     "AlignedTrainingArguments",
     "BackboneLayout",
@@ -141,6 +143,7 @@ __all__ = [
     "sample_cosine",
     "saturation_layers",
     "saturation_report",
+    "show_progress",
     "similarity_agreement",
     "similarity_by_distance",
     "simulate_exits",

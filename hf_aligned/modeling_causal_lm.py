@@ -27,12 +27,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 from transformers.utils.hub import create_and_tag_model_card, hf_api
 
 from .backbones import find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .compat import causal_lm_class
 from .configuration_aligned import is_decoder_only, num_hidden_layers, resolve_layer_weights
+
+logger = logging.get_logger(__name__)
 
 # The key of the base config under which a checkpoint records how it was trained (ignored by other libraries).
 ALIGNED_TRAINING_KEY = "aligned_training"
@@ -211,6 +214,7 @@ class AlignedForCausalLM:
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import LlamaConfig
     >>> from hf_aligned import AlignedForCausalLM
 
@@ -238,6 +242,7 @@ class AlignedForCausalLM:
         if base_class not in cls._aligned_classes:
             name = f"Aligned{base_class.__name__}"
             attributes = {"__module__": __name__, "__qualname__": name, "__doc__": AlignedForCausalLM.__doc__}
+            attributes["forward"] = _forward_of(base_class, name)
             cls._aligned_classes[base_class] = type(name, (AlignedForCausalLM, base_class), attributes)
         return cls._aligned_classes[base_class]
 
@@ -261,16 +266,20 @@ class AlignedForCausalLM:
         """Loads any causal-LM checkpoint (plain or aligned) as an aligned causal LM.
 
         Keyword arguments named like [`CausalAlignment`] fields override the settings the checkpoint records (or the
-        defaults); the others go to the family's `from_pretrained` (`dtype`, `revision`, `attn_implementation`, ...).
+        defaults); the others go to the family's `from_pretrained` (`dtype`, `revision`, `attn_implementation`, ...),
+        config attributes among them (`use_cache=False`, `resid_pdrop=0.0`) overriding the checkpoint's config as
+        `AutoModelForCausalLM` applies them.
         """
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIGNMENT_FIELDS}
         if cls is AlignedForCausalLM:
-            config = kwargs.pop("config", None)
+            config = kwargs.get("config")
             if not isinstance(config, PreTrainedConfig):
                 hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
                 config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
             model_class = cls.aligned_class(_causal_lm_class_for(config))
-            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            # The family's `from_pretrained` loads the config again unless one was given, applying the config
+            # overrides in `kwargs` (`use_cache=False`, `resid_pdrop=0.0`, ...) as `AutoModelForCausalLM` does.
+            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         else:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
@@ -378,10 +387,16 @@ class AlignedForCausalLM:
 
     # -- the aligned loss ---------------------------------------------------------------------------------------
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        """The base model's forward; with `labels`, the aligned loss over every block (see the class docstring)."""
+    def forward(self, labels=None, **kwargs):
+        """The family's forward; with `labels`, the aligned loss over every block (see the class docstring).
+
+        Each aligned class gets a `forward` with its family's exact signature (same parameters, order and defaults)
+        that binds its arguments by that signature and calls this one by name (see `_forward_of`): transformers and
+        Trainer read `inspect.signature(model.forward)` to pass `position_ids` and `logits_to_keep` in generation and
+        to keep dataset columns.
+        """
         if labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return super().forward(**kwargs)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = self.config.return_dict
@@ -394,7 +409,7 @@ class AlignedForCausalLM:
         kwargs["use_cache"] = False
         base = getattr(self, self.base_model_prefix)
         with observe_blocks(BlockOutputs(self.aligned_blocks)) as captured:
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+            outputs = base(return_dict=True, **kwargs)
         logits = self._head(outputs.last_hidden_state)
         targets = shifted_labels(labels.to(logits.device))
         counted = (targets != -100).sum().clamp(min=1)
@@ -532,7 +547,8 @@ class AlignedForCausalLM:
     def generate(self, *args, assistant_early_exit: int | None = None, **kwargs):
         """transformers' `generate`; with `assistant_early_exit=k` (or a generation config that sets it), the first
         k blocks draft tokens and the full model verifies them (assisted generation with [`early_exit_draft`]), for
-        every family, GPT-2 included. Greedy output equals plain greedy decoding.
+        every family, GPT-2 included. Greedy output equals plain greedy decoding (in eval mode: in train mode dropout
+        changes every forward, and a warning says so).
 
         The draft's settings `num_assistant_tokens`, `num_assistant_tokens_schedule` and
         `assistant_confidence_threshold` come from this call (keywords or `generation_config`), else from the model's
@@ -541,6 +557,12 @@ class AlignedForCausalLM:
         Raises:
             ValueError: for a `k` outside [1, L - 1], or together with an `assistant_model`.
         """
+        if self.training:
+            logger.warning_once(
+                "generate runs in train mode: dropout is active, so outputs change from call to call and "
+                "`assistant_early_exit` no longer reproduces plain greedy decoding. `from_config` leaves a model in "
+                "train mode (as in transformers): call `model.eval()` before generating."
+            )
         source = kwargs.get("generation_config") or self.generation_config
         if assistant_early_exit is None:
             assistant_early_exit = getattr(source, "assistant_early_exit", None)
@@ -574,6 +596,26 @@ def __getattr__(name: str) -> type:
     if isinstance(base_class, type) and issubclass(base_class, PreTrainedModel):
         return AlignedForCausalLM.aligned_class(base_class)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _forward_of(base_class: type[PreTrainedModel], class_name: str):
+    """The `forward` of an aligned class: the family's own signature (what `inspect.signature` shows transformers),
+    binding positional and keyword arguments exactly as the family's forward does, then
+    [`AlignedForCausalLM.forward`] by name."""
+    signature = inspect.signature(base_class.forward)
+    extra = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop(next(iter(signature.parameters)))  # self
+        named = arguments.pop(extra, {}) if extra is not None else {}
+        return AlignedForCausalLM.forward(self, **arguments, **named)
+
+    forward.__signature__ = signature
+    forward.__doc__ = AlignedForCausalLM.forward.__doc__
+    forward.__module__ = __name__
+    forward.__qualname__ = f"{class_name}.forward"
+    return forward
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,9 @@ _CLASSIFIER_ONLY_ARGUMENTS = (
     "distillation_temperature",
     "classifier_lr_ratio",
 )
+
+# What a causal LM's card leaves out of its training arguments: they configure a classification head only.
+_CLASSIFIER_ONLY = frozenset({*_CLASSIFIER_ONLY_ARGUMENTS, "fold_asr_on_save"})
 
 # Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
 _NON_PREDICTION_OUTPUTS = [
@@ -140,6 +144,12 @@ class AlignedTrainer(Trainer):
             self.compute_metrics = LayerwiseMetrics(
                 self.accelerator.unwrap_model(self.model), compute_metrics, args.minimal_depth_tolerance
             )
+            if args.classifier_lr_ratio is None:
+                # The default rate is recorded in the trainer's own copy of the arguments (the caller's stay as
+                # given), so `training_args.bin` and the card say which rate the run used.
+                ratio = self.classifier_lr_ratio
+                self.args = copy.copy(self.args)
+                self.args.classifier_lr_ratio = ratio
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(list(self._tag_names))
 
@@ -326,6 +336,13 @@ class AlignedTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
+        training_args = self.args.to_dict()
+        if self.state.global_step > 0:  # what ran: `num_train_epochs` does not say it when `max_steps` is set
+            training_args |= {"epochs_run": round(self.state.epoch or 0.0, 2), "steps_run": self.state.global_step}
+            if self.args.max_steps > 0:
+                training_args.pop("num_train_epochs")
+        if _causal_lm(self.model) is not None:  # classification-only settings do not apply to a language model
+            training_args = {name: value for name, value in training_args.items() if name not in _CLASSIFIER_ONLY}
         data = AlignedModelCardData(
             model_id=self.args.hub_model_id or model_name,
             base_model=finetuned_from,
@@ -335,7 +352,7 @@ class AlignedTrainer(Trainer):
             license=license,
             tags=[tags] if isinstance(tags, str) else tags,
             eval_metrics=latest_eval_metrics(self.state.log_history) or None,
-            training_args={**self.args.to_dict(), "classifier_lr_ratio": self.classifier_lr_ratio},
+            training_args=training_args,
         )
         write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model), data)
 

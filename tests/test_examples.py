@@ -110,6 +110,8 @@ def test_text_example_on_local_csv_with_string_labels(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.classifier_sharing == "per_layer"
     assert model.config.id2label == {0: "negative", 1: "positive"}
+    # The saved tokenizer cuts texts to the length training used (--max_seq_length, default 128).
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 128
 
 
 def free_port() -> int:
