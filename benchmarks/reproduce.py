@@ -595,10 +595,11 @@ SECTIONS: dict[str, Section] = {
     "scale": Section(
         title="Training on several processes: memory per process",
         claim="(issue #22) DeepSpeed ZeRO-3 on 2 processes holds at most 0.6 times the training state (parameters, "
-        "gradients, optimizer state) per process of DDP, and every engine computes the same losses. An aligned "
-        "causal LM large enough that the state dominates, trained through `accelerate launch` with the configs of "
-        "`examples/accelerate/` on 2 CPU processes (gloo); one seed (memory is deterministic here).",
-        files={"scale.json": ("engines", "settings")},
+        "gradients, optimizer state) per process of DDP, and every engine computes the same losses; evaluated in fp32 "
+        "and with bf16 mixed precision (each against DDP in the same precision). An aligned causal LM large enough "
+        "that the state dominates, trained through `accelerate launch` with the configs of `examples/accelerate/` on "
+        "2 CPU processes (gloo); one seed (memory is deterministic here).",
+        files={"scale.json": ("precisions", "settings")},
         commands=("python benchmarks/scale.py",),
         render=module_blocks("scale", "scale.json"),
     ),

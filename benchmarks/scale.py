@@ -1,10 +1,15 @@
 """Scale benchmark: memory per process of an aligned causal LM trained on 2 CPU processes with DDP, DeepSpeed ZeRO-2
-and ZeRO-3 (the configs of examples/accelerate/), through `accelerate launch` and `AlignedTrainer`.
+and ZeRO-3 (the configs of examples/accelerate/), through `accelerate launch` and `AlignedTrainer`, in fp32 and with
+bf16 mixed precision.
 
 The model is large enough that the training state dominates: a Llama-style AlignedForCausalLM with 8 blocks of width
 512 (intermediate 1376, 8 heads, vocabulary 2048: 27.4M parameters), AdamW, 4 steps of 2 sequences of 64 tokens per
-process, fp32. Every process measures, before and after each optimizer step (also from inside the optimizer's
-`step`, where DeepSpeed's gradient partitions are alive), the bytes of the tensors it holds:
+process. Each engine runs twice, with its config unchanged: in fp32, and with the training argument `bf16=True` (the
+scripts' `--bf16 true`), which is autocast over fp32 parameters under DDP and DeepSpeed's `bf16` mode (bf16
+parameters and gradients, fp32 master weights and AdamW moments) under ZeRO. Every process measures, before and after
+each optimizer step (also from inside accelerate's and DeepSpeed's `step`, where DeepSpeed's gradient partitions are
+alive) and apart from that inside the step (around the torch AdamW that DeepSpeed wraps, where DeepSpeed also holds
+a flat copy of its gradient partition), the bytes of the tensors it holds:
 
 - parameters: the model's parameters (under ZeRO-3 the local partition `ds_tensor`, the parameters themselves are
   empty between uses);
@@ -13,11 +18,13 @@ process, fp32. Every process measures, before and after each optimizer step (als
 - apart from the state: the communication buffers DeepSpeed allocates up front (its reduce buckets, attributes named
   `bucket`: ZeRO-3's default holds 5e8 elements, mostly never touched, so it barely shows in resident memory);
 
-each storage counted once, the maximum over the steps kept, and the peak resident memory of the process (`ru_maxrss`,
+each storage counted once, the maximum over the steps kept (temporaries a step allocates and frees are not
+counted: torch's AdamW on CPU makes them one tensor at a time, a layer's size under DDP, the whole flat
+partition's under ZeRO), and the peak resident memory of the process (`ru_maxrss`,
 which includes the ~0.7 GB of the imported libraries). Results go to benchmarks/results/scale.json; `--phase render`
 writes the table into docs/distributed.md and docs/results.md (`benchmarks/reproduce.py` renders the latter whole).
 
-    nice -n 5 python benchmarks/scale.py                 # the three launches (about 2 minutes), then render
+    nice -n 5 python benchmarks/scale.py                 # the six launches (about 4 minutes), then render
     python benchmarks/scale.py --phase render
 """
 
@@ -41,6 +48,7 @@ from transformers import TrainerCallback
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
 DOCUMENTS = ("docs/distributed.md", "docs/results.md")
 ENGINES = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
+PRECISIONS = ("fp32", "bf16")
 MODEL = {
     "vocab_size": 2048,
     "hidden_size": 512,
@@ -107,27 +115,38 @@ def state_bytes(model, optimizer) -> dict[str, int]:
 
 
 class StateMeter(TrainerCallback):
-    """Keeps the largest `state_bytes` (and their sum, `total`) seen before and after every optimizer step."""
+    """Keeps the largest `state_bytes` (and their sum, `total`) seen around every optimizer step: `peaks` before and
+    after it, `in_step` also inside it, around the torch optimizer that DeepSpeed's wraps (where DeepSpeed holds a
+    flat copy of its gradient partition, in the master weights' fp32)."""
 
     def __init__(self):
         self.peaks = {"parameters": 0, "gradients": 0, "optimizer": 0, "buffers": 0, "total": 0}
+        self.in_step = dict(self.peaks)
 
-    def record(self, model, optimizer) -> None:
+    def record(self, model, optimizer, inside: bool = False) -> None:
         sizes = state_bytes(model, optimizer)
         sizes["total"] = sizes["parameters"] + sizes["gradients"] + sizes["optimizer"]
-        for key, value in sizes.items():
-            self.peaks[key] = max(self.peaks[key], value)
+        for peaks in (self.in_step,) if inside else (self.peaks, self.in_step):
+            for key, value in sizes.items():
+                peaks[key] = max(peaks[key], value)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        # accelerate runs DeepSpeed's step inside `backward`, where ZeRO-2's gradient partition lives: the optimizer's
-        # own step is measured from inside, before and after.
-        inner = getattr(optimizer, "optimizer", optimizer)
+        # accelerate runs DeepSpeed's step inside `backward`, where ZeRO-2's gradient partition lives: the step of
+        # every optimizer in the chain (accelerate's wrapper, DeepSpeed's, the torch AdamW inside) is measured before
+        # and after, the innermost one's as inside the step.
+        inner = getattr(optimizer, "optimizer", None)
+        while inner is not None:
+            innermost = getattr(inner, "optimizer", None) is None
+            self.wrap(inner, model, optimizer, inside=innermost)
+            inner = getattr(inner, "optimizer", None)
+
+    def wrap(self, inner, model, optimizer, inside: bool) -> None:
         original = inner.step
 
         def step(*step_args, **step_kwargs):
-            self.record(model, optimizer)
+            self.record(model, optimizer, inside)
             result = original(*step_args, **step_kwargs)
-            self.record(model, optimizer)
+            self.record(model, optimizer, inside)
             return result
 
         inner.step = step
@@ -143,7 +162,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(output: Path) -> None:
+def worker(output: Path, bf16: bool) -> None:
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, default_data_collator
@@ -165,6 +184,7 @@ def worker(output: Path) -> None:
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
+        bf16=bf16,
         seed=0,
     )
     trainer = AlignedTrainer(model, args, train_dataset=data, data_collator=default_data_collator)
@@ -177,11 +197,14 @@ def worker(output: Path) -> None:
         "world_size": trainer.args.world_size,
         "distributed_type": trainer.accelerator.distributed_type.value,
         "state_bytes": meter.peaks,
+        "state_bytes_in_step": meter.in_step,
         "start_rss_bytes": start_rss,
         "peak_rss_bytes": peak_rss(),
         "train_seconds": time.perf_counter() - started,
         "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
         "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "parameter_dtype": str(next(getattr(p, "ds_tensor", p) for p in model.parameters()).dtype),
     }
     output.with_name(f"{output.stem}_rank{record['rank']}.json").write_text(json.dumps(record))
 
@@ -197,10 +220,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(engine: str, folder: Path) -> dict:
+def launch(engine: str, precision: str, folder: Path) -> dict:
+    """One 2-process launch of `engine`'s config, unchanged; bf16 is turned on by the training argument `bf16=True`
+    (the script's `--bf16`), from which DDP autocasts and transformers writes DeepSpeed's `bf16` section."""
     config = REPO / "examples" / "accelerate" / f"{engine}.yaml"
+    name = f"{engine}_{precision}"
     command = ["accelerate", "launch", "--config_file", str(config.relative_to(REPO)), "--main_process_port",
-               str(free_port()), "benchmarks/scale.py", "--worker", str(folder / f"{engine}.json")]  # fmt: skip
+               str(free_port()), "benchmarks/scale.py", "--worker", str(folder / f"{name}.json")]  # fmt: skip
+    command += ["--bf16"] if precision == "bf16" else []
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     completed = subprocess.run(
@@ -208,8 +235,9 @@ def launch(engine: str, folder: Path) -> dict:
         capture_output=True,
     )  # fmt: skip
     if completed.returncode:
-        raise RuntimeError(f"{engine} failed:\n{completed.stderr[-4000:]}")
-    ranks = [json.loads((folder / f"{engine}_rank{rank}.json").read_text()) for rank in (0, 1)]
+        raise RuntimeError(f"{name} failed:\n{completed.stderr[-4000:]}")
+    ranks = [json.loads((folder / f"{name}_rank{rank}.json").read_text()) for rank in (0, 1)]
+    command[command.index("--worker") + 1] = f"outputs/scale/{name}.json"
     return {"command": " ".join(command), "seconds": time.perf_counter() - started, "ranks": ranks}
 
 
@@ -217,7 +245,7 @@ def run(results_path: Path) -> dict:
     folder = REPO / "outputs" / "scale"
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    engines = {engine: launch(engine, folder) for engine in ENGINES}
+    runs = {precision: {engine: launch(engine, precision, folder) for engine in ENGINES} for precision in PRECISIONS}
     results = {
         "provenance": {
             "command": "python benchmarks/scale.py",
@@ -228,7 +256,7 @@ def run(results_path: Path) -> dict:
             "duration_s": round(time.perf_counter() - started, 1),
         },
         "settings": {"model": MODEL, "steps": STEPS, "batch_per_process": BATCH, "sequence": SEQUENCE},
-        "engines": engines,
+        "precisions": runs,
     }
     write_json(results_path, results)
     return results
@@ -239,72 +267,102 @@ def run(results_path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def summarize(results: dict) -> dict[str, dict[str, float]]:
-    """Per engine: the largest per-process state (MiB, by kind and total), peak resident memory (MiB), the ratio of
-    the total state to DDP's, and the largest relative difference of the per-step losses from DDP's."""
-    ddp = results["engines"]["ddp"]
-    ddp_total = max(rank["state_bytes"]["total"] for rank in ddp["ranks"])
-    ddp_losses = ddp["ranks"][0]["losses"]
+def summarize(results: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Per precision and engine: the largest per-process state before and after the optimizer steps (MiB, by kind and
+    total), that total in bytes per model parameter and as a ratio to DDP's in the same precision, the same total
+    also inside the steps (MiB, and its ratio to DDP's), peak resident memory (MiB), and the largest relative
+    difference of the per-step losses from that DDP run's."""
     summary = {}
-    for engine, run in results["engines"].items():
-        ranks = run["ranks"]
-        row = {kind: max(rank["state_bytes"][kind] for rank in ranks) / MIB for kind in ranks[0]["state_bytes"]}
-        row["peak_rss"] = max(rank["peak_rss_bytes"] for rank in ranks) / MIB
-        row["ratio"] = max(rank["state_bytes"]["total"] for rank in ranks) / ddp_total
-        losses = ranks[0]["losses"]
-        row["loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ddp_losses))
-        summary[engine] = row
+    for precision, engines in results["precisions"].items():
+        ddp = engines["ddp"]["ranks"]
+        ddp_total = max(rank["state_bytes"]["total"] for rank in ddp)
+        summary[precision] = {}
+        for engine, run in engines.items():
+            ranks = run["ranks"]
+            row = {kind: max(rank["state_bytes"][kind] for rank in ranks) / MIB for kind in ranks[0]["state_bytes"]}
+            total = max(rank["state_bytes"]["total"] for rank in ranks)
+            row["bytes_per_parameter"] = total / ranks[0]["num_parameters"]
+            row["peak_rss"] = max(rank["peak_rss_bytes"] for rank in ranks) / MIB
+            row["ratio"] = total / ddp_total
+            in_step = max(rank["state_bytes_in_step"]["total"] for rank in ranks)
+            row["in_step"] = in_step / MIB
+            row["in_step_ratio"] = in_step / max(rank["state_bytes_in_step"]["total"] for rank in ddp)
+            pairs = zip(ranks[0]["losses"], ddp[0]["losses"], strict=True)
+            row["loss_difference"] = max(abs(a - b) / abs(b) for a, b in pairs)
+            summary[precision][engine] = row
     return summary
+
+
+def loss_difference(results: dict, precision: str, reference: str) -> float:
+    """Largest relative difference of DDP's per-step losses in `precision` from DDP's in `reference`."""
+    runs = [results["precisions"][name]["ddp"]["ranks"][0]["losses"] for name in (precision, reference)]
+    return max(abs(a - b) / abs(b) for a, b in zip(*runs, strict=True))
+
+
+CAUSES = {
+    "fp32": "DDP holds 4 fp32 model-sized copies (parameters, gradients, two AdamW moments: 16 bytes per parameter); "
+    "ZeRO-3 holds its 1/N share of each and, also when training in fp32, an fp32 master copy of its parameter share "
+    "for the optimizer: 20/N bytes per parameter between steps (10 at N = 2 processes, 0.625 of DDP's), and inside "
+    "the step a flat copy of its gradient share (4/N more). The master copy keeps fp32 ZeRO-3 above 0.6 on 2 processes",
+    "bf16": "DDP with bf16 autocast still holds fp32 parameters, gradients and AdamW moments (16 bytes per parameter; "
+    "autocast's bf16 copies of the weights live only inside the forward); ZeRO-3 holds its 1/N share of the bf16 "
+    "parameters and gradients and of the fp32 master weights and moments: 16/N bytes per parameter between steps (8 "
+    "at N = 2, half of DDP's), and inside the step an fp32 copy of its gradient share (4/N more: 10 at N = 2, 0.625 "
+    "of DDP's)",
+}
 
 
 def render_blocks(results: dict) -> dict[str, str]:
     summary = summarize(results)
     settings = results["settings"]
-    parameters = results["engines"]["ddp"]["ranks"][0]["num_parameters"]
+    parameters = results["precisions"]["fp32"]["ddp"]["ranks"][0]["num_parameters"]
     lines = [
         f"Aligned causal LM (Llama, {settings['model']['num_hidden_layers']} blocks of width "
-        f"{settings['model']['hidden_size']}, {parameters / 1e6:.1f}M parameters, fp32, AdamW), 2 CPU processes, "
-        f"{settings['steps']} steps of {settings['batch_per_process']} sequences of {settings['sequence']} tokens per process. "
-        "MiB per process (the larger of the two):",
+        f"{settings['model']['hidden_size']}, {parameters / 1e6:.1f}M parameters, AdamW), 2 CPU processes, "
+        f"{settings['steps']} steps of {settings['batch_per_process']} sequences of {settings['sequence']} tokens per "
+        "process, in fp32 and with bf16 mixed precision (training argument `bf16=True`: autocast under DDP, DeepSpeed's "
+        "`bf16` mode under ZeRO). MiB per process (the larger of the two); losses against DDP's in the same precision:",
         "",
-        "| engine | parameters | gradients | optimizer | state total | of DDP's | reduce buffers | peak resident | "
-        "loss vs DDP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| precision | engine | parameters | gradients | optimizer | state total | bytes per parameter | of DDP's | "
+        "inside the step | of DDP's | reduce buffers | peak resident | loss vs DDP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for engine, row in summary.items():
-        lines.append(
-            f"| {engine} | {row['parameters']:.0f} | {row['gradients']:.0f} | {row['optimizer']:.0f} | "
-            f"{row['total']:.0f} | {row['ratio']:.2f} | {row['buffers']:.0f} | {row['peak_rss']:.0f} | "
-            f"{row['loss_difference']:.1e} |"
-        )
-    zero3 = summary["deepspeed_zero3"]["ratio"]
-    verdict = (
-        "met"
-        if zero3 <= TARGET
-        else (
-            "missed: besides the model's own partition of the parameters, DeepSpeed keeps an fp32 master copy of it for "
-            "the optimizer also when training in fp32, so a process holds 5/N model-sized copies where DDP holds 4 "
-            "(parameters, gradients, two AdamW moments): 2.5 against 4 at N = 2 processes, 0.625 of DDP's; with bf16 mixed "
-            "precision that copy is the usual fp32 master weights"
-        )
-    )
-    lines += ["", f"ZeRO-3 state per process: {zero3:.2f} of DDP's (target: at most {TARGET}: {verdict})."]
+    for precision, engines in summary.items():
+        for engine, row in engines.items():
+            lines.append(
+                f"| {precision} | {engine} | {row['parameters']:.0f} | {row['gradients']:.0f} | {row['optimizer']:.0f} | "
+                f"{row['total']:.0f} | {row['bytes_per_parameter']:.1f} | {row['ratio']:.2f} | {row['in_step']:.0f} | "
+                f"{row['in_step_ratio']:.2f} | {row['buffers']:.0f} | "
+                f"{row['peak_rss']:.0f} | {row['loss_difference']:.1e} |"
+            )
+    lines.append("")
+    for precision, engines in summary.items():
+        zero3 = engines["deepspeed_zero3"]
+        verdicts = [("between steps", zero3["ratio"]), ("inside the step", zero3["in_step_ratio"])]
+        measured = ", ".join(f"{ratio:.2f} of DDP's {where}" for where, ratio in verdicts)
+        met = "; ".join(f"{'met' if ratio <= TARGET else 'missed'} {where}" for where, ratio in verdicts)
+        lines.append(f"- {precision}: ZeRO-3 state per process {measured} (target: at most {TARGET}: {met}). "
+                     f"{CAUSES[precision]}.")  # fmt: skip
+    bf16 = loss_difference(results, "bf16", "fp32")
+    lines += ["", f"DDP's per-step losses in bf16 differ from its fp32 losses by at most {bf16:.1e} (relative)."]
     return {"scale_memory": "\n".join(lines)}
 
 
 def print_summary(results: dict) -> None:
-    rows = [[engine, *(round(value, 3) for value in row.values())] for engine, row in summarize(results).items()]
-    headers = ["engine", *next(iter(summarize(results).values())).keys()]
-    print_table("Per-process memory (MiB) and ratios", headers, rows)
+    for precision, engines in summarize(results).items():
+        rows = [[engine, *(round(value, 3) for value in row.values())] for engine, row in engines.items()]
+        headers = ["engine", *next(iter(engines.values())).keys()]
+        print_table(f"Per-process memory (MiB) and ratios, {precision}", headers, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=["run", "render"], default="run")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker is not None:
-        worker(options.worker)
+        worker(options.worker, options.bf16)
         return
     results = run(RESULTS) if options.phase == "run" else json.loads(RESULTS.read_text(encoding="utf-8"))
     print_summary(results)
