@@ -195,3 +195,13 @@ def test_the_size_check_sees_a_long_function(tmp_path):
     body = "\n".join(f"    x{index} = {index}" for index in range(MAX_FUNCTION_LINES))
     node = ast.parse(f"def long():\n{body}\n").body[0]
     assert node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+
+
+def test_trainer_metrics_cards_and_hub_reach_the_model_kinds_through_one_interface():
+    # They never name a model class (no `isinstance(model, AlignedForCausalLM)` branches): the trainer asks
+    # `kinds.find_aligned_model`, the card renderer and the Hub push ask `alignment.model_kind(config)`.
+    for module in ("trainer", "metrics", "model_card", "card_data", "hub"):
+        imported = package_imports(PACKAGE / f"{module}.py")
+        assert not imported & {"modeling_aligned", "modeling_causal_lm"}, module
+        text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        assert "AlignedForCausalLM)" not in text and "_causal_lm(" not in text, module
