@@ -184,7 +184,7 @@ class CausalLayerwiseMetrics:
     also when a distributed evaluation repeats samples to even out its last batches (they are dropped by sample).
     It returns `layer_{l}_loss`, `layer_{l}_perplexity` and `layer_{l}_agreement` for every 1-based layer `l`, the
     last layer's `perplexity`, and `minimal_depth`: the first layer whose perplexity is at most
-    (1 + `tolerance`) times the last layer's (left out when the last layer's loss is nan).
+    (1 + `tolerance`) times the last layer's (left out when the last layer's loss is nan, as when no token is counted).
     """
 
     def __init__(self, tolerance: float = 0.01):
@@ -197,9 +197,10 @@ class CausalLayerwiseMetrics:
             raise ValueError(
                 f"Causal-LM layer metrics expect per-sample sums of shape (samples, layers, 2), got {sums.shape}."
             )
-        tokens = max(counts.sum(), 1.0)
-        losses = sums[:, :, 0].sum(axis=0) / tokens
-        agreement = sums[:, :, 1].sum(axis=0) / tokens
+        tokens = counts.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):  # no counted token: nan, and no minimal depth
+            losses = sums[:, :, 0].sum(axis=0) / tokens
+            agreement = sums[:, :, 1].sum(axis=0) / tokens
         perplexities = np.exp(losses)
         result = {}
         for layer, (loss, perplexity, agree) in enumerate(zip(losses, perplexities, agreement), start=1):
