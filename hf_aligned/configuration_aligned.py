@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -186,22 +187,25 @@ class AlignedConfig(PreTrainedConfig):
                 self.projection_head, self.base_config.get_text_config().hidden_size
             )
         if self.classifier_dropout is None:
-            base = self.base_config
-            dropout = getattr(base, "classifier_dropout", None)
-            self.classifier_dropout = float(
-                dropout if dropout is not None else getattr(base, "hidden_dropout_prob", 0.0)
-            )
+            self.classifier_dropout = derived_classifier_dropout(self.base_config)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """transformers' `from_dict`; keyword arguments that are not aligned settings but are attributes of the base
-        config (`hidden_dropout_prob=0.0`, `use_cache=False`, ...) override the base config, as `AutoConfig` applies
-        them to a plain checkpoint's config. Others are returned unused (or dropped) as transformers does."""
-        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
-        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        for key in [key for key in unused if hasattr(config.base_config, key)]:
-            setattr(config.base_config, key, unused.pop(key))
-        return (config, unused) if return_unused_kwargs else config
+        """transformers' `from_dict`, with every override validated: keyword arguments that are aligned settings, and
+        those that are attributes of the base config (`num_hidden_layers=2`, `hidden_dropout_prob=0.0`, ...), go into
+        the config before it is built and checked, so the alignment settings are validated against the final base
+        config.
+        Other keywords are returned unused (or dropped) as transformers does.
+        """
+        saved = cls(**copy.deepcopy(config_dict))
+        fields = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_CONFIG_FIELDS}
+        config_dict = {**config_dict, **fields}
+        base_overrides = {
+            key: kwargs.pop(key) for key in list(kwargs) if not hasattr(saved, key) and hasattr(saved.base_config, key)
+        }
+        if base_overrides:
+            config_dict["base_config"] = {**saved.base_config.to_dict(), **base_overrides}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -237,6 +241,18 @@ class AlignedConfig(PreTrainedConfig):
     def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
         """The base model's text config (so generic code finds `hidden_size`, `vocab_size`, ...)."""
         return self.base_config.get_text_config(*args, **kwargs)
+
+
+# The fields of an AlignedConfig that a `from_pretrained` keyword may override (validated with the rest).
+ALIGNED_CONFIG_FIELDS = ("pooling", "use_pooler", "classifier_dropout", "projection_head", "layout") + KIND_FIELDS[
+    CLASSIFICATION
+]
+
+
+def derived_classifier_dropout(base_config: PreTrainedConfig) -> float:
+    """The classifier dropout a base config implies: its `classifier_dropout`, else its `hidden_dropout_prob`, else 0."""
+    dropout = getattr(base_config, "classifier_dropout", None)
+    return float(dropout if dropout is not None else getattr(base_config, "hidden_dropout_prob", 0.0))
 
 
 def is_decoder_only(config: PreTrainedConfig) -> bool:

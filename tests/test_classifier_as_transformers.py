@@ -188,3 +188,21 @@ def test_reload_keeps_the_weights_bit_for_bit(tmp_path):
     reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
     saved, loaded = model.state_dict(), reloaded.state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved)
+
+
+def test_base_config_overrides_are_validated_with_the_alignment_settings(tmp_path):
+    BertForSequenceClassification(tiny_base_config("bert")).save_pretrained(tmp_path / "plain")
+    tiny_model("bert").save_pretrained(tmp_path / "aligned")
+    expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", num_hidden_layers=2)
+    model = AlignedForSequenceClassification.from_pretrained(tmp_path / "aligned", num_hidden_layers=2)
+    assert model.num_layers == model.config.num_layers == expected.config.num_hidden_layers == 2
+    assert len(model.config.resolved_layer_weights) == 2
+    with torch.no_grad():
+        output = model(**tiny_inputs("bert"), labels=torch.tensor([0, 2, 1]), output_layer_logits=True)
+    assert output.layer_logits.shape[0] == 2 and torch.isfinite(output.loss)
+    # Settings that do not fit the overridden depth are refused by name, not loaded into a model that fails later.
+    tiny_model("bert", layer_weights=[1.0, 2.0, 3.0, 4.0]).save_pretrained(tmp_path / "weighted")
+    with pytest.raises(ValueError, match="`layer_weights` has 4 entries but the model has 2 layers"):
+        AlignedForSequenceClassification.from_pretrained(tmp_path / "weighted", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="`layer_weights` has 1 entries but the model has 4 layers"):
+        AlignedForSequenceClassification.from_pretrained(tmp_path / "aligned", layer_weights=[1.0])
