@@ -194,7 +194,7 @@ class AlignedConfig(PreTrainedConfig):
         """transformers' `from_dict`, with every override validated: keyword arguments that are aligned settings, and
         those that are attributes of the base config (`num_hidden_layers=2`, `hidden_dropout_prob=0.0`, ...), go into
         the config before it is built and checked, so the alignment settings are validated against the final base
-        config.
+        config. A `classifier_dropout` that was derived from the base config is derived again from the overridden one.
         Other keywords are returned unused (or dropped) as transformers does.
         """
         saved = cls(**copy.deepcopy(config_dict))
@@ -205,6 +205,10 @@ class AlignedConfig(PreTrainedConfig):
         }
         if base_overrides:
             config_dict["base_config"] = {**saved.base_config.to_dict(), **base_overrides}
+            if "classifier_dropout" not in fields and saved.classifier_dropout == derived_classifier_dropout(
+                saved.base_config
+            ):
+                config_dict["classifier_dropout"] = None
         return super().from_dict(config_dict, **kwargs)
 
     @property

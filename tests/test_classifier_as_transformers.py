@@ -101,12 +101,14 @@ def test_from_pretrained_applies_config_overrides_like_auto_models(tmp_path):
     aligned = tiny_model("bert")
     aligned.save_pretrained(tmp_path / "aligned")
     overrides = {"hidden_dropout_prob": 0.0, "use_cache": False, "attention_probs_dropout_prob": 0.25}
-    expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", **overrides).config
+    plain_loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", **overrides)
+    expected, plain_dropout = plain_loaded.config, plain_loaded.dropout.p
     for path in (tmp_path / "plain", tmp_path / "aligned"):
         model = AlignedForSequenceClassification.from_pretrained(path, **overrides)
         for key, value in overrides.items():
             assert getattr(model.config.base_config, key) == getattr(expected, key) == value, (path, key)
-        assert model.classifier.heads[0].dropout.p == (0.0 if path.name == "plain" else 0.1)
+        # The classifier's dropout follows the overridden base config, as plain BERT's does (it was derived from it).
+        assert model.classifier.heads[0].dropout.p == plain_dropout == 0.0, path
         with pytest.raises(TypeError, match="not_a_setting"):
             AlignedForSequenceClassification.from_pretrained(path, not_a_setting=1)
     with pytest.raises(TypeError, match="not_a_setting"):
@@ -188,6 +190,20 @@ def test_reload_keeps_the_weights_bit_for_bit(tmp_path):
     reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
     saved, loaded = model.state_dict(), reloaded.state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved)
+
+
+def test_an_explicit_classifier_dropout_survives_a_base_dropout_override(tmp_path):
+    tiny_model("bert", classifier_dropout=0.3).save_pretrained(tmp_path)
+    model = AlignedForSequenceClassification.from_pretrained(tmp_path, hidden_dropout_prob=0.0)
+    assert model.config.base_config.hidden_dropout_prob == 0.0
+    assert model.config.classifier_dropout == model.classifier.heads[0].dropout.p == 0.3
+    model = AlignedForSequenceClassification.from_pretrained(tmp_path, hidden_dropout_prob=0.0, classifier_dropout=0.2)
+    assert model.classifier.heads[0].dropout.p == 0.2
+    tiny_model("bert").save_pretrained(tmp_path / "derived")  # its classifier dropout came from hidden_dropout_prob
+    model = AlignedForSequenceClassification.from_pretrained(
+        tmp_path / "derived", hidden_dropout_prob=0.0, classifier_dropout=0.2
+    )
+    assert model.classifier.heads[0].dropout.p == 0.2
 
 
 def test_base_config_overrides_are_validated_with_the_alignment_settings(tmp_path):
