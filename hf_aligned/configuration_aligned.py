@@ -196,7 +196,12 @@ class AlignedConfig(PreTrainedConfig):
         the config before it is built and checked, so the alignment settings are validated against the final base
         config. A `classifier_dropout` that was derived from the base config is derived again from the overridden one.
         Other keywords are returned unused (or dropped) as transformers does.
+
+        Raises:
+            TypeError: for a keyword naming a read-only property (`num_layers`: set `num_hidden_layers` or use
+                `truncate`).
         """
+        _refuse_properties(kwargs)
         saved = cls(**copy.deepcopy(config_dict))
         fields = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_CONFIG_FIELDS}
         config_dict = {**config_dict, **fields}
@@ -257,6 +262,24 @@ def derived_classifier_dropout(base_config: PreTrainedConfig) -> float:
     """The classifier dropout a base config implies: its `classifier_dropout`, else its `hidden_dropout_prob`, else 0."""
     dropout = getattr(base_config, "classifier_dropout", None)
     return float(dropout if dropout is not None else getattr(base_config, "hidden_dropout_prob", 0.0))
+
+
+def _refuse_properties(kwargs: dict) -> None:
+    """Refuses keywords naming a read-only property of [`AlignedConfig`], which transformers would try to set.
+
+    Raises:
+        TypeError: naming the keyword and what to use instead.
+    """
+    for key in kwargs:
+        attribute = getattr(AlignedConfig, key, None)
+        if isinstance(attribute, property) and attribute.fset is None:
+            hint = (
+                "set the base model's `num_hidden_layers` (e.g. `num_hidden_layers=2`) or shrink a trained model "
+                "with `model.truncate(k)`"
+                if key == "num_layers"
+                else "it is computed from the other settings"
+            )
+            raise TypeError(f"`{key}` is a read-only property of AlignedConfig and cannot be passed; {hint}.")
 
 
 def is_decoder_only(config: PreTrainedConfig) -> bool:

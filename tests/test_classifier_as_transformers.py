@@ -222,3 +222,9 @@ def test_base_config_overrides_are_validated_with_the_alignment_settings(tmp_pat
         AlignedForSequenceClassification.from_pretrained(tmp_path / "weighted", num_hidden_layers=2)
     with pytest.raises(ValueError, match="`layer_weights` has 1 entries but the model has 4 layers"):
         AlignedForSequenceClassification.from_pretrained(tmp_path / "aligned", layer_weights=[1.0])
+
+
+def test_num_layers_is_refused_by_name_with_the_keyword_to_use(tmp_path):
+    tiny_model("bert").save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"`num_layers` is a read-only.*`num_hidden_layers`.*truncate"):
+        AlignedForSequenceClassification.from_pretrained(tmp_path, num_layers=2)
