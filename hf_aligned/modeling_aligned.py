@@ -288,6 +288,8 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
         early_exit: bool | None,
     ) -> AlignedSequenceClassifierOutput:
         """`forward` with its output as a [`AlignedSequenceClassifierOutput`]."""
+        # Unset output flags follow this model's config (as transformers' models do), not the base model's own.
+        outputs = {name: getattr(self.config, name) if value is None else value for name, value in outputs.items()}
         exit_fields = sorted(set(base_inputs) & set(ExitConfig.__dataclass_fields__))
         if exit_fields:
             raise TypeError(

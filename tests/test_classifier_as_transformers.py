@@ -228,3 +228,22 @@ def test_num_layers_is_refused_by_name_with_the_keyword_to_use(tmp_path):
     tiny_model("bert").save_pretrained(tmp_path)
     with pytest.raises(TypeError, match=r"`num_layers` is a read-only.*`num_hidden_layers`.*truncate"):
         AlignedForSequenceClassification.from_pretrained(tmp_path, num_layers=2)
+
+
+def test_output_flags_default_to_the_config_like_transformers(tmp_path):
+    BertForSequenceClassification(tiny_base_config("bert")).save_pretrained(tmp_path / "plain")
+    tiny_model("bert").save_pretrained(tmp_path / "aligned")
+    flags = {"output_hidden_states": True, "output_attentions": True}
+    inputs = tiny_inputs("bert")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", **flags).eval()
+    aligned = AlignedForSequenceClassification.from_pretrained(tmp_path / "aligned", **flags).eval()
+    with torch.no_grad():
+        expected, output = plain(**inputs), aligned(**inputs)
+    assert len(output.hidden_states) == len(expected.hidden_states) == NUM_LAYERS + 1
+    assert len(output.attentions) == len(expected.attentions) == NUM_LAYERS
+    aligned = AlignedForSequenceClassification.from_pretrained(tmp_path / "aligned").eval()
+    with torch.no_grad():
+        assert aligned(**inputs).hidden_states is None
+        aligned.config.output_hidden_states = True
+        assert len(aligned(**inputs).hidden_states) == NUM_LAYERS + 1
+        assert aligned(**inputs, output_hidden_states=False).hidden_states is None
