@@ -18,6 +18,10 @@ class AlignedSequenceClassifierOutput(ModelOutput):
         logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
             The classifier's scores after the last block (the same as `layer_logits[-1]`), or, when the call exited
             early, at each sample's exit layer.
+        hidden_states (`tuple(torch.Tensor)`, *optional*):
+            The base model's hidden states, when `output_hidden_states=True`.
+        attentions (`tuple(torch.Tensor)`, *optional*):
+            The base model's attention weights, when `output_attentions=True`.
         layer_logits (`torch.Tensor` of shape `(num_layers, batch_size, num_labels)`, *optional*, returned when
             `output_layer_logits=True`):
             The classifier's scores after every block, block 1 first.
@@ -26,10 +30,6 @@ class AlignedSequenceClassifierOutput(ModelOutput):
         layer_distillation_losses (`torch.Tensor` of shape `(num_layers,)`, *optional*):
             With `config.distillation_weight > 0` and labels: every block's self-distillation loss (KL divergence
             of its softened prediction from the last block's, times T²; 0 for the last block), before weighting.
-        hidden_states (`tuple(torch.Tensor)`, *optional*):
-            The base model's hidden states, when `output_hidden_states=True`.
-        attentions (`tuple(torch.Tensor)`, *optional*):
-            The base model's attention weights, when `output_attentions=True`.
         exit_layers (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             When the forward exited early: the 1-based layer each sample left at (then `logits` are the scores at
             that layer).
@@ -37,11 +37,13 @@ class AlignedSequenceClassifierOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    # hidden_states and attentions right after logits, where transformers' classifiers have them (so `to_tuple()`
+    # positions mean the same); the aligned extras follow.
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     layer_logits: torch.Tensor | None = None
     layer_losses: torch.Tensor | None = None
     layer_distillation_losses: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     exit_layers: torch.Tensor | None = None
 
 

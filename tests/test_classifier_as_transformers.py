@@ -247,3 +247,21 @@ def test_output_flags_default_to_the_config_like_transformers(tmp_path):
         aligned.config.output_hidden_states = True
         assert len(aligned(**inputs).hidden_states) == NUM_LAYERS + 1
         assert aligned(**inputs, output_hidden_states=False).hidden_states is None
+
+
+def test_return_dict_false_puts_hidden_states_and_attentions_where_transformers_does(tmp_path):
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_base_config("bert")).save_pretrained(tmp_path)
+    plain = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    aligned = AlignedForSequenceClassification.from_pretrained(tmp_path).eval()
+    inputs, labels = tiny_inputs("bert"), torch.tensor([0, 1, 1])
+    flags = {"labels": labels, "output_hidden_states": True, "output_attentions": True, "return_dict": False}
+    with torch.no_grad():
+        expected, output = plain(**inputs, **flags), aligned(**inputs, **flags)
+    assert len(expected) == 4  # loss, logits, hidden_states, attentions
+    assert output[0].shape == expected[0].shape == () and output[1].shape == expected[1].shape
+    for position in (2, 3):  # the same backbone: the same hidden states and attentions, at the same positions
+        assert len(output[position]) == len(expected[position])
+        for got, wanted in zip(output[position], expected[position]):
+            torch.testing.assert_close(got, wanted)
+    assert output[4].shape == (NUM_LAYERS,)  # the aligned extras follow: the per-layer losses
