@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .block_hooks import BlockObserver, observe_blocks
 from .exits import EarlyExitResult, ExitConfig, ExitDecider, ExitLedger
 from .outputs import EarlyExitOutput
+from .utils import has_active_dropout
 
 logger = logging.get_logger(__name__)
 
@@ -116,7 +117,7 @@ class EarlyExitMixin:
         model_inputs = self._inputs("early_exit_predict", input_ids=input_ids, attention_mask=attention_mask, **inputs)
         exit_config = (exit_config or self.exit_config).update(**overrides)
         exit_config.validate(self.num_layers)
-        if self.training:
+        if self.training and has_active_dropout(self):
             logger.warning_once(
                 "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
                 "to call. Call `model.eval()` before serving."

@@ -39,7 +39,7 @@ from .losses import (
 from .outputs import AlignedCausalLMOutput
 from .sharing import push_options, push_saved, push_to_hub
 from .speculative import draft_generation_kwargs, early_exit_draft
-from .utils import hub_kwargs
+from .utils import has_active_dropout, hub_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -67,6 +67,7 @@ class AlignedForCausalLM:
     >>> ids = torch.randint(0, 99, (2, 8))
     >>> model(input_ids=ids, labels=ids).layer_losses.shape
     torch.Size([4])
+    >>> _ = model.eval()  # from_config leaves the model in train mode, as in transformers
     >>> model.generate(ids[:1], max_new_tokens=5, assistant_early_exit=1)
     ```
     """
@@ -305,8 +306,8 @@ class AlignedForCausalLM:
     def generate(self, *args, assistant_early_exit: int | None = None, **kwargs):
         """transformers' `generate`; with `assistant_early_exit=k` (or a generation config that sets it), the first
         k blocks draft tokens and the full model verifies them (assisted generation with [`early_exit_draft`]), for
-        every family, GPT-2 included. Greedy output equals plain greedy decoding (in eval mode: in train mode dropout
-        changes every forward, and a warning says so).
+        every family, GPT-2 included. Greedy output equals plain greedy decoding (in eval mode: in train mode a model
+        with dropout changes every forward, and a warning says so).
 
         The draft's settings `num_assistant_tokens`, `num_assistant_tokens_schedule` and
         `assistant_confidence_threshold` come from this call (keywords or `generation_config`), else from the model's
@@ -315,7 +316,7 @@ class AlignedForCausalLM:
         Raises:
             ValueError: for a `k` outside [1, L - 1], or together with an `assistant_model`.
         """
-        if self.training:
+        if self.training and has_active_dropout(self):
             logger.warning_once(
                 "generate runs in train mode: dropout is active, so outputs change from call to call and "
                 "`assistant_early_exit` no longer reproduces plain greedy decoding. `from_config` leaves a model in "

@@ -81,3 +81,20 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = math.sqrt(float(x @ x) * float(y @ y))
     return float(x @ y) / denominator if denominator > 0 else math.nan
+
+
+# Attributes under which attention modules keep a functional dropout probability (e.g. Llama's `attention_dropout`).
+_DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "attn_dropout", "dropout_p")
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether `model` drops anything in train mode: a dropout module with p > 0, or an attention module keeping a
+    positive dropout probability as a float (`attention_dropout` of Llama-like families)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        for name in _DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                return True
+    return False
