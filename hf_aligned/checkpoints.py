@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from transformers import AutoModel, PreTrainedConfig
+from transformers.utils import logging
 
 from .alignment import CLASSIFICATION, KIND_FIELDS
 from .backbones import sentence_transformers_pooling
@@ -20,6 +21,8 @@ from .compat import set_name_or_path
 from .configuration_aligned import AlignedConfig
 from .exits import ExitConfig
 from .utils import hub_kwargs
+
+logger = logging.get_logger(__name__)
 
 # Keyword arguments that configure the aligned classifier rather than the base model it wraps: its alignment
 # settings, the classifier's own structure and its labels.
@@ -68,16 +71,11 @@ def truncated_copy(model: Any, num_layers: int) -> Any:
     `AlignedForSequenceClassification.truncate`).
 
     Raises:
-        ValueError: for a depth out of range, no kept aligned layer, or cut settings that would not load.
+        ValueError: for a depth out of range, or cut settings that would not load.
     """
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= model.num_layers:
         raise ValueError(f"`num_layers={num_layers!r}` must be an integer between 1 and {model.num_layers}.")
     trained = [layer for layer, weight in enumerate(model.config.resolved_layer_weights, start=1) if weight > 0]
-    if min(trained) > num_layers:
-        raise ValueError(
-            f"truncate({num_layers}) keeps none of the aligned layers {trained}: the classifier was never trained "
-            f"after blocks 1-{num_layers}. Truncate to at least {min(trained)} blocks."
-        )
     truncated = copy.deepcopy(model)
     del truncated.blocks[num_layers:]
     base_config = truncated.backbone.config
@@ -87,7 +85,15 @@ def truncated_copy(model: Any, num_layers: int) -> Any:
         base_config.layer_types = layer_types[:num_layers]
     config = truncated.config
     config.base_config = base_config
-    if not isinstance(config.layer_weights, str):
+    if min(trained) > num_layers:
+        # No kept block carried a loss (e.g. a `layer_weights="last"` baseline): the copy says so by recording the
+        # standard setting of its own depth, the loss on its last block, rather than weights it never had.
+        logger.warning(
+            f"truncate({num_layers}) keeps none of the layers trained with a loss ({trained}): the classifier was not "
+            f'trained after blocks 1-{num_layers}. The copy records layer_weights="last" (its block {num_layers}).'
+        )
+        config.layer_weights, config.aligned_layers = "last", None
+    elif not isinstance(config.layer_weights, str):
         config.layer_weights = config.layer_weights[:num_layers]
     if config.aligned_layers is not None:
         config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers]

@@ -344,12 +344,12 @@ class AlignedForSequenceClassification(EarlyExitMixin, AlignedPreTrainedModel):
         deployment, with no early-exit machinery at run time.
 
         The training settings are cut to the kept blocks (`layer_weights`, `aligned_layers`) and checked as
-        `from_pretrained` checks them, so the copy always reloads.
+        `from_pretrained` checks them, so the copy always reloads; when no kept block had a loss weight (a
+        `layer_weights="last"` model), the copy records `layer_weights="last"` of its own depth, with a warning.
 
         Raises:
-            ValueError: if `num_layers` is not between 1 and the model's depth, if no kept block is an aligned layer
-                (the classifier was never trained after them), or if the cut settings do not hold (e.g.
-                `classifier_update="last"` with a zero weight on the new last layer).
+            ValueError: if `num_layers` is not between 1 and the model's depth, or if the cut settings do not hold
+                (e.g. `classifier_update="last"` with a zero weight on the new last layer).
         """
         return truncated_copy(self, num_layers)
 

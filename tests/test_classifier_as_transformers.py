@@ -5,6 +5,7 @@ settings that cannot hold are refused instead of silently changed."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from transformers import (
     GPT2Model,
     pipeline,
 )
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from hf_aligned import AlignedConfig, AlignedForCausalLM, AlignedForSequenceClassification, ExitConfig
 
@@ -130,12 +133,6 @@ def test_causal_lm_from_pretrained_applies_config_overrides_like_auto_models(tmp
 def test_truncate_never_gives_a_config_from_pretrained_refuses(tmp_path):
     model = tiny_model("bert", num_layers=3, layer_weights=[1.0, 0.0, 1.0], classifier_update="last")
     with pytest.raises(ValueError, match=r"truncate\(2\).*classifier_update='last'"):
-        model.truncate(2)
-    model = tiny_model("bert", aligned_layers=[3, 4])
-    with pytest.raises(ValueError, match=r"truncate\(2\) keeps none of the aligned layers \[3, 4\]"):
-        model.truncate(2)
-    model = tiny_model("bert", layer_weights=[0.0, 0.0, 1.0, 1.0])
-    with pytest.raises(ValueError, match=r"truncate\(2\) keeps none of the aligned layers \[3, 4\]"):
         model.truncate(2)
     model = tiny_model("bert", aligned_layers=[1, 3, 4], layer_weights="uniform")
     truncated = model.truncate(2)
@@ -265,3 +262,31 @@ def test_return_dict_false_puts_hidden_states_and_attentions_where_transformers_
         for got, wanted in zip(output[position], expected[position]):
             torch.testing.assert_close(got, wanted)
     assert output[4].shape == (NUM_LAYERS,)  # the aligned extras follow: the per-layer losses
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"layer_weights": "last"}, {"aligned_layers": [3, 4]}, {"layer_weights": [0.0, 0.0, 1.0, 1.0]}],
+)
+def test_truncating_before_every_trained_layer_records_last_layer_weights_and_warns(settings, tmp_path):
+    model = tiny_model("bert", **settings)
+    inputs = tiny_inputs("bert")
+    logger = logging.get_logger("hf_aligned.checkpoints")
+    for depth in (1, 2):
+        with CaptureLogger(logger) as captured:
+            truncated = model.truncate(depth)
+        trained = r"\[4\]" if settings == {"layer_weights": "last"} else r"\[3, 4\]"
+        assert re.search(
+            rf"truncate\({depth}\) keeps none of the layers trained with a loss \({trained}\)", captured.out
+        )
+        assert truncated.config.layer_weights == "last" and truncated.config.aligned_layers is None
+        assert truncated.config.resolved_layer_weights == [0.0] * (depth - 1) + [1.0]
+        truncated.save_pretrained(tmp_path / str(depth))
+        reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path / str(depth))
+        with torch.no_grad():
+            expected = model(**inputs, output_layer_logits=True).layer_logits[depth - 1]
+            torch.testing.assert_close(reloaded(**inputs).logits, expected)
+    if "aligned_layers" in settings:  # a cut that keeps a trained layer keeps its settings, with no warning
+        with CaptureLogger(logger) as captured:
+            kept = model.truncate(3)
+        assert captured.out == "" and kept.config.aligned_layers == [3]
