@@ -200,6 +200,8 @@ def test_causal_lm_example_trains_a_small_model_from_a_config_and_saves_a_plain_
     assert config["architectures"] == ["LlamaForCausalLM"] and config["aligned_training"]["layer_weights"] == "linear"
     assert "eval_layer_1_perplexity" not in (output / "README.md").read_text()  # the card shows a table instead
     assert "| 1 |" in (output / "README.md").read_text()
+    # Built from a config: the saved tokenizer's length is the block size it was trained on.
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 16
 
 
 def test_causal_lm_example_trains_and_scores_the_end_of_text_separators(monkeypatch):
@@ -220,3 +222,32 @@ def test_causal_lm_example_trains_and_scores_the_end_of_text_separators(monkeypa
     # Every separator the texts were joined with is a training target, none is masked.
     separators = (batch["input_ids"] == tokenizer.eos_token_id).sum()
     assert separators >= 15 and (batch["labels"] == tokenizer.eos_token_id).sum() == separators
+
+
+def test_causal_lm_example_keeps_a_pretrained_tokenizers_length(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_aligned import AlignedForCausalLM
+
+    from .testing_utils import tiny_base_config
+
+    spec = importlib.util.spec_from_file_location("run_causal_lm", "examples/run_causal_lm.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
+    spec.loader.exec_module(example)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text {index} about the market and the game" for index in range(60)) + "\n")
+    tokenizer = example.load_tokenizer(example.ModelArguments(train_tokenizer_vocab_size=300), [texts.read_text()])
+    tokenizer.model_max_length = 1024  # as GPT-2's
+    config = tiny_base_config("gpt2")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = len(tokenizer), tokenizer.eos_token_id, 0
+    AlignedForCausalLM.from_config(config).save_pretrained(tmp_path / "pretrained")
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+    output = tmp_path / "out"
+    trainer, _ = example.run(
+        ["--output_dir", str(output), "--model_name_or_path", str(tmp_path / "pretrained"), "--train_file",
+         str(texts), "--block_size", "16", "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to",
+         "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
+    )  # fmt: skip
+    assert trainer.processing_class.model_max_length == 1024
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 1024
