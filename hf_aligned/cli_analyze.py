@@ -42,7 +42,8 @@ def similarity_results(reps, model, dataset, args: argparse.Namespace) -> dict[s
 
 def accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results) -> dict:
     """Per-layer accuracy of the shared classifier (trained checkpoints) and of linear probes (`--probes`), added to
-    `results` and returned as curves to plot."""
+    `results` and returned as curves to plot: `{label: (values, first layer)}`, the first layer 1 for the classifier
+    (after block 1) and 0 for the probes (from the embedding output)."""
     from .probes import classifier_layer_accuracy, linear_probe_accuracy
 
     curves = {}
@@ -50,19 +51,20 @@ def accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_cl
         results["classifier_accuracy"] = classifier_layer_accuracy(
             model, processed, batch_size=args.batch_size, collate_fn=collate_fn
         )
-        curves[f"shared classifier (all {len(labels)} samples)"] = results["classifier_accuracy"]
+        curves[f"shared classifier (all {len(labels)} samples)"] = (results["classifier_accuracy"], 1)
     elif labels is not None:
         logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
     if labels is not None and args.probes:
         probes = linear_probe_accuracy(reps, labels)
         results["probe_accuracy"] = probes.to_dict()
         # From the embedding output (layer 0), on the probes' held-out samples only.
-        curves[f"linear probe ({probes.num_test} held-out samples)"] = probes.test_accuracy
+        curves[f"linear probe ({probes.num_test} held-out samples)"] = (probes.test_accuracy, 0)
     return curves
 
 
 def write_analysis(args: argparse.Namespace, results: dict, curves: dict, saturation) -> Path:
-    """Writes similarity.json, the heatmaps, the accuracy plot and the saturation files; returns the folder."""
+    """Writes similarity.json, the heatmaps, the accuracy plot (`curves`: `{label: (values, first layer)}`) and the
+    saturation files; returns the folder."""
     from .plotting import plot_layer_accuracy, plot_similarity_heatmaps
     from .utils import json_safe
 
@@ -73,8 +75,9 @@ def write_analysis(args: argparse.Namespace, results: dict, curves: dict, satura
     matrices = {"COS": results["cos"], "CKA": results["cka"]}
     plot_similarity_heatmaps(matrices, output / "similarity.png", title=str(args.model_dir))
     if curves:
-        starts = {name: 0 if name.startswith("linear probe") else 1 for name in curves}
-        plot_layer_accuracy(curves, output / "layer_accuracy.png", first_layer=starts, title=str(args.model_dir))
+        values = {name: curve for name, (curve, _) in curves.items()}
+        starts = {name: start for name, (_, start) in curves.items()}
+        plot_layer_accuracy(values, output / "layer_accuracy.png", first_layer=starts, title=str(args.model_dir))
     if saturation is not None:
         _write_saturation(saturation, output, str(args.model_dir))
     return output

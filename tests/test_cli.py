@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from transformers import BertTokenizerFast, DataCollatorWithPadding, ViTConfig, 
 
 from hf_aligned import AlignedConfig, AlignedForSequenceClassification, layer_representations
 from hf_aligned.cli import build_parser, main
+from hf_aligned.cli_analyze import write_analysis
 
 from .testing_utils import tiny_model
 
@@ -272,3 +274,22 @@ def test_analyze_labels_its_plots_and_json_for_what_they_show(text_model_dir, tm
     colorbar = drawn["plot_probability_similarity"].axes[-1]
     ticks = colorbar.get_yticks()
     assert len(ticks) and all(float(tick).is_integer() for tick in ticks)
+
+
+def test_analyze_plots_each_curve_from_the_first_layer_given_with_its_data(tmp_path, monkeypatch):
+    from hf_aligned import plotting
+
+    seen = {}
+
+    def record(curves, path, first_layer, title):
+        seen.update(curves=dict(curves), first_layer=dict(first_layer))
+
+    monkeypatch.setattr(plotting, "plot_layer_accuracy", record)
+    matrix = [[1.0, 0.5], [0.5, 1.0]]
+    # The labels say nothing about where a curve starts: a "linear probe" label starting at 1, another at 0.
+    curves = {"linear probe of blocks only": ([0.5, 0.6], 1), "from the embeddings": ([0.4, 0.5, 0.6], 0)}
+    write_analysis(
+        argparse.Namespace(output=str(tmp_path), model_dir="m"), {"cos": matrix, "cka": matrix}, curves, None
+    )
+    assert seen["first_layer"] == {"linear probe of blocks only": 1, "from the embeddings": 0}
+    assert seen["curves"] == {"linear probe of blocks only": [0.5, 0.6], "from the embeddings": [0.4, 0.5, 0.6]}
