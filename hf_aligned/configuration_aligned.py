@@ -222,6 +222,11 @@ class AlignedConfig(PreTrainedConfig):
         return num_hidden_layers(self.base_config)
 
     @property
+    def hidden_size(self) -> int:
+        """The base model's hidden size (read by generic code, e.g. DeepSpeed's "auto" bucket sizes in Trainer)."""
+        return self.base_config.get_text_config().hidden_size
+
+    @property
     def resolved_layer_weights(self) -> list[float]:
         """One loss weight per block, zero outside `aligned_layers`, summing to 1."""
         return resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)

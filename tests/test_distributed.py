@@ -126,6 +126,15 @@ def test_every_rank_keeps_the_learning_rate_groups(runs, engine_run, engine, kin
     assert max(lrs) / min(lrs) == pytest.approx(expected_ratio)
 
 
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
+@pytest.mark.parametrize("kind", MODELS)
+def test_the_zero3_config_sizes_the_reduce_bucket_from_the_model(engine_run, kind):
+    # deepspeed_zero3.json leaves the bucket sizes "auto": Trainer fills hidden_size², not DeepSpeed's 5e8 elements.
+    for rank in (0, 1):
+        record = json.loads((engine_run("deepspeed_zero3") / kind / f"rank_{rank}.json").read_text())
+        assert record["reduce_bucket_size"] == record["hidden_size"] ** 2 < 5e8
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_saved_checkpoints_reload_with_the_trained_models_logits(engine_run, engine):
     folder = engine_run(engine)
