@@ -8,10 +8,11 @@ from transformers import AutoConfig, AutoModelForImageClassification, AutoModelF
 
 from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr, reset_asr
 from .backbones import BackboneLayout, find_layout
-from .calibration import CalibrationResult, calibrate_exits
+from .calibration import CalibrationResult, calibrate_exits, calibration_grid
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .data import collect_layer_logits
+from .exit_evaluation import ExitEvaluation, evaluate_exits
 from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
 from .layouts import BRANCH_OUTPUTS, LAYOUTS
@@ -96,6 +97,7 @@ __all__ = [
     "CausalLayerwiseMetrics",
     "EarlyExitOutput",
     "ExitConfig",
+    "ExitEvaluation",
     "HubPushError",
     "LayerwiseMetrics",
     "MinibatchCKA",
@@ -110,10 +112,12 @@ __all__ = [
     "build_causal_lm_card",
     "build_model_card",
     "calibrate_exits",
+    "calibration_grid",
     "cka_matrix",
     "classifier_layer_accuracy",
     "collect_layer_logits",
     "cosine_similarity_matrix",
+    "evaluate_exits",
     "find_layout",
     "fold_asr",
     "format_layer_table",

@@ -1,0 +1,128 @@
+"""Scoring an exit setting on labelled data: accuracy against full depth, where samples leave, and the speed-up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .data import eval_mode, iter_model_batches
+from .exits import ExitConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ExitEvaluation:
+    """How an exit setting does on a labelled split, against the full forward.
+
+    Attributes:
+        exit_config: the setting evaluated (`ExitConfig.to_dict()`).
+        num_samples: samples scored (labels of -100 are left out of the accuracies, not of the speed).
+        full_accuracy: accuracy at full depth.
+        accuracy: accuracy with early exit.
+        accuracy_drop: `full_accuracy - accuracy`.
+        disagreement: share of samples whose early-exit prediction differs from the full-depth one.
+        mean_exit_layer: mean 1-based exit layer.
+        exit_histogram: number of samples leaving after each layer, layer 1 first.
+        ideal_speedup: L / mean exit layer (blocks computed).
+        measured_speedup: wall-clock time of the full forward over that of `early_exit_predict` on the same
+            batches, timed alternately (best of `repeats` each); `None` when not measured.
+    """
+
+    exit_config: dict[str, Any]
+    num_samples: int
+    full_accuracy: float | None
+    accuracy: float | None
+    accuracy_drop: float | None
+    disagreement: float
+    mean_exit_layer: float
+    exit_histogram: list[int]
+    ideal_speedup: float
+    measured_speedup: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_exits(
+    model,
+    dataset: Any,
+    exit_config: ExitConfig | None = None,
+    *,
+    batch_size: int = 32,
+    collate_fn: Callable | None = None,
+    measure_speed: bool = True,
+    repeats: int = 3,
+) -> ExitEvaluation:
+    """Scores an exit setting (default: `model.exit_config`) on a labelled split, as serving would run it.
+
+    Every batch runs through `early_exit_predict` (the online path, which really skips the blocks of samples that
+    left) and through the full forward; predictions are compared with the labels and with each other. With
+    `measure_speed`, the two are timed alternately over all batches, `repeats` times each, and the ratio of their
+    best times is the measured speed-up (run it on an idle machine, with the batch size you serve with).
+
+    Args:
+        model: an [`AlignedForSequenceClassification`].
+        dataset: evaluation data: a processed `datasets.Dataset` or an iterable of dict batches (labels optional;
+            without them only the disagreement, exit layers and speed are reported).
+        exit_config: the setting to score; `model.exit_config` by default.
+        batch_size: batch size (also the one timed).
+        collate_fn: how to batch dataset rows (e.g. `DataCollatorWithPadding(tokenizer)`).
+        measure_speed: whether to time the two paths.
+        repeats: timed runs of each path when measuring speed.
+
+    Returns:
+        An [`ExitEvaluation`].
+    """
+    if repeats < 1:
+        raise ValueError(f"`repeats` must be a positive integer, got {repeats}.")
+    exit_config = exit_config or model.exit_config
+    exit_config.validate(model.num_layers)
+    batches = list(iter_model_batches(model, dataset, batch_size, collate_fn))
+    if not batches:
+        raise ValueError("`dataset` yielded no samples.")
+    with eval_mode(model), torch.no_grad():
+        full = torch.cat([model(**inputs, early_exit=False).logits.argmax(-1).cpu() for inputs, _ in batches])
+        outputs = [model.early_exit_predict(**inputs, exit_config=exit_config) for inputs, _ in batches]
+        measured = _speedup(model, batches, exit_config, repeats) if measure_speed else None
+    predictions = torch.cat([output.predictions.cpu() for output in outputs])
+    exit_layers = torch.cat([output.exit_layers.cpu() for output in outputs])
+    full_accuracy = accuracy = None
+    if all(labels is not None for _, labels in batches):
+        labels = torch.cat([labels.cpu() for _, labels in batches])
+        labelled = labels != IGNORE_INDEX
+        if bool(labelled.any()):
+            full_accuracy = (full[labelled] == labels[labelled]).float().mean().item()
+            accuracy = (predictions[labelled] == labels[labelled]).float().mean().item()
+    mean_exit_layer = exit_layers.float().mean().item()
+    return ExitEvaluation(
+        exit_config=exit_config.to_dict(),
+        num_samples=len(predictions),
+        full_accuracy=full_accuracy,
+        accuracy=accuracy,
+        accuracy_drop=None if accuracy is None else full_accuracy - accuracy,
+        disagreement=(predictions != full).float().mean().item(),
+        mean_exit_layer=mean_exit_layer,
+        exit_histogram=torch.bincount(exit_layers - 1, minlength=model.num_layers).tolist(),
+        ideal_speedup=model.num_layers / mean_exit_layer,
+        measured_speedup=measured,
+    )
+
+
+def _speedup(model, batches, exit_config: ExitConfig, repeats: int) -> float:
+    """Best full-forward time over best early-exit time, the two run alternately over the same batches."""
+    runs = (
+        lambda: [model(**inputs, early_exit=False) for inputs, _ in batches],
+        lambda: [model.early_exit_predict(**inputs, exit_config=exit_config) for inputs, _ in batches],
+    )
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for index, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best[0] / best[1]
