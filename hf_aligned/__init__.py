@@ -12,7 +12,13 @@ from .calibration import CalibrationResult, calibrate_exits, calibration_grid
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
 from .data import collect_layer_logits
-from .exit_evaluation import ExitEvaluation, evaluate_exits
+from .exit_evaluation import (
+    ExitCalibrationArguments,
+    ExitEvaluation,
+    calibrate_and_evaluate,
+    evaluate_exits,
+    format_exit_report,
+)
 from .exits import ExitConfig, simulate_exits
 from .hub import HubPushError, push_aligned_model
 from .layouts import BRANCH_OUTPUTS, LAYOUTS
@@ -96,6 +102,7 @@ __all__ = [
     "CausalLMHead",
     "CausalLayerwiseMetrics",
     "EarlyExitOutput",
+    "ExitCalibrationArguments",
     "ExitConfig",
     "ExitEvaluation",
     "HubPushError",
@@ -111,6 +118,7 @@ __all__ = [
     "asr_scales",
     "build_causal_lm_card",
     "build_model_card",
+    "calibrate_and_evaluate",
     "calibrate_exits",
     "calibration_grid",
     "cka_matrix",
@@ -120,6 +128,7 @@ __all__ = [
     "evaluate_exits",
     "find_layout",
     "fold_asr",
+    "format_exit_report",
     "format_layer_table",
     "has_asr",
     "iter_layer_representations",

@@ -1,16 +1,21 @@
-"""Scoring an exit setting on labelled data: accuracy against full depth, where samples leave, and the speed-up."""
+"""Scoring an exit setting on labelled data (accuracy against full depth, where samples leave, the speed-up), and the
+calibrate-then-score step of the example scripts."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from .calibration import CalibrationResult, calibrate_exits
 from .data import eval_mode, iter_model_batches
 from .exits import ExitConfig
+from .risk_control import minimum_samples
 
 IGNORE_INDEX = -100
 
@@ -126,3 +131,100 @@ def _speedup(model, batches, exit_config: ExitConfig, repeats: int) -> float:
             run()
             best[index] = min(best[index], time.perf_counter() - start)
     return best[0] / best[1]
+
+
+@dataclass
+class ExitCalibrationArguments:
+    """Calibration options of the example scripts (`HfArgumentParser` reads them as `--max_accuracy_drop` ...).
+
+    Attributes:
+        calibration_split_percentage: percentage of the training data held out (never trained on) to calibrate the
+            exits on; 0 (default) calibrates nothing unless the script gets a calibration file.
+        max_accuracy_drop: the tolerated risk epsilon (`calibrate_exits`).
+        calibration_delta: the allowed probability that the promise fails.
+        calibration_risk: `"consistency"` or `"accuracy"`.
+        calibration_method: `"ltt"` (certified) or `"empirical"` (no guarantee).
+        exit_rule: the exit score calibrated.
+    """
+
+    calibration_split_percentage: float = field(
+        default=0.0,
+        metadata={"help": "Percentage of the training data held out to calibrate the exits on (0: none)."},
+    )
+    max_accuracy_drop: float = field(default=0.01, metadata={"help": "Tolerated risk epsilon (0.01 = 1 point)."})
+    calibration_delta: float = field(default=0.1, metadata={"help": "Allowed probability that the promise fails."})
+    calibration_risk: str = field(default="consistency", metadata={"help": "'consistency' or 'accuracy'."})
+    calibration_method: str = field(default="ltt", metadata={"help": "'ltt' (certified) or 'empirical'."})
+    exit_rule: str = field(default="confidence", metadata={"help": "The exit score calibrated."})
+
+    def check_size(self, num_samples: int) -> None:
+        """Fails before training when the calibration split is too small for the requested guarantee.
+
+        Raises:
+            ValueError: giving the number of samples needed.
+        """
+        if self.calibration_method != "ltt" or num_samples == 0:
+            return
+        needed = minimum_samples(self.max_accuracy_drop, self.calibration_delta)
+        if num_samples < needed:
+            raise ValueError(
+                f"the calibration split has {num_samples} samples; a guarantee at max_accuracy_drop="
+                f"{self.max_accuracy_drop} and calibration_delta={self.calibration_delta} needs at least {needed}. "
+                "Raise --calibration_split_percentage, pass a larger calibration file, or relax the guarantee."
+            )
+
+
+def calibrate_and_evaluate(
+    model,
+    calibration: Any,
+    evaluation: Any,
+    arguments: ExitCalibrationArguments | None = None,
+    *,
+    collate_fn: Callable | None = None,
+    batch_size: int = 32,
+    output_dir: str | os.PathLike | None = None,
+) -> tuple[CalibrationResult, ExitEvaluation]:
+    """Calibrates the exits on one split and scores the chosen setting on another; the whole job of the examples.
+
+    With `output_dir`, writes `exit_config.json` (the setting and its guarantee), `calibration.json` (every setting
+    tried, which the model card reads) and `exit_evaluation.json` (the scores) there.
+
+    Returns:
+        The [`CalibrationResult`] and the [`ExitEvaluation`] on `evaluation` (with the measured speed-up).
+    """
+    arguments = arguments or ExitCalibrationArguments()
+    result = calibrate_exits(
+        model,
+        calibration,
+        max_accuracy_drop=arguments.max_accuracy_drop,
+        delta=arguments.calibration_delta,
+        risk=arguments.calibration_risk,
+        method=arguments.calibration_method,
+        rule=arguments.exit_rule,
+        batch_size=batch_size,
+        collate_fn=collate_fn,
+    )
+    scores = evaluate_exits(model, evaluation, batch_size=batch_size, collate_fn=collate_fn)
+    if output_dir is not None:
+        model.exit_config.save_pretrained(output_dir)
+        result.save(os.path.join(output_dir, "calibration.json"))
+        with open(os.path.join(output_dir, "exit_evaluation.json"), "w", encoding="utf-8") as handle:
+            json.dump({**scores.to_dict(), "guarantee": result.guarantee()}, handle, indent=2)
+    return result, scores
+
+
+def format_exit_report(result: CalibrationResult, scores: ExitEvaluation) -> str:
+    """Lines for a console: the calibrated setting and its guarantee, then full vs early-exit accuracy, mean exit
+    layer and ideal / measured speed-up on the evaluation split."""
+    accuracy = (
+        f"accuracy {scores.full_accuracy:.4f} at full depth, {scores.accuracy:.4f} with early exit "
+        f"(drop {scores.accuracy_drop * 100:+.2f} pt); "
+        if scores.accuracy is not None
+        else ""
+    )
+    measured = f", measured {scores.measured_speedup:.2f}x" if scores.measured_speedup is not None else ""
+    return (
+        f"exits: {result!r}\n"
+        f"evaluation ({scores.num_samples} samples): {accuracy}mean exit layer {scores.mean_exit_layer:.2f}, "
+        f"speed-up {scores.ideal_speedup:.2f}x ideal{measured}"
+    )

@@ -12,6 +12,7 @@ from scipy import stats
 from hf_aligned import (
     AlignedForSequenceClassification,
     CalibrationResult,
+    ExitCalibrationArguments,
     ExitConfig,
     build_model_card,
     calibrate_exits,
@@ -312,3 +313,19 @@ def test_evaluate_exits_scores_a_setting_as_computed_by_hand():
     assert evaluation.ideal_speedup == pytest.approx(NUM_LAYERS / layers.float().mean().item())
     assert evaluation.measured_speedup > 0 and math.isfinite(evaluation.measured_speedup)
     assert evaluate_exits(model, dataset, config, measure_speed=False).measured_speedup is None
+
+
+def test_minus_100_labels_in_a_dataset_are_ignored_and_small_splits_fail_before_training():
+    model = confident_model("bert")
+    dataset = labelled_dataset(model, num_samples=8)
+    inputs = {name: torch.tensor(dataset[name]) for name in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full = model(**inputs, early_exit=False).logits.argmax(-1)
+    labels = full.tolist()[:4] + [-100] * 4  # 4 right + 4 ignored (issue #20, defect 10)
+    dataset = dataset.remove_columns("labels").add_column("labels", labels)
+    result = calibrate_exits(model, dataset, method="empirical", risk="accuracy")
+    assert result.full_accuracy == 1.0 and result.num_samples == 4
+    ExitCalibrationArguments().check_size(230)
+    ExitCalibrationArguments(calibration_method="empirical").check_size(5)
+    with pytest.raises(ValueError, match=r"has 229 samples; a guarantee .* needs at least 230"):
+        ExitCalibrationArguments().check_size(229)
