@@ -593,6 +593,28 @@ def analyze_phase(results: dict, data: Path, draws: int) -> None:
                 print(f"analyzed {key}", flush=True)
 
 
+def run_provenance(record: dict, started: float, seeds: list[int]) -> dict:
+    return {
+        **record,
+        "seeds": seeds,
+        "machine": describe_machine()["cpu"],
+        "duration_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def data_provenance(data: Path, seeds: list[int]) -> dict:
+    """How the logits were made (benchmarks/calibration_data.py's runs.json): command, commits, total wall time."""
+    runs = json.loads((data / "runs.json").read_text()) if (data / "runs.json").exists() else {}
+    records = list(runs.values())
+    return {
+        "command": records[0]["provenance"]["command"] if records else "python benchmarks/calibration_data.py",
+        "commit": records[0]["provenance"]["commit"] if records else "unknown",
+        "machine": records[0]["provenance"]["machine"] if records else "unknown",
+        "seeds": seeds,
+        "duration_s": round(sum(record["wall_time_s"] + record["logits_time_s"] for record in records), 1),
+    }
+
+
 def main() -> None:
     from recipes import provenance, write_blocks
 
@@ -601,6 +623,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="the folder benchmarks/calibration_data.py wrote")
     parser.add_argument("--draws", type=int, default=DRAWS)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each path per setting (speed phase)")
+    parser.add_argument("--fresh-speed", action="store_true", help="analyze: drop the speed measurements kept so far")
     options = parser.parse_args()
     started = time.perf_counter()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
@@ -608,14 +631,17 @@ def main() -> None:
         results["runs"] = {}
         analyze_phase(results, options.data, options.draws)
         results["settings"] = {"epsilon": EPSILON, "delta": DELTA, "draws": options.draws, "sizes": SIZES}
-        results["provenance"] = {
-            **provenance(sys.argv),
-            "seeds": list(SEEDS),
-            "machine": describe_machine()["cpu"],
-            "duration_s": round(time.perf_counter() - started, 1),
-        }
+        seeds = sorted({int(key.split("/")[2]) for key in results["runs"]})
+        results["provenance"] = [
+            data_provenance(options.data, seeds),
+            run_provenance(provenance(sys.argv), started, seeds),
+        ]
+        if options.fresh_speed:
+            results.pop("speed", None)
     elif options.phase == "speed":
         speed_phase(results, options.data, options.repeats)
+        seeds = sorted({int(key.split("/")[2]) for key in results["runs"]})
+        results["provenance"] = [*results["provenance"][:2], run_provenance(provenance(sys.argv), started, seeds)]
     results["summary"] = summarize(results)
     results["curves"] = curve_summary(results)
     results["targets"] = targets(results["summary"])
