@@ -266,22 +266,13 @@ def calibrate_exits(
         raise ValueError(f"`layer_logits` has {layer_logits.shape[0]} layers, the model {model.num_layers}.")
     layer_logits, labels = _samples_at_risk(layer_logits, labels, risk)
     if method == "ltt":
-        needed = minimum_samples(max_accuracy_drop, delta)
-        if layer_logits.shape[1] < needed:
-            raise ValueError(
-                f"calibrating with max_accuracy_drop={max_accuracy_drop} and delta={delta} needs at least {needed} "
-                f"{'labelled ' if risk == 'accuracy' else ''}samples (ln(1/delta) / -ln(1 - max_accuracy_drop)); got "
-                f"{layer_logits.shape[1]}. Pass more data, raise max_accuracy_drop or delta, or use "
-                "method='empirical' (no guarantee)."
-            )
-    if thresholds is None:
-        num_layers = layer_logits.shape[0]
-        if method == "ltt":
-            thresholds = calibration_grid(rule, num_layers, num_thresholds)
-        else:
-            thresholds = _quantile_candidates(layer_logits, rule, num_thresholds)
-    else:
+        _check_enough(layer_logits.shape[1], max_accuracy_drop, delta, risk)
+    if thresholds is not None:
         thresholds = _ordered(rule, thresholds)
+    elif method == "ltt":
+        thresholds = calibration_grid(rule, layer_logits.shape[0], num_thresholds)
+    else:
+        thresholds = _quantile_candidates(layer_logits, rule, num_thresholds)
     result = _choose(layer_logits, labels, rule, thresholds, min_layer, risk, method, max_accuracy_drop, delta)
     if model is not None:
         model.exit_config = result.to_exit_config()
@@ -290,6 +281,17 @@ def calibrate_exits(
             "No setting that exits early could be certified (%s); the model never exits early.", result.guarantee()
         )
     return result
+
+
+def _check_enough(num_samples: int, max_accuracy_drop: float, delta: float, risk: str) -> None:
+    needed = minimum_samples(max_accuracy_drop, delta)
+    if num_samples < needed:
+        raise ValueError(
+            f"calibrating with max_accuracy_drop={max_accuracy_drop} and delta={delta} needs at least {needed} "
+            f"{'labelled ' if risk == 'accuracy' else ''}samples (ln(1/delta) / -ln(1 - max_accuracy_drop)); got "
+            f"{num_samples}. Pass more data, raise max_accuracy_drop or delta, or use method='empirical' (no "
+            "guarantee)."
+        )
 
 
 def _check_choices(rule: str, method: str, risk: str, max_accuracy_drop: float, delta: float) -> None:
@@ -399,17 +401,7 @@ def _choose(layer_logits, labels, rule, values, min_layer, risk, method, epsilon
                 "no candidate setting keeps the risk within `max_accuracy_drop`; include a setting that never exits "
                 "(threshold 1.0 for confidence, 0.0 for entropy) or raise the drop."
             )
-    curve = [
-        {
-            "threshold": value,
-            "accuracy": None if accuracies is None else accuracies[index],
-            "risk": rates[index],
-            "mean_exit_layer": mean_layers[index],
-            "expected_speedup": num_layers / mean_layers[index],
-            **({} if p_values is None else {"p_value": float(p_values[index])}),
-        }
-        for index, value in enumerate(values)
-    ]
+    curve = _curve(values, accuracies, rates, mean_layers, num_layers, p_values)
     best = min(admissible, key=lambda index: (mean_layers[index], rates[index], index)) if admissible else None
     point = (
         curve[best] if best is not None else {"accuracy": full_accuracy, "risk": 0.0, "mean_exit_layer": num_layers}
@@ -436,6 +428,21 @@ def _choose(layer_logits, labels, rule, values, min_layer, risk, method, epsilon
         min_layer=min_layer,
         curve=curve,
     )
+
+
+def _curve(values, accuracies, rates, mean_layers, num_layers, p_values) -> list[dict[str, Any]]:
+    """One point per setting tried, in the order tested."""
+    return [
+        {
+            "threshold": value,
+            "accuracy": None if accuracies is None else accuracies[index],
+            "risk": rates[index],
+            "mean_exit_layer": mean_layers[index],
+            "expected_speedup": num_layers / mean_layers[index],
+            **({} if p_values is None else {"p_value": float(p_values[index])}),
+        }
+        for index, value in enumerate(values)
+    ]
 
 
 def _accuracies(predictions: torch.Tensor, full: torch.Tensor, labels: torch.Tensor | None):

@@ -96,13 +96,7 @@ def evaluate_exits(
         measured = _speedup(model, batches, exit_config, repeats) if measure_speed else None
     predictions = torch.cat([output.predictions.cpu() for output in outputs])
     exit_layers = torch.cat([output.exit_layers.cpu() for output in outputs])
-    full_accuracy = accuracy = None
-    if all(labels is not None for _, labels in batches):
-        labels = torch.cat([labels.cpu() for _, labels in batches])
-        labelled = labels != IGNORE_INDEX
-        if bool(labelled.any()):
-            full_accuracy = (full[labelled] == labels[labelled]).float().mean().item()
-            accuracy = (predictions[labelled] == labels[labelled]).float().mean().item()
+    full_accuracy, accuracy = _labelled_accuracies(batches, full, predictions)
     mean_exit_layer = exit_layers.float().mean().item()
     return ExitEvaluation(
         exit_config=exit_config.to_dict(),
@@ -116,6 +110,18 @@ def evaluate_exits(
         ideal_speedup=model.num_layers / mean_exit_layer,
         measured_speedup=measured,
     )
+
+
+def _labelled_accuracies(batches, full: torch.Tensor, predictions: torch.Tensor):
+    """Full-depth and early-exit accuracy over the samples labelled other than -100; `(None, None)` without."""
+    if any(labels is None for _, labels in batches):
+        return None, None
+    labels = torch.cat([labels.cpu() for _, labels in batches])
+    labelled = labels != IGNORE_INDEX
+    if not bool(labelled.any()):
+        return None, None
+    truth = labels[labelled]
+    return (full[labelled] == truth).float().mean().item(), (predictions[labelled] == truth).float().mean().item()
 
 
 def _speedup(model, batches, exit_config: ExitConfig, repeats: int) -> float:
