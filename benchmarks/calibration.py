@@ -41,7 +41,13 @@ import torch
 from calibration_data import DATA, TASKS, VARIANTS, pools
 from common import REPO, describe_machine, write_json
 
-from hf_aligned.calibration import CALIBRATION_RULES, calibration_grid, exit_losses, exit_outcomes
+from hf_aligned.calibration import (
+    CALIBRATION_RULES,
+    DEFAULT_CALIBRATION_RULE,
+    calibration_grid,
+    exit_losses,
+    exit_outcomes,
+)
 from hf_aligned.risk_control import binomial_p_values, fixed_sequence_test, minimum_samples
 
 RESULTS = REPO / "benchmarks" / "results" / "calibration.json"
@@ -51,7 +57,7 @@ EPSILON, DELTA = 0.01, 0.1
 SIZES = {"sst2": (300, 1000), "ag_news": (300, 1000, 3000)}
 HEADLINE_SIZE = 1000
 # The exit score `calibrate_exits` uses by default (the headline rows, the speed phase, the curves and the shift).
-DEFAULT_RULE = "confidence"
+DEFAULT_RULE = DEFAULT_CALIBRATION_RULE
 # The methods compared: (method, risk, rule).
 METHODS = [
     *(("ltt", "consistency", rule) for rule in CALIBRATION_RULES),

@@ -385,7 +385,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
-    from .calibration import CALIBRATION_RULES, RISKS
+    from .calibration import CALIBRATION_RULES, DEFAULT_CALIBRATION_RULE, RISKS
 
     parser = subparsers.add_parser(
         "calibrate",
@@ -410,7 +410,7 @@ def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01, help="Tolerated risk, a fraction (0.01).")
     parser.add_argument("--delta", type=float, default=0.1, help="Allowed probability that the promise fails (0.1).")
     parser.add_argument("--risk", choices=RISKS, default="consistency", help="What is bounded (default consistency).")
-    parser.add_argument("--rule", choices=CALIBRATION_RULES, default="confidence", help="The exit score.")
+    parser.add_argument("--rule", choices=CALIBRATION_RULES, default=DEFAULT_CALIBRATION_RULE, help="The exit score.")
     parser.add_argument("--device", default=None, help="Where to run the model; defaults to cuda when available.")
     parser.set_defaults(run=run_calibrate, dataset_config=None, text_pair_column=None, image_column="image")
 

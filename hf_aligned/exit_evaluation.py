@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .calibration import CalibrationResult, calibrate_exits
+from .calibration import DEFAULT_CALIBRATION_RULE, CalibrationResult, calibrate_exits
 from .data import eval_mode, iter_model_batches
 from .exits import ExitConfig
 from .risk_control import minimum_samples
@@ -161,7 +161,7 @@ class ExitCalibrationArguments:
     calibration_delta: float = field(default=0.1, metadata={"help": "Allowed probability that the promise fails."})
     calibration_risk: str = field(default="consistency", metadata={"help": "'consistency' or 'accuracy'."})
     calibration_method: str = field(default="ltt", metadata={"help": "'ltt' (certified) or 'empirical'."})
-    exit_rule: str = field(default="confidence", metadata={"help": "The exit score calibrated."})
+    exit_rule: str = field(default=DEFAULT_CALIBRATION_RULE, metadata={"help": "The exit score calibrated."})
 
     def check_size(self, num_samples: int) -> None:
         """Fails before training when the calibration split is too small for the requested guarantee.

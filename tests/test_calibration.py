@@ -26,7 +26,7 @@ from hf_aligned.risk_control import (
     fixed_sequence_test,
     minimum_samples,
 )
-from tests.test_exits import confident_model, reference_exits
+from tests.test_exits import confident_model
 from tests.testing_utils import NUM_LAYERS, tiny_inputs
 
 RULES = ("confidence", "margin", "entropy", "agreement", "patience")
@@ -47,9 +47,33 @@ def synthetic_logits(num_samples=600, num_layers=NUM_LAYERS, num_labels=3, seed=
     return torch.stack(layers), labels
 
 
-def hand_exit_layers(layer_logits, rule, value):
-    setting = {"patience": int(value)} if rule == "patience" else {"threshold": value}
-    return torch.tensor(reference_exits(layer_logits, rule, **setting))
+def prepared(layer_logits):
+    """Probabilities, sorted probabilities, predictions and agreement with the previous layer, in numpy."""
+    probabilities = torch.softmax(layer_logits.double(), dim=-1).numpy()
+    predictions = probabilities.argmax(-1)
+    same = np.zeros_like(predictions, dtype=bool)
+    same[1:] = predictions[1:] == predictions[:-1]
+    return probabilities, np.sort(probabilities, axis=-1)[..., ::-1], predictions, same
+
+
+def hand_exit_layers(layer_logits, rule, value, arrays=None):
+    """Exit layers written out with numpy, all samples at once: the first layer where the rule fires, else the last."""
+    probabilities, top, predictions, same = arrays or prepared(layer_logits)
+    num_layers, _, num_labels = probabilities.shape
+    if rule == "patience":
+        streak = np.zeros_like(predictions)
+        for layer in range(1, num_layers):
+            streak[layer] = np.where(same[layer], streak[layer - 1] + 1, 0)
+        fires = streak >= value
+    elif rule == "entropy":
+        entropy = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(-1) / np.log(num_labels)
+        fires = entropy <= value
+    elif rule == "margin":
+        fires = top[..., 0] - top[..., 1] >= value
+    else:
+        fires = (top[..., 0] >= value) & (same if rule == "agreement" else True)
+    fires[-1] = True
+    return torch.from_numpy(fires.argmax(0) + 1)
 
 
 def independent_ltt(layer_logits, labels, rule, epsilon, delta, risk):
@@ -59,8 +83,9 @@ def independent_ltt(layer_logits, labels, rule, epsilon, delta, risk):
     samples = torch.arange(layer_logits.shape[1])
     p_values, certified = [], []
     stopped = False
-    for value in calibration_grid(rule, layer_logits.shape[0]):
-        layers = hand_exit_layers(layer_logits, rule, value)
+    arrays = prepared(layer_logits)
+    for index, value in enumerate(calibration_grid(rule, layer_logits.shape[0])):
+        layers = hand_exit_layers(layer_logits, rule, value, arrays)
         exit_predictions = layer_logits[layers - 1, samples].argmax(-1)
         if risk == "consistency":
             losses = int((exit_predictions != full).sum())
@@ -70,9 +95,9 @@ def independent_ltt(layer_logits, labels, rule, epsilon, delta, risk):
         p_values.append(p_value)
         if p_value > delta:
             stopped = True
-        if not stopped:
-            certified.append((layers.float().mean().item(), value))
-    chosen = min(certified)[1] if certified else None
+        if not stopped:  # the fastest wins; ties go to the lower risk, then to the setting tested first
+            certified.append((layers.float().mean().item(), losses, index, value))
+    chosen = min(certified)[-1] if certified else None
     return p_values, chosen
 
 
@@ -218,7 +243,7 @@ def test_per_layer_heads_calibrate_like_a_shared_classifier():
     inputs = {name: torch.tensor(dataset[name]) for name in ("input_ids", "attention_mask")}
     with torch.no_grad():
         layer_logits = model(**inputs, early_exit=False).layer_logits
-    _, chosen = independent_ltt(layer_logits, torch.tensor(dataset["labels"]), "confidence", 0.1, 0.2, "accuracy")
+    _, chosen = independent_ltt(layer_logits, torch.tensor(dataset["labels"]), "margin", 0.1, 0.2, "accuracy")
     assert result.chosen == chosen
     online = model.early_exit_predict(**inputs)
     assert online.exit_layers.float().mean().item() == pytest.approx(result.mean_exit_layer)
