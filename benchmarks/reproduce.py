@@ -8,7 +8,8 @@ The claims (Jiang, Zhou, Zhu, arXiv 2406.14479), each checked on the real data h
 3. as a multi-exit model, the single classifier is on par with one classifier per layer: calibrated exits and their
    measured speed-up (`benchmarks/recipes.py --phase speed`);
 4. (ICLR version) probability of the last layer's class rises with similarity to the last layer, and aligned training
-   saturates earlier (`benchmarks/saturation.py`).
+   saturates earlier (`benchmarks/saturation.py`);
+5. exits calibrated with a statistical guarantee keep it over many calibration draws (`benchmarks/calibration.py`).
 
 The report is a registry of sections, `SECTIONS`: each names its committed JSON (under benchmarks/results/), the
 commands that write it, and a render function returning the section's Markdown blocks by name. `render` writes each

@@ -82,8 +82,9 @@ def fake_record(rng: np.random.Generator) -> dict:
 def test_summary_takes_the_worst_seed_for_shares_and_weights_measured_speed_by_draws():
     rng = np.random.default_rng(0)
     runs = {f"sst2/recommended/{seed}": fake_record(rng) for seed in range(3)}
-    speed = {key: {"settings": {"confidence:0.9": {"measured_speedup": 2.0}, "confidence:0.95": {"measured_speedup": 1.5}}}
-             for key in runs}  # fmt: skip
+    timed = {"confidence:0.9": {"measured_speedup": 1.8, "ideal_speedup": 2.0},
+             "confidence:0.96": {"measured_speedup": 1.2, "ideal_speedup": 1.5}}  # fmt: skip
+    speed = {key: {"settings": timed} for key in runs}
     summary = benchmark.summarize({"runs": runs, "speed": speed})
     key = benchmark.method_key("ltt", "consistency", "confidence")
     entry = summary["sst2"]["recommended"]["1000"][key]
@@ -96,7 +97,9 @@ def test_summary_takes_the_worst_seed_for_shares_and_weights_measured_speed_by_d
         runs[f"sst2/recommended/{seed}"]["sizes"]["1000"]["methods"][key]["mean_ideal_speedup"] for seed in range(3)
     ]
     assert entry["ideal_speedup"] == pytest.approx([np.mean(speeds), np.std(speeds, ddof=1)])
-    assert entry["measured_speedup"][0] == pytest.approx((3 * 2.0 + 2 * 1.5) / 5)
+    # Each draw takes the measured/ideal efficiency of the timed threshold nearest to its own (0.95 -> 0.96).
+    efficiency = (3 * 1.8 / 2.0 + 2 * 1.2 / 1.5) / 5
+    assert entry["measured_speedup"][0] == pytest.approx(np.mean(speeds) * efficiency)
     assert summary["sst2"]["recommended"]["1000"][key]["seeds"] == 3
 
 
