@@ -67,7 +67,7 @@ METHODS = [
     ("empirical", "accuracy", "confidence"),
 ]
 EPSILONS_CURVE = (0.005, 0.01, 0.02, 0.05)
-TIMED_SAMPLES = 128
+TIMED_SAMPLES = 192
 RENDERED_DOCUMENTS = ("README.md", "docs/early_exit.md")
 
 
@@ -650,7 +650,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["analyze", "speed", "render"], default="analyze")
     parser.add_argument("--data", type=Path, default=DATA, help="the folder benchmarks/calibration_data.py wrote")
     parser.add_argument("--draws", type=int, default=DRAWS)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each path per setting (speed phase)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path per setting (speed phase)")
     parser.add_argument("--fresh-speed", action="store_true", help="analyze: drop the speed measurements kept so far")
     options = parser.parse_args()
     started = time.perf_counter()

@@ -59,6 +59,7 @@ def test_empirical_draws_choose_what_the_empirical_method_chooses_on_the_grid():
             max_accuracy_drop=0.02,
             method="empirical",
             risk="accuracy",
+            rule="confidence",
             thresholds=grid,
         )
         assert results["empirical/accuracy/confidence"]["chosen"][draw] == expected.chosen
