@@ -538,7 +538,8 @@ SECTIONS: dict[str, Section] = {
     "multi_exit": Section(
         title="Multi-exit: one shared classifier vs per-layer heads",
         claim="served with early exit, the aligned model's single classifier is on par with the multi-exit model "
-        "that trains one classifier per layer. Confidence rule; the threshold is calibrated by `calibrate_exits` on "
+        "that trains one classifier per layer. Confidence rule; the threshold is calibrated by `calibrate_exits(method='empirical')` (the old rule, no "
+        "guarantee: see the calibration section) on "
         "held-out training data (at most 1 point below full depth), then applied to the evaluation split; measured "
         "speed-up = wall time of the full forward ÷ wall time of `early_exit_predict` at batch 32 (best of three, "
         "alternated in one process); step time and peak memory against standard fine-tuning of the same seed. "
@@ -610,6 +611,17 @@ SECTIONS: dict[str, Section] = {
             "python benchmarks/calibration.py --phase speed",
         ),
         render=module_blocks("calibration", "calibration.json"),
+    ),
+    "scale": Section(
+        title="Training on several processes: memory per process",
+        claim="(issue #22) DeepSpeed ZeRO-3 on 2 processes holds at most 0.6 times the training state (parameters, "
+        "gradients, optimizer state) per process of DDP, and every engine computes the same losses; evaluated in fp32 "
+        "and with bf16 mixed precision (each against DDP in the same precision). An aligned causal LM large enough "
+        "that the state dominates, trained through `accelerate launch` with the configs of `examples/accelerate/` on "
+        "2 CPU processes (gloo); one seed (memory is deterministic here).",
+        files={"scale.json": ("precisions", "settings")},
+        commands=("python benchmarks/scale.py",),
+        render=module_blocks("scale", "scale.json"),
     ),
 }
 

@@ -119,9 +119,15 @@ def load_model(model_args: ModelArguments, tokenizer):
         return AlignedForCausalLM.from_pretrained(model_args.model_name_or_path)
     if model_args.model_type is None:
         raise ValueError("Give --model_name_or_path or --model_type.")
-    config = AutoConfig.for_model(model_args.model_type, vocab_size=len(tokenizer))
+    # The overrides go to the constructor, so the settings derived from them follow (a Llama's `head_dim` and
+    # `num_key_value_heads` from `hidden_size` and `num_attention_heads`, not the 7B defaults).
+    parsed = AutoConfig.for_model(model_args.model_type)
+    overrides = {}
     if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
+        parsed.update_from_string(model_args.config_overrides)
+        keys = [item.split("=", 1)[0].strip() for item in model_args.config_overrides.split(",")]
+        overrides = {key: getattr(parsed, key) for key in keys}
+    config = AutoConfig.for_model(model_args.model_type, **{"vocab_size": len(tokenizer), **overrides})
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = None
@@ -156,6 +162,7 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     tokenizer = load_tokenizer(model_args, splits["train"]["text"])
     with training_args.main_process_first(desc="tokenizing"):
         splits = pack(splits, tokenizer, data_args.block_size)
+    tokenizer.model_max_length = data_args.block_size  # saved with the model: the length it was trained on
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))

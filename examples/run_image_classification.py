@@ -10,7 +10,7 @@ pretrained checkpoint pass your own, e.g. `--learning_rate 5e-5 --num_train_epoc
     python examples/run_image_classification.py --output_dir outputs/digits_standard --layer_weights last
     python examples/run_image_classification.py --output_dir outputs/cifar --dataset_name cifar10 \
         --model_name_or_path facebook/deit-small-patch16-224 --learning_rate 5e-5 --num_train_epochs 3
-    accelerate launch --config_file examples/accelerate_config_2proc.yaml \
+    accelerate launch --config_file examples/accelerate/ddp.yaml \
         examples/run_image_classification.py --output_dir outputs/digits_ddp --use_cpu true
 
 Arguments can also come from one JSON file: `python examples/run_image_classification.py args.json`. The script

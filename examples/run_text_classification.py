@@ -12,7 +12,7 @@ Without `--model_name_or_path` it uses the local all-MiniLM-L6-v2 of the `gt-all
     python examples/run_text_classification.py --output_dir outputs/sst2_exits ... --calibration_split_percentage 5 \
         --max_accuracy_drop 0.01 --calibration_delta 0.1   # + certified exits, scored on the evaluation split
     python examples/run_text_classification.py --output_dir outputs/ag_news --dataset_name ag_news ...
-    accelerate launch --config_file examples/accelerate_config_2proc.yaml \
+    accelerate launch --config_file examples/accelerate/ddp.yaml \
         examples/run_text_classification.py --use_cpu true --output_dir outputs/sst2_ddp ...
 
 Arguments can also come from one JSON file: `python examples/run_text_classification.py args.json`. The script
@@ -216,10 +216,13 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Saved with the model: pipelines that truncate (`AlignedTextClassificationPipeline` does by default) cut texts
+    # to the length the model was trained on.
+    tokenizer.model_max_length = data_args.max_seq_length
 
     def tokenize(batch: dict) -> dict:
         texts = [batch[name] for name in text_columns]
-        return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+        return tokenizer(*texts, truncation=True)
 
     with training_args.main_process_first(desc="tokenizing"):
         splits = splits.map(

@@ -11,7 +11,7 @@ from .backbones import BackboneLayout, find_layout
 from .calibration import CalibrationResult, calibrate_exits, calibration_grid
 from .callbacks import RepresentationDynamicsCallback
 from .configuration_aligned import AlignedConfig, resolve_layer_weights
-from .data import collect_layer_logits
+from .data import collect_layer_logits, show_progress
 from .exit_evaluation import (
     ExitCalibrationArguments,
     ExitEvaluation,
@@ -40,6 +40,7 @@ from .modeling_causal_lm import (
     SpeculationEstimate,
     suggest_assistant_early_exit,
 )
+from .pipelines import AlignedTextClassificationPipeline
 from .plotting import (
     plot_calibration,
     plot_dynamics,
@@ -94,6 +95,7 @@ __all__ = [
     "AlignedModelCardData",
     "AlignedPreTrainedModel",
     "AlignedSequenceClassifierOutput",
+    "AlignedTextClassificationPipeline",
     "AlignedTrainer",
     "AlignedTrainingArguments",
     "BackboneLayout",
@@ -154,6 +156,7 @@ __all__ = [
     "sample_cosine",
     "saturation_layers",
     "saturation_report",
+    "show_progress",
     "similarity_agreement",
     "similarity_by_distance",
     "simulate_exits",

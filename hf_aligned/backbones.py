@@ -154,8 +154,10 @@ def _output_width(block: nn.Module) -> int | None:
         if isinstance(shape, (tuple, list)) and shape:
             return int(shape[-1])
         weight = getattr(module, "weight", None)
-        if _is_norm(module) and isinstance(weight, nn.Parameter) and weight.dim() == 1:
-            return weight.shape[0]
+        # A parameter partitioned by DeepSpeed ZeRO-3 is empty here and keeps its full shape in `ds_shape`.
+        shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", None)
+        if _is_norm(module) and isinstance(weight, nn.Parameter) and len(shape) == 1:
+            return int(shape[0])
     return None
 
 

@@ -7,7 +7,9 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,21 +115,26 @@ def run_analyze(args: argparse.Namespace) -> int:
             f"`--stage post` reads the vectors the classifier reads, with the model's own pooling; drop "
             f"`--pooling {args.pooling}` or use `--stage pre`."
         )
-    model, trained_classifier = _load_analyzed_model(args)
-    dataset, processed, collate_fn = _load_analyzed_data(model, args)
-    reps, labels = layer_representations(
-        model,
-        processed,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        collate_fn=collate_fn,
-        return_labels=True,
-        stage=args.stage,
-    )
-    results = _similarity_results(reps, model, dataset, args)
-    curves = _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
+    with _step("loading the model and the data"):
+        model, trained_classifier = _load_analyzed_model(args)
+        dataset, processed, collate_fn = _load_analyzed_data(model, args)
+    with _step(f"every layer's representation of {len(processed)} samples"):
+        reps, labels = layer_representations(
+            model,
+            processed,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            collate_fn=collate_fn,
+            return_labels=True,
+            stage=args.stage,
+        )
+    with _step("COS and CKA between layers"):
+        results = _similarity_results(reps, model, dataset, args)
+    with _step("per-layer accuracy" + (" and linear probes" if args.probes else "")):
+        curves = _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
     if trained_classifier and _single_label(model):
-        saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
+        with _step("saturation"):
+            saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
     else:
         saturation = None
         logger.info("Saturation skipped: it needs an aligned checkpoint of a single-label classifier.")
@@ -146,6 +153,19 @@ def run_analyze(args: argparse.Namespace) -> int:
             f"the last layer's class probability {report['probability_similarity']['last_class']['spearman']:.4f}."
         )
     return 0
+
+
+@contextmanager
+def _step(description: str) -> Iterator[None]:
+    """Announces a step of a command on stderr, shows a progress bar over its passes through the data, and says how
+    long it took (as transformers' tools report long work)."""
+    from .data import show_progress
+
+    print(f"hf-aligned: {description} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with show_progress(description):
+        yield
+    print(f"hf-aligned: {description}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _load_analyzed_model(args: argparse.Namespace):
@@ -195,7 +215,8 @@ def _similarity_results(reps, model, dataset, args: argparse.Namespace) -> dict[
     return {
         "model": str(args.model_dir),
         "dataset": str(args.dataset),
-        "split": str(dataset.split) if dataset.split is not None else args.split,
+        # A single data file is read as one whole split, whatever its name says: no split to record.
+        "split": None if Path(args.dataset).is_file() else str(dataset.split or args.split),
         "num_samples": reps.shape[1],
         "pooling": args.pooling or model.config.pooling,
         "stage": args.stage,
@@ -218,13 +239,14 @@ def _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_c
         results["classifier_accuracy"] = classifier_layer_accuracy(
             model, processed, batch_size=args.batch_size, collate_fn=collate_fn
         )
-        curves["shared classifier"] = results["classifier_accuracy"]
+        curves[f"shared classifier (all {len(labels)} samples)"] = results["classifier_accuracy"]
     elif labels is not None:
         logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
     if labels is not None and args.probes:
         probes = linear_probe_accuracy(reps, labels)
         results["probe_accuracy"] = probes.to_dict()
-        curves["linear probe"] = probes.test_accuracy[1:]
+        # From the embedding output (layer 0), on the probes' held-out samples only.
+        curves[f"linear probe ({probes.num_test} held-out samples)"] = probes.test_accuracy
     return curves
 
 
@@ -240,7 +262,8 @@ def _write_analysis(args: argparse.Namespace, results: dict, curves: dict, satur
     matrices = {"COS": results["cos"], "CKA": results["cka"]}
     plot_similarity_heatmaps(matrices, output / "similarity.png", title=str(args.model_dir))
     if curves:
-        plot_layer_accuracy(curves, output / "layer_accuracy.png", title=str(args.model_dir))
+        starts = {name: 0 if name.startswith("linear probe") else 1 for name in curves}
+        plot_layer_accuracy(curves, output / "layer_accuracy.png", first_layer=starts, title=str(args.model_dir))
     if saturation is not None:
         _write_saturation(saturation, output, str(args.model_dir))
     return output

@@ -201,7 +201,8 @@ class AlignedConfig(PreTrainedConfig):
             checkpoint follows its pooling config instead.
         use_pooler (`bool`, *optional*):
             Whether the base model's pooler (BERT-style dense + tanh) is part of the classifier. Defaults to using
-            it when the base model has one and `pooling` is `"cls"`.
+            it when the base model has one and `pooling` is `"cls"`. The pooler reads the first token, so `True`
+            with another `pooling` is an error.
         layer_weights (`str` or `list[float]`, *optional*, defaults to `"linear"`):
             How the per-layer losses are combined: `"linear"` (λ_l = 2l / (L(L+1)), the paper's default),
             `"uniform"`, `"last"` (standard fine-tuning) or one non-negative float per layer (normalized to sum 1).
@@ -281,6 +282,11 @@ class AlignedConfig(PreTrainedConfig):
             raise ValueError(f"`pooling={self.pooling!r}` is not supported; use one of {POOLING_CHOICES}.")
         if self.pooling == "auto":
             self.pooling = "last" if is_decoder_only(self.base_config) else "cls"
+        if self.use_pooler and self.pooling != "cls":
+            raise ValueError(
+                f"`use_pooler=True` reads the first token (a BERT-style pooler selects it itself), so it cannot "
+                f"follow pooling={self.pooling!r}; use pooling='cls' with the pooler, or leave `use_pooler` unset."
+            )
         if self.classifier_sharing not in CLASSIFIER_SHARING_CHOICES:
             raise ValueError(
                 f"`classifier_sharing={self.classifier_sharing!r}` is not supported; use one of "
@@ -312,6 +318,17 @@ class AlignedConfig(PreTrainedConfig):
             self.classifier_dropout = float(
                 dropout if dropout is not None else getattr(base, "hidden_dropout_prob", 0.0)
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`; keyword arguments that are not aligned settings but are attributes of the base
+        config (`hidden_dropout_prob=0.0`, `use_cache=False`, ...) override the base config, as `AutoConfig` applies
+        them to a plain checkpoint's config. Others are returned unused (or dropped) as transformers does."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        for key in [key for key in unused if hasattr(config.base_config, key)]:
+            setattr(config.base_config, key, unused.pop(key))
+        return (config, unused) if return_unused_kwargs else config
 
     @property
     def num_layers(self) -> int:

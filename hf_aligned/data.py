@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ def iter_model_batches(
     input_names = _model_input_names(model)
     device = _model_device(model)
     seen = 0
-    for batch in _batches(data, batch_size, collate_fn, input_names, max_samples):
+    for batch in _with_progress(_batches(data, batch_size, collate_fn, input_names, max_samples)):
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"Expected dict batches (input name -> tensor), got {type(batch).__name__}. Pass a tokenized "
@@ -73,6 +74,33 @@ def iter_model_batches(
         seen += size
         if max_samples is not None and seen >= max_samples:
             return
+
+
+# The description of the progress bar batch loops show in this context (None: no bar); set by `show_progress`.
+_progress_description: ContextVar[str | None] = ContextVar("hf_aligned_progress", default=None)
+
+
+@contextmanager
+def show_progress(description: str) -> Iterator[None]:
+    """Within the block, passes over a dataset in this thread / context ([`iter_model_batches`]) show a progress bar
+    named `description` (transformers' tqdm, on stderr; `transformers.utils.logging.disable_progress_bar()` hides
+    it), as the `hf-aligned` command does for its long steps."""
+    token = _progress_description.set(description)
+    try:
+        yield
+    finally:
+        _progress_description.reset(token)
+
+
+def _with_progress(batches: Iterable) -> Iterable:
+    """`batches`, behind a progress bar when this context asked for one ([`show_progress`])."""
+    description = _progress_description.get()
+    if description is None:
+        return batches
+    from transformers.utils.logging import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, desc=description, total=total, unit="batch", leave=False)
 
 
 @contextmanager

@@ -28,10 +28,15 @@ def minimal_depth(accuracies: Sequence[float], tolerance: float = 0.01) -> int:
         tolerance: the accepted absolute drop, e.g. 0.01 for one point.
 
     Raises:
-        ValueError: when `accuracies` is empty.
+        ValueError: when `accuracies` is empty, or the last layer's accuracy is not a number (nothing was counted).
     """
     if len(accuracies) == 0:
         raise ValueError("`accuracies` is empty; give one accuracy per layer.")
+    if not accuracies[-1] == accuracies[-1]:
+        raise ValueError(
+            "The last layer's accuracy is nan (no sample was counted, e.g. every label is -100), so no layer can "
+            "be compared with it."
+        )
     target = accuracies[-1] - tolerance
     # A tiny slack so that an accuracy that equals the target up to float rounding counts as reaching it.
     return next(layer for layer, accuracy in enumerate(accuracies, start=1) if accuracy >= target - 1e-12)
@@ -51,7 +56,7 @@ class LayerwiseMetrics:
 
     plus the last layer's values except the loss without the `layer_{l}_` prefix (so `accuracy` is the model's usual
     accuracy; `loss` is left to Trainer, whose `eval_loss` is the aligned loss), `minimal_depth`, the first layer whose
-    accuracy is within `tolerance` of the last layer's, and, for single-label classification, `mean_saturation_layer`,
+    accuracy is within `tolerance` of the last layer's (left out when no sample is counted), and, for single-label classification, `mean_saturation_layer`,
     the mean over samples of the first layer from which the top-1 prediction no longer changes (see
     [`saturation_layers`]).
 
@@ -107,7 +112,7 @@ class LayerwiseMetrics:
         }
         # `loss` stays Trainer's own `eval_loss` (the aligned loss), so only the other last-layer values are copied.
         result.update({name: value for name, value in per_layer[-1].items() if name != "loss"})
-        if "accuracy" in per_layer[-1]:
+        if "accuracy" in per_layer[-1] and not np.isnan(per_layer[-1]["accuracy"]):  # nan: nothing was counted
             result["minimal_depth"] = minimal_depth([metrics["accuracy"] for metrics in per_layer], self.tolerance)
         if _is_single_label(predictions, labels, problem_type):
             saturation = saturation_layers(torch.from_numpy(predictions).transpose(0, 1))
@@ -171,12 +176,13 @@ class CausalLayerwiseMetrics:
     """A `compute_metrics` for [`AlignedForCausalLM`] evaluated by [`AlignedTrainer`]: next-token loss, perplexity
     and top-1 agreement with the last layer after every layer.
 
-    [`AlignedTrainer`] reduces every evaluation batch to per-layer sums, `predictions` of shape
-    `(batches, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last layer) and `label_ids` of shape
-    `(batches,)` (tokens counted), so the metrics are exact token averages over the whole set with no logits kept.
+    [`AlignedTrainer`] reduces every evaluation sample to per-layer sums, `predictions` of shape
+    `(samples, num_layers, 2)` (summed cross-entropy, tokens agreeing with the last layer) and `label_ids` of shape
+    `(samples,)` (tokens counted), so the metrics are exact token averages over the whole set with no logits kept,
+    also when a distributed evaluation repeats samples to even out its last batches (they are dropped by sample).
     It returns `layer_{l}_loss`, `layer_{l}_perplexity` and `layer_{l}_agreement` for every 1-based layer `l`, the
     last layer's `perplexity`, and `minimal_depth`: the first layer whose perplexity is at most
-    (1 + `tolerance`) times the last layer's.
+    (1 + `tolerance`) times the last layer's (left out when the last layer's loss is nan).
     """
 
     def __init__(self, tolerance: float = 0.01):
@@ -187,7 +193,7 @@ class CausalLayerwiseMetrics:
         counts = np.asarray(eval_pred.label_ids, dtype=np.float64)
         if sums.ndim != 3 or sums.shape[2] != 2:
             raise ValueError(
-                f"Causal-LM layer metrics expect per-batch sums of shape (batches, layers, 2), got {sums.shape}."
+                f"Causal-LM layer metrics expect per-sample sums of shape (samples, layers, 2), got {sums.shape}."
             )
         tokens = max(counts.sum(), 1.0)
         losses = sums[:, :, 0].sum(axis=0) / tokens
@@ -203,6 +209,8 @@ class CausalLayerwiseMetrics:
                 }
             )
         result["perplexity"] = float(perplexities[-1])
+        if np.isnan(perplexities[-1]):  # a diverged last layer: no depth compares with it
+            return result
         limit = perplexities[-1] * (1.0 + self.tolerance) * (1 + 1e-12)
         result["minimal_depth"] = next(layer for layer, value in enumerate(perplexities, start=1) if value <= limit)
         return result

@@ -52,6 +52,8 @@ RULE_PARAMETERS = {
     "fixed": "exit_layer",
 }
 # Standard `TrainingArguments` fields a card lists; fields that a subclass adds (aligned options) are listed too.
+# Names that are data files, never Hub dataset ids.
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow")
 TRAINING_ARGUMENTS_SHOWN = (
     "learning_rate",
     "per_device_train_batch_size",
@@ -202,7 +204,7 @@ def build_model_card(
 
     Args:
         model_or_config: an [`AlignedForSequenceClassification`] (its `exit_config`, when set, fills
-            `data.exit_config`) or its [`AlignedConfig`].
+            `data.exit_config`), an [`AlignedForCausalLM`] (possibly wrapped by peft) or an [`AlignedConfig`].
         data: results and metadata to show; see [`AlignedModelCardData`].
 
     Returns:
@@ -213,6 +215,8 @@ def build_model_card(
         ValueError: if the data contradicts the model (a layer that does not exist) or a calibration point lacks a
             key.
     """
+    if hasattr(model_or_config, "get_base_model"):  # a peft wrapper: the card describes the model it wraps
+        model_or_config = model_or_config.get_base_model()
     if isinstance(model_or_config, AlignedForCausalLM):
         return build_causal_lm_card(model_or_config, data)
     config = getattr(model_or_config, "config", model_or_config)
@@ -233,7 +237,7 @@ def build_model_card(
     eval_results = _eval_results(layers, exits["rows"], exits["rule"], task, dataset_name, data.eval_split)
     card_data = ModelCardData(
         base_model=base_model_id,
-        datasets=data.datasets,
+        datasets=_hub_datasets(data.datasets),
         language=data.language,
         license=data.license,
         library_name=LIBRARY_NAME,
@@ -388,7 +392,7 @@ def build_causal_lm_card(model: AlignedForCausalLM, data: AlignedModelCardData |
     base_model_id = _hub_model_id(data.base_model or model.config._name_or_path or None)
     card_data = ModelCardData(
         base_model=base_model_id,
-        datasets=data.datasets,
+        datasets=_hub_datasets(data.datasets),
         language=data.language,
         license=data.license,
         library_name="transformers",
@@ -638,18 +642,35 @@ def _hub_model_id(name: str | None) -> str | None:
     return name
 
 
+def _hub_dataset_id(name: str) -> str | None:
+    """`name` when it reads as a Hub dataset id: not a local file or folder, not a data file's name."""
+    if os.path.exists(name) or Path(name).suffix.lower() in DATA_FILE_SUFFIXES:
+        return None
+    return _hub_model_id(name)
+
+
+def _hub_datasets(datasets: Sequence[str] | None) -> list[str] | None:
+    """The Hub dataset ids among `datasets`, for the card metadata (the Hub reads them as links)."""
+    return [name for name in datasets or () if _hub_dataset_id(name)] or None
+
+
 def _base_model_markdown(name: str | None, hub_id: str | None, config: AlignedConfig) -> str:
     model_type = config.base_config.model_type
     if hub_id is not None:
         return f"[{hub_id}](https://huggingface.co/{hub_id}) (`{model_type}`)"
     if name:
-        return f"a local `{model_type}` checkpoint (`{Path(name).name}`)"
+        # The folder's last two parts: a checkpoint folder is often named generically (`model`, `checkpoint-500`).
+        return f"a `{model_type}` checkpoint from the local folder `{'/'.join(Path(name).parts[-2:])}`"
     return f"a randomly initialized `{model_type}` model"
 
 
 def _dataset_markdown(datasets: Sequence[str] | None, dataset_name: str | None) -> str | None:
+    """The datasets as Hub links, where a name reads as a Hub dataset id (others, e.g. a local file, as they are)."""
     if datasets:
-        return ", ".join(f"[{dataset}](https://huggingface.co/datasets/{dataset})" for dataset in datasets)
+        return ", ".join(
+            f"[{dataset}](https://huggingface.co/datasets/{dataset})" if _hub_dataset_id(dataset) else f"`{dataset}`"
+            for dataset in datasets
+        )
     return dataset_name
 
 

@@ -359,11 +359,15 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
     Args:
         config ([`AlignedConfig`]): the aligned settings and the base model's config.
         base_model ([`PreTrainedModel`], *optional*): an already built (usually pretrained) base model to wrap; by
-            default one is built from `config.base_config`.
+            default one is built from `config.base_config`. The model takes ownership of it (as peft's
+            `get_peft_model` does): it becomes `model.backbone`, and its final norm and pooler are moved into the
+            shared classifier, leaving an identity / `None` in their place. Pass `copy.deepcopy(base_model)` to keep
+            the original intact.
 
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import BertConfig
     >>> from hf_aligned import AlignedConfig, AlignedForSequenceClassification
 
@@ -404,7 +408,6 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
             )
             | backbone_keyword_names()
-            | {"return_dict"}
         )
         self._positions_from_mask = is_decoder_only(backbone.config) and "position_ids" in base_parameters
         num_heads = 1 if config.classifier_sharing == "shared" else config.num_layers
@@ -437,6 +440,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                     mark_initialized(head.pooler)
             mark_initialized(backbone)
         self.post_init()
+        # accelerate's transformer-based FSDP wrap reads `_no_split_modules`: the blocks the classifier reads, and not
+        # the embeddings some backbones list (FSDP2 then shards the embedding module twice and fails).
+        self._no_split_modules = {type(block).__name__ for block in self.blocks}
 
     @property
     def num_layers(self) -> int:
@@ -468,19 +474,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         `pooling` is `"cls"` and the checkpoint has trained pooler weights, its pooler become part of the shared
         classifier); only the classification layer is new. Keyword arguments named like [`AlignedConfig`] fields
         (`num_labels`, `layer_weights`, `pooling`, ...) configure the aligned model, the others go to the base
-        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...). With `pooling="auto"` a
-        sentence-transformers checkpoint's own pooling config decides the pooling.
+        model's `from_pretrained` (`dtype`, `attn_implementation`, `revision`, ...); attributes of the base config
+        among them (`hidden_dropout_prob=0.0`, `use_cache=False`) override it, as `AutoModel*` applies them, and
+        unknown keywords are an error. With `pooling="auto"` a sentence-transformers checkpoint's own pooling config
+        decides the pooling. `output_loading_info=True` returns `(model, loading_info)` as transformers does (the
+        saved `exit_config.json` is read either way).
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            if isinstance(config, AlignedConfig):
-                config = None  # let transformers load it again, applying the config overrides in `kwargs`
-        if config is not None and not isinstance(config, AlignedConfig):
+        found = (
+            config if config is not None else AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        )
+        if not isinstance(found, AlignedConfig):
+            # Without a `config` argument the base model loads its config itself, applying the config overrides in
+            # `kwargs` (`hidden_dropout_prob=0.0`, ...) as `AutoModel` does.
             return cls._from_base_pretrained(pretrained_model_name_or_path, base_config=config, **kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        if isinstance(model, tuple):  # output_loading_info=True
-            return model
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         exit_config = ExitConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if exit_config is not None:
             try:
@@ -488,7 +497,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             except ValueError as error:
                 raise ValueError(f"exit_config.json of {pretrained_model_name_or_path}: {error}") from error
             model.exit_config = exit_config
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         """Saves the model like transformers does, plus its [`ExitConfig`] as `exit_config.json`."""
@@ -498,10 +507,11 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
 
     @classmethod
     def _from_base_pretrained(
-        cls, path: str | os.PathLike, base_config: PreTrainedConfig, **kwargs
+        cls, path: str | os.PathLike, base_config: PreTrainedConfig | None, **kwargs
     ) -> AlignedForSequenceClassification:
         aligned_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_KWARGS}
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        output_loading_info = kwargs.pop("output_loading_info", False)
         base_model, loading_info = AutoModel.from_pretrained(
             path, config=base_config, output_loading_info=True, **kwargs
         )
@@ -518,7 +528,9 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         # The new classifier follows the base model's dtype and the device its last block was loaded on.
         model.classifier.to(device=next(model.blocks[-1].parameters()).device, dtype=base_model.dtype)
         model.eval()
-        return model
+        if not output_loading_info:
+            return model
+        return model, _wrapped_loading_info(model, loading_info)
 
     def _inputs(self, caller: str = "forward", **inputs) -> dict[str, torch.Tensor]:
         """The base model's inputs: the non-`None` ones, `use_cache=False` where the base model would build a cache,
@@ -561,6 +573,11 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "output of the model's tokenizer or image processor."
             )
         batch = model_inputs[main_inputs[0]]
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(
+                f"{caller}() got `{main_inputs[0]}` as a {type(batch).__name__}; pass a tensor, e.g. "
+                "`tokenizer(texts, padding=True, return_tensors='pt')` or `torch.tensor(ids)`."
+            )
         if batch.dim() == 0 or batch.shape[0] == 0:
             raise ValueError(
                 f"{caller}() got an empty batch (`{main_inputs[0]}` of shape {tuple(batch.shape)}); pass at least "
@@ -627,6 +644,8 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             ValueError: for a call without inputs, an empty batch, or `early_exit=True` with labels, hidden states
                 or attentions.
         """
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         base_inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -636,7 +655,20 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             "pixel_values": pixel_values,
             **kwargs,
         }
-        exit_fields = sorted(set(kwargs) & set(ExitConfig.__dataclass_fields__))
+        output = self._forward(base_inputs, labels, output_hidden_states, output_attentions, early_exit)
+        return output if return_dict else output.to_tuple()
+
+    def _forward(
+        self,
+        base_inputs: dict[str, Any],
+        labels: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        early_exit: bool | None,
+    ) -> AlignedSequenceClassifierOutput:
+        """`forward` with its output as a [`AlignedSequenceClassifierOutput`]."""
+        input_ids, attention_mask = base_inputs["input_ids"], base_inputs["attention_mask"]
+        exit_fields = sorted(set(base_inputs) & set(ExitConfig.__dataclass_fields__))
         if exit_fields:
             raise TypeError(
                 f"forward() does not take the ExitConfig fields {exit_fields}: pass them to `early_exit_predict`, or "
@@ -815,11 +847,7 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
                 "early_exit_predict runs in train mode: dropout is active, so predictions and exits change from call "
                 "to call. Call `model.eval()` before serving."
             )
-        if exit_config.rule != "fixed" and self.config.problem_type not in (None, "single_label_classification"):
-            raise ValueError(
-                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
-                f"{self.config.problem_type!r}; use rule='fixed' for it."
-            )
+        self._check_exit_rule(exit_config)
         batch_source = next(
             model_inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in model_inputs
         )
@@ -842,18 +870,47 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             num_layers=self.num_layers,
         )
 
+    def _check_exit_rule(self, exit_config: ExitConfig) -> None:
+        """Refuses a rule that reads class probabilities for a regression or multi-label model; the default exit
+        config (no sample leaves early) reads none, so it serves every problem type.
+
+        Raises:
+            ValueError: naming the rule and the model's problem type.
+        """
+        problem_type = self.config.problem_type
+        if problem_type is None and self.config.num_labels == 1:
+            problem_type = "regression"  # what the loss infers for one output
+        if exit_config.rule == "fixed" or exit_config.never_exits:
+            return
+        if problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"rule {exit_config.rule!r} reads class probabilities, but this model's problem_type is "
+                f"{problem_type!r}; use rule='fixed' for it."
+            )
+
     def truncate(self, num_layers: int) -> AlignedForSequenceClassification:
         """A standalone copy with only the first `num_layers` blocks and the same classifier.
 
-        The copy's logits are exactly this model's `layer_logits[num_layers - 1]`; it saves and loads as a normal
-        checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
+        The copy's logits are this model's `layer_logits[num_layers - 1]` (to float rounding); it saves and loads as
+        a normal checkpoint (its config says `num_layers` blocks), with a default `ExitConfig`: the "minimal depth"
         deployment, with no early-exit machinery at run time.
 
+        The training settings are cut to the kept blocks (`layer_weights`, `aligned_layers`) and checked as
+        `from_pretrained` checks them, so the copy always reloads.
+
         Raises:
-            ValueError: if `num_layers` is not between 1 and the model's depth.
+            ValueError: if `num_layers` is not between 1 and the model's depth, if no kept block is an aligned layer
+                (the classifier was never trained after them), or if the cut settings do not hold (e.g.
+                `classifier_update="last"` with a zero weight on the new last layer).
         """
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"`num_layers={num_layers!r}` must be an integer between 1 and {self.num_layers}.")
+        trained = [layer for layer, weight in enumerate(self.config.resolved_layer_weights, start=1) if weight > 0]
+        if min(trained) > num_layers:
+            raise ValueError(
+                f"truncate({num_layers}) keeps none of the aligned layers {trained}: the classifier was never trained "
+                f"after blocks 1-{num_layers}. Truncate to at least {min(trained)} blocks."
+            )
         truncated = copy.deepcopy(self)
         del truncated.blocks[num_layers:]
         base_config = truncated.backbone.config
@@ -864,10 +921,13 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
         config = truncated.config
         config.base_config = base_config
         if not isinstance(config.layer_weights, str):
-            kept = config.layer_weights[:num_layers]
-            config.layer_weights = kept if sum(kept) > 0 else "last"
+            config.layer_weights = config.layer_weights[:num_layers]
         if config.aligned_layers is not None:
-            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers] or None
+            config.aligned_layers = [layer for layer in config.aligned_layers if layer <= num_layers]
+        try:
+            AlignedConfig.from_dict(config.to_dict())
+        except ValueError as error:
+            raise ValueError(f"truncate({num_layers}) would save settings that do not load: {error}") from error
         if config.classifier_sharing == "per_layer":
             del truncated.classifier.heads[num_layers:]
         truncated.exit_config = ExitConfig()
@@ -916,6 +976,22 @@ class AlignedForSequenceClassification(AlignedPreTrainedModel):
             return torch.stack([pool_hidden_states(hidden, mask, pooling) for hidden in captured])
         heads = [self.classifier.head(max(layer, 1)) for layer in range(len(captured))]
         return torch.stack([head.features(hidden, mask) for head, hidden in zip(heads, captured)])
+
+
+def _wrapped_loading_info(model: AlignedForSequenceClassification, base_info: dict) -> dict:
+    """The loading info of a wrapped base checkpoint, named as in the aligned model: the base model's keys under
+    `backbone.`, plus the new classification layer (and projection head) as missing keys."""
+    moved = {"norm", "pooler"}  # the base model's own parts, loaded with it
+    new_keys = [
+        f"classifier.{name}" for name, _ in model.classifier.named_parameters() if name.split(".")[2] not in moved
+    ]
+    info = {
+        key: [f"backbone.{name}" for name in base_info.get(key, [])] for key in ("missing_keys", "unexpected_keys")
+    }
+    info["missing_keys"] += new_keys
+    info["mismatched_keys"] = list(base_info.get("mismatched_keys", []))
+    info["error_msgs"] = list(base_info.get("error_msgs", []))
+    return info
 
 
 def register_hub_pusher(pusher: Callable[..., Any]) -> None:

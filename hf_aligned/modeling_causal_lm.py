@@ -27,12 +27,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 from transformers.utils.hub import create_and_tag_model_card, hf_api
 
 from .backbones import find_layout
 from .block_hooks import BlockOutputs, install_block_hooks, observe_blocks
 from .compat import causal_lm_class
 from .configuration_aligned import is_decoder_only, num_hidden_layers, resolve_layer_weights
+
+logger = logging.get_logger(__name__)
 
 # The key of the base config under which a checkpoint records how it was trained (ignored by other libraries).
 ALIGNED_TRAINING_KEY = "aligned_training"
@@ -186,11 +189,16 @@ class AlignedCausalLMOutput(CausalLMOutputWithPast):
         layer_computed (`torch.BoolTensor` of shape `(num_layers,)`): which blocks' losses this call computed (the
             others are the `nan` placeholders above), so a computed loss that is itself `nan` (a diverged run) is
             told apart from a skipped one.
+        layer_sample_sums (`torch.Tensor` of shape `(batch_size, num_layers, 2)`, *optional*): with gradients off,
+            each sample's summed next-token cross-entropy after every block and its number of tokens agreeing with
+            the last block (the last block's entry: its number of counted tokens), from which evaluation forms exact
+            token averages over any set of samples.
     """
 
     layer_losses: torch.Tensor | None = None
     layer_agreement: torch.Tensor | None = None
     layer_computed: torch.Tensor | None = None
+    layer_sample_sums: torch.Tensor | None = None
 
 
 class AlignedForCausalLM:
@@ -206,6 +214,7 @@ class AlignedForCausalLM:
     Example:
 
     ```python
+    >>> import torch
     >>> from transformers import LlamaConfig
     >>> from hf_aligned import AlignedForCausalLM
 
@@ -233,6 +242,7 @@ class AlignedForCausalLM:
         if base_class not in cls._aligned_classes:
             name = f"Aligned{base_class.__name__}"
             attributes = {"__module__": __name__, "__qualname__": name, "__doc__": AlignedForCausalLM.__doc__}
+            attributes["forward"] = _forward_of(base_class, name)
             cls._aligned_classes[base_class] = type(name, (AlignedForCausalLM, base_class), attributes)
         return cls._aligned_classes[base_class]
 
@@ -256,16 +266,20 @@ class AlignedForCausalLM:
         """Loads any causal-LM checkpoint (plain or aligned) as an aligned causal LM.
 
         Keyword arguments named like [`CausalAlignment`] fields override the settings the checkpoint records (or the
-        defaults); the others go to the family's `from_pretrained` (`dtype`, `revision`, `attn_implementation`, ...).
+        defaults); the others go to the family's `from_pretrained` (`dtype`, `revision`, `attn_implementation`, ...),
+        config attributes among them (`use_cache=False`, `resid_pdrop=0.0`) overriding the checkpoint's config as
+        `AutoModelForCausalLM` applies them.
         """
         settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIGNMENT_FIELDS}
         if cls is AlignedForCausalLM:
-            config = kwargs.pop("config", None)
+            config = kwargs.get("config")
             if not isinstance(config, PreTrainedConfig):
                 hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
                 config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
             model_class = cls.aligned_class(_causal_lm_class_for(config))
-            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            # The family's `from_pretrained` loads the config again unless one was given, applying the config
+            # overrides in `kwargs` (`use_cache=False`, `resid_pdrop=0.0`, ...) as `AutoModelForCausalLM` does.
+            loaded = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         else:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
@@ -373,10 +387,16 @@ class AlignedForCausalLM:
 
     # -- the aligned loss ---------------------------------------------------------------------------------------
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        """The base model's forward; with `labels`, the aligned loss over every block (see the class docstring)."""
+    def forward(self, labels=None, **kwargs):
+        """The family's forward; with `labels`, the aligned loss over every block (see the class docstring).
+
+        Each aligned class gets a `forward` with its family's exact signature (same parameters, order and defaults)
+        that binds its arguments by that signature and calls this one by name (see `_forward_of`): transformers and
+        Trainer read `inspect.signature(model.forward)` to pass `position_ids` and `logits_to_keep` in generation and
+        to keep dataset columns.
+        """
         if labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return super().forward(**kwargs)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = self.config.return_dict
@@ -389,7 +409,7 @@ class AlignedForCausalLM:
         kwargs["use_cache"] = False
         base = getattr(self, self.base_model_prefix)
         with observe_blocks(BlockOutputs(self.aligned_blocks)) as captured:
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+            outputs = base(return_dict=True, **kwargs)
         logits = self._head(outputs.last_hidden_state)
         targets = shifted_labels(labels.to(logits.device))
         counted = (targets != -100).sum().clamp(min=1)
@@ -397,7 +417,7 @@ class AlignedForCausalLM:
         last_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum") / counted
         layer_losses = [torch.full_like(last_loss, float("nan")) for _ in range(self.num_layers)]
         layer_losses[-1] = last_loss
-        agreement = None
+        agreement = sample_sums = None
         computed = torch.ones(self.num_layers, dtype=torch.bool, device=last_loss.device)
         if torch.is_grad_enabled():
             computed[:-1] = False
@@ -406,12 +426,9 @@ class AlignedForCausalLM:
                     layer_losses[layer - 1] = self._chunked_loss(captured.outputs[layer - 1], targets) / counted
                     computed[layer - 1] = True
         else:
-            agreement = torch.ones(self.num_layers, device=last_loss.device)  # the last layer agrees with itself
-            top_last = logits.argmax(dim=-1)
-            for layer in range(1, self.num_layers):
-                loss_sum, agreeing = self._chunked_statistics(captured.outputs[layer - 1], targets, top_last)
-                layer_losses[layer - 1] = loss_sum / counted
-                agreement[layer - 1] = agreeing / counted
+            sample_sums = self._sample_statistics(logits, captured.outputs, targets)
+            layer_losses[:-1] = list(sample_sums[:, :-1, 0].sum(dim=0) / counted)
+            agreement = sample_sums[:, :, 1].sum(dim=0) / counted
         layer_losses = torch.stack(layer_losses)
         loss = sum(weight * layer_losses[layer - 1] for layer, weight in weights.items())
         output = AlignedCausalLMOutput(
@@ -420,6 +437,7 @@ class AlignedForCausalLM:
             layer_losses=layer_losses,
             layer_agreement=agreement,
             layer_computed=computed,
+            layer_sample_sums=sample_sums,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
@@ -469,19 +487,30 @@ class AlignedForCausalLM:
             total = total + checkpoint(self._chunk_loss_sum, chunk, chunk_targets, use_reentrant=False)
         return total
 
-    def _chunked_statistics(
-        self, hidden: torch.Tensor, targets: torch.Tensor, top_last: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy and number of counted tokens whose top-1 equals `top_last`, for one block."""
-        total = hidden.new_zeros((), dtype=torch.float32)
-        agreeing = torch.zeros((), dtype=torch.long, device=hidden.device)
+    def _sample_statistics(
+        self, logits: torch.Tensor, block_outputs: list[torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Per sample and block `(batch, num_layers, 2)`: summed next-token cross-entropy, and the number of counted
+        tokens whose top-1 equals the last block's (the last block's count is its number of counted tokens)."""
+        top_last = logits.argmax(dim=-1)
+        last = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        rows = [
+            self._chunked_statistics(block_outputs[layer], targets, top_last) for layer in range(self.num_layers - 1)
+        ]
+        rows.append(torch.stack([last.view_as(targets).sum(dim=1), (targets != -100).sum(dim=1).float()], dim=-1))
+        return torch.stack(rows, dim=1)
+
+    def _chunked_statistics(self, hidden: torch.Tensor, targets: torch.Tensor, top_last: torch.Tensor) -> torch.Tensor:
+        """Per sample `(batch, 2)`: summed cross-entropy and number of counted tokens whose top-1 equals `top_last`,
+        for one block (per-sample sums let a distributed evaluation drop the samples it repeated to even batches)."""
+        per_token = hidden.new_zeros((targets.numel(), 2), dtype=torch.float32)
         top_last = top_last.flatten()
         for start, chunk, chunk_targets in self._chunks(hidden, targets):
             logits = self.layer_logits(chunk)
-            total = total + F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
-            same = logits.argmax(dim=-1) == top_last[start : start + len(chunk_targets)]
-            agreeing = agreeing + (same & (chunk_targets != -100)).sum()
-        return total, agreeing.to(total.dtype)
+            end = start + len(chunk_targets)
+            per_token[start:end, 0] = F.cross_entropy(logits.float(), chunk_targets, reduction="none")
+            per_token[start:end, 1] = (logits.argmax(dim=-1) == top_last[start:end]) & (chunk_targets != -100)
+        return per_token.view(*targets.shape, 2).sum(dim=1)
 
     # -- self-speculative decoding ------------------------------------------------------------------------------
 
@@ -518,7 +547,8 @@ class AlignedForCausalLM:
     def generate(self, *args, assistant_early_exit: int | None = None, **kwargs):
         """transformers' `generate`; with `assistant_early_exit=k` (or a generation config that sets it), the first
         k blocks draft tokens and the full model verifies them (assisted generation with [`early_exit_draft`]), for
-        every family, GPT-2 included. Greedy output equals plain greedy decoding.
+        every family, GPT-2 included. Greedy output equals plain greedy decoding (in eval mode: in train mode dropout
+        changes every forward, and a warning says so).
 
         The draft's settings `num_assistant_tokens`, `num_assistant_tokens_schedule` and
         `assistant_confidence_threshold` come from this call (keywords or `generation_config`), else from the model's
@@ -527,6 +557,12 @@ class AlignedForCausalLM:
         Raises:
             ValueError: for a `k` outside [1, L - 1], or together with an `assistant_model`.
         """
+        if self.training:
+            logger.warning_once(
+                "generate runs in train mode: dropout is active, so outputs change from call to call and "
+                "`assistant_early_exit` no longer reproduces plain greedy decoding. `from_config` leaves a model in "
+                "train mode (as in transformers): call `model.eval()` before generating."
+            )
         source = kwargs.get("generation_config") or self.generation_config
         if assistant_early_exit is None:
             assistant_early_exit = getattr(source, "assistant_early_exit", None)
@@ -560,6 +596,26 @@ def __getattr__(name: str) -> type:
     if isinstance(base_class, type) and issubclass(base_class, PreTrainedModel):
         return AlignedForCausalLM.aligned_class(base_class)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _forward_of(base_class: type[PreTrainedModel], class_name: str):
+    """The `forward` of an aligned class: the family's own signature (what `inspect.signature` shows transformers),
+    binding positional and keyword arguments exactly as the family's forward does, then
+    [`AlignedForCausalLM.forward`] by name."""
+    signature = inspect.signature(base_class.forward)
+    extra = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop(next(iter(signature.parameters)))  # self
+        named = arguments.pop(extra, {}) if extra is not None else {}
+        return AlignedForCausalLM.forward(self, **arguments, **named)
+
+    forward.__signature__ = signature
+    forward.__doc__ = AlignedForCausalLM.forward.__doc__
+    forward.__module__ = __name__
+    forward.__qualname__ = f"{class_name}.forward"
+    return forward
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,9 @@ def plot_similarity_heatmaps(
             ticks = _layer_ticks(values.shape[0])
             axis.set_xticks(ticks, [str(first_layer + tick) for tick in ticks])
             axis.set_yticks(ticks, [str(first_layer + tick) for tick in ticks])
-            axis.set_xlabel("layer")
-            axis.set_ylabel("layer")
+            label = "layer (0 = embeddings)" if first_layer == 0 else "layer"
+            axis.set_xlabel(label)
+            axis.set_ylabel(label)
             axis.set_title(name if row_name == "" else f"{row_name}: {name}")
     figure.colorbar(image, ax=axes, shrink=0.85, label="similarity")
     if title:
@@ -68,7 +69,7 @@ def plot_similarity_heatmaps(
 def plot_layer_accuracy(
     curves: Mapping[str, Sequence[float]],
     path: str | os.PathLike | None = None,
-    first_layer: int = 1,
+    first_layer: int | Mapping[str, int] = 1,
     ylabel: str = "accuracy",
     title: str | None = None,
     chance: float | None = None,
@@ -79,19 +80,23 @@ def plot_layer_accuracy(
         curves: `{"standard": [acc after block 1, ...], "aligned": [...], "per-layer heads": [...]}`.
         path: where to save the PNG.
         first_layer: the layer index of each curve's first value (1 for per-block accuracies, 0 for probes that
-            include the embedding output).
+            include the embedding output), or one per curve name (curves not named start at 1). With a curve that
+            starts at 0 the axis says that layer 0 is the embeddings.
         ylabel: the y-axis label.
         title: the axis title.
         chance: draws a dashed line at chance level when given.
     """
     figure = _figure(figsize=(6.0, 4.0))
     axis = figure.subplots()
+    starts = first_layer if isinstance(first_layer, Mapping) else dict.fromkeys(curves, first_layer)
     for name, values in curves.items():
         values = np.asarray(values, dtype=np.float64)
-        axis.plot(np.arange(first_layer, first_layer + len(values)), values, marker="o", label=name)
+        start = starts.get(name, 1)
+        axis.plot(np.arange(start, start + len(values)), values, marker="o", label=name)
     if chance is not None:
         axis.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
-    axis.set_xlabel("layer")
+    axis.xaxis.set_major_locator(_integer_locator())
+    axis.set_xlabel("layer (0 = embeddings)" if 0 in [starts.get(name, 1) for name in curves] else "layer")
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend()
@@ -236,7 +241,9 @@ def plot_probability_similarity(
         axis.set_title(name)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small", loc="lower right")
-    figure.colorbar(scatter, ax=axes, shrink=0.85, label="layer l")
+    colorbar = figure.colorbar(scatter, ax=axes, shrink=0.85, label="layer l")
+    colorbar.locator = _integer_locator()  # layers are whole numbers
+    colorbar.update_ticks()
     if title:
         figure.suptitle(title)
     return _save(figure, path)
@@ -310,6 +317,13 @@ def _matrix(matrix: Matrix) -> np.ndarray:
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
         raise ValueError(f"A similarity matrix must be square [K, K], got shape {values.shape}.")
     return values.astype(np.float64)
+
+
+def _integer_locator():
+    """A tick locator that puts ticks on whole numbers only (layers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _layer_ticks(count: int, most: int = 13) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from transformers.utils import logging
 
 from .asr import asr_folded_state_dict, has_asr, reset_asr
 from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
+from .distributed import check_launch
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
 from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
 from .modeling_aligned import AlignedSequenceClassifierOutput
@@ -39,6 +41,9 @@ _CLASSIFIER_ONLY_ARGUMENTS = (
     "distillation_temperature",
     "classifier_lr_ratio",
 )
+
+# What a causal LM's card leaves out of its training arguments: they configure a classification head only.
+_CLASSIFIER_ONLY = frozenset({*_CLASSIFIER_ONLY_ARGUMENTS, "fold_asr_on_save"})
 
 # Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
 _NON_PREDICTION_OUTPUTS = [
@@ -127,17 +132,24 @@ class AlignedTrainer(Trainer):
         self._layer_loss_sum: torch.Tensor | None = None
         self._layer_loss_names: list[str] = []
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
+        check_launch(self.accelerator.num_processes, self.accelerator.distributed_type.value)
         if _causal_lm(self.model) is not None:
             if compute_metrics is not None:
                 raise ValueError(
                     "`compute_metrics` is not supported for AlignedForCausalLM: evaluation reports every layer's "
-                    "loss, perplexity and agreement from per-batch sums, without keeping logits."
+                    "loss, perplexity and agreement from per-sample sums, without keeping logits."
                 )
             self.compute_metrics = CausalLayerwiseMetrics(args.minimal_depth_tolerance)
         else:
             self.compute_metrics = LayerwiseMetrics(
                 self.accelerator.unwrap_model(self.model), compute_metrics, args.minimal_depth_tolerance
             )
+            if args.classifier_lr_ratio is None:
+                # The default rate is recorded in the trainer's own copy of the arguments (the caller's stay as
+                # given), so `training_args.bin` and the card say which rate the run used.
+                ratio = self.classifier_lr_ratio
+                self.args = copy.copy(self.args)
+                self.args.classifier_lr_ratio = ratio
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(list(self._tag_names))
 
@@ -324,6 +336,13 @@ class AlignedTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
+        training_args = self.args.to_dict()
+        if self.state.global_step > 0:  # what ran: `num_train_epochs` does not say it when `max_steps` is set
+            training_args |= {"epochs_run": round(self.state.epoch or 0.0, 2), "steps_run": self.state.global_step}
+            if self.args.max_steps > 0:
+                training_args.pop("num_train_epochs")
+        if _causal_lm(self.model) is not None:  # classification-only settings do not apply to a language model
+            training_args = {name: value for name, value in training_args.items() if name not in _CLASSIFIER_ONLY}
         data = AlignedModelCardData(
             model_id=self.args.hub_model_id or model_name,
             base_model=finetuned_from,
@@ -333,7 +352,7 @@ class AlignedTrainer(Trainer):
             license=license,
             tags=[tags] if isinstance(tags, str) else tags,
             eval_metrics=latest_eval_metrics(self.state.log_history) or None,
-            training_args={**self.args.to_dict(), "classifier_lr_ratio": self.classifier_lr_ratio},
+            training_args=training_args,
         )
         write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model), data)
 
@@ -348,8 +367,8 @@ class AlignedTrainer(Trainer):
         predictions (Trainer gathers and concatenates predictions along dim 0).
 
         The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
-        For an [`AlignedForCausalLM`] the predictions are the batch's per-layer sums `(1, num_layers, 2)` (summed
-        cross-entropy, tokens agreeing with the last layer) and the labels its counted tokens `(1,)`.
+        For an [`AlignedForCausalLM`] the predictions are per-sample, per-layer sums `(batch, num_layers, 2)` (summed
+        cross-entropy, tokens agreeing with the last layer) and the labels each sample's counted tokens `(batch,)`.
         """
         if _causal_lm(model) is not None:
             return self._causal_prediction_step(model, inputs, prediction_loss_only)
@@ -379,9 +398,10 @@ class AlignedTrainer(Trainer):
         loss = outputs.loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None
-        counted = (shifted_labels(labels) != -100).sum().to(outputs.layer_losses.dtype)
-        sums = torch.stack([outputs.layer_losses * counted, outputs.layer_agreement * counted], dim=-1)
-        return loss, sums[None].detach(), counted.reshape(1)
+        # One row per sample, so that `gather_for_metrics` drops exactly the samples a distributed evaluation
+        # repeated to even out its last batches (one row per batch would be cut by a count of samples).
+        counted = (shifted_labels(labels) != -100).sum(dim=1).to(outputs.layer_sample_sums.dtype)
+        return loss, outputs.layer_sample_sums.detach(), counted
 
 
 def _causal_lm(model: nn.Module | None) -> AlignedForCausalLM | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,12 @@ def test_analyze_text_model(text_model_dir, tmp_path, capsys):
     assert results["num_samples"] == len(rows) == 24
     assert (output / "similarity.png").stat().st_size > 0
     assert (output / "layer_accuracy.png").stat().st_size > 0
-    assert "mean off-diagonal COS" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "mean off-diagonal COS" in printed.out
+    # Long steps are announced on stderr, with a progress bar over the batches (24 samples, batch 5: 5 batches).
+    for step in ("every layer's representation of 24 samples", "per-layer accuracy and linear probes", "saturation"):
+        assert f"hf-aligned: {step} ..." in printed.err and f"hf-aligned: {step}: done in " in printed.err
+    assert re.search(r"every layer's representation of 24 samples: +\d+%\|[^|]*\| \d/5 \[", printed.err)
 
     # The same numbers, computed independently from the model's representations.
     model = AlignedForSequenceClassification.from_pretrained(text_model_dir)
@@ -263,3 +269,34 @@ def test_calibrate_writes_the_certified_setting_beside_the_model(text_model_dir,
     assert json.loads((text_model_dir / "calibration.json").read_text())["chosen"] == expected.chosen
     with pytest.raises(ValueError, match=r"needs at least 230 samples .*got 60"):
         main(["calibrate", str(text_model_dir), "--data", str(data)])
+
+
+def test_analyze_labels_its_plots_and_json_for_what_they_show(text_model_dir, tmp_path, monkeypatch):
+    from hf_aligned import plotting
+
+    drawn = {}
+    for name in ("plot_layer_accuracy", "plot_similarity_heatmaps", "plot_probability_similarity"):
+        original = getattr(plotting, name)
+
+        def record(*args, _original=original, _name=name, **kwargs):
+            drawn[_name] = _original(*args, **kwargs)
+            return drawn[_name]
+
+        monkeypatch.setattr(plotting, name, record)
+    data = tmp_path / "test.tsv"
+    write_texts(data)
+    main(["analyze", str(text_model_dir), "--dataset", str(data), "--output", str(tmp_path / "out"), "--probes"])
+    results = json.loads((tmp_path / "out" / "similarity.json").read_text())
+    assert results["split"] is None and results["dataset"] == str(data)  # a data file has no split
+    heatmap_axis = drawn["plot_similarity_heatmaps"].axes[0]
+    assert heatmap_axis.get_xlabel() == heatmap_axis.get_ylabel() == "layer (0 = embeddings)"
+    accuracy_axis = drawn["plot_layer_accuracy"].axes[0]
+    lines = {line.get_label(): line for line in accuracy_axis.get_lines()}
+    probe_name = f"linear probe ({results['probe_accuracy']['num_test']} held-out samples)"
+    assert set(lines) == {"shared classifier (all 24 samples)", probe_name}
+    assert list(lines[probe_name].get_xdata()) == [0, 1, 2, 3, 4]  # the probe's layer 0 is shown
+    assert list(lines["shared classifier (all 24 samples)"].get_xdata()) == [1, 2, 3, 4]
+    assert accuracy_axis.get_xlabel() == "layer (0 = embeddings)"
+    colorbar = drawn["plot_probability_similarity"].axes[-1]
+    ticks = colorbar.get_yticks()
+    assert len(ticks) and all(float(tick).is_integer() for tick in ticks)

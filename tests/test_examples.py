@@ -27,8 +27,9 @@ TINY_VIT = [
 ]  # fmt: skip
 
 
-def run_script(command: list[str], timeout: int = 240) -> str:
-    """Runs a command from the repository root with this interpreter's environment; returns stdout."""
+def run_script(command: list[str], timeout: int = 240, environment: dict[str, str] | None = None) -> str:
+    """Runs a command from the repository root with this interpreter's environment (and `environment`); returns
+    stdout."""
     # One thread per process: these models are tiny, and spinning threads crawl when other jobs share the cores.
     env = {
         **os.environ,
@@ -36,6 +37,7 @@ def run_script(command: list[str], timeout: int = 240) -> str:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
+        **(environment or {}),
     }
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert completed.returncode == 0, f"{' '.join(command)} failed:\n{completed.stdout}\n{completed.stderr[-4000:]}"
@@ -122,6 +124,8 @@ def test_text_example_on_local_csv_with_string_labels(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.classifier_sharing == "per_layer"
     assert model.config.id2label == {0: "negative", 1: "positive"}
+    # The saved tokenizer cuts texts to the length training used (--max_seq_length, default 128).
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 128
 
 
 def free_port() -> int:
@@ -142,7 +146,7 @@ def test_two_process_cpu_training_matches_one_process(tmp_path):
     )  # fmt: skip
     stdout = run_script(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         "examples/accelerate_config_2proc.yaml", "--main_process_port", str(free_port()),
+         "examples/accelerate/ddp.yaml", "--main_process_port", str(free_port()),
          "examples/run_image_classification.py", "--output_dir", str(distributed), "--use_cpu", "true",
          "--per_device_train_batch_size", "8", *TINY_VIT]
     )  # fmt: skip

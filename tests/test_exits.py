@@ -231,6 +231,8 @@ def test_truncate_gives_the_layer_logits_and_saves_as_a_normal_checkpoint(family
     with torch.no_grad():
         layer_logits = model(**inputs, early_exit=False).layer_logits
     truncated = model.truncate(2)
+    with torch.no_grad():  # layer 2's logits, to float rounding (the full model classifies all layers in one batch)
+        torch.testing.assert_close(truncated(**inputs, early_exit=False).logits, layer_logits[1])
     assert truncated.num_layers == 2 and len(truncated.blocks) == 2
     assert truncated.config.layer_weights == [1.0, 2.0]
     assert model.num_layers == NUM_LAYERS  # the original is untouched

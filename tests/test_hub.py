@@ -14,11 +14,14 @@ from huggingface_hub import ModelCard, constants, metadata_load, set_client_fact
 from huggingface_hub.utils._http import default_client_factory
 from transformers import BertTokenizer, TrainingArguments
 from transformers.testing_utils import CaptureLogger
+from transformers.utils import hub as transformers_hub
 
 from hf_aligned import (
     AlignedForCausalLM,
     AlignedForSequenceClassification,
     AlignedModelCardData,
+    AlignedTrainer,
+    AlignedTrainingArguments,
     HubPushError,
     build_model_card,
     push_aligned_model,
@@ -106,6 +109,8 @@ def hub(monkeypatch):
         monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        # transformers keeps one HfApi, bound to the endpoint of its first use: each test starts without it.
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
         yield server
 
 
@@ -247,7 +252,7 @@ def test_card_reads_base_model_task_and_classifier_from_config(tmp_path):
     model.config.base_config._name_or_path = str(local)
     card = build_model_card(model.config)
     assert card.data.base_model is None
-    assert "a local `vit` checkpoint (`my-base`)" in card.text
+    assert f"a `vit` checkpoint from the local folder `{tmp_path.name}/my-base`" in card.text
 
 
 def test_card_records_the_training_options():
@@ -518,3 +523,30 @@ def test_causal_lm_save_pretrained_pushes_the_plain_config(hub, tmp_path):
     assert config["aligned_training"]["layer_weights"] == "uniform"
     assert uploaded["config.json"] == (tmp_path / "out" / "config.json").read_bytes()
     assert hub.commits[-1].summary == "aligned llama"
+
+
+def test_trainer_cards_and_pushes_a_lora_wrapped_causal_lm(hub, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AlignedForCausalLM.from_config(tiny_base_config("llama", num_layers=2))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    args = AlignedTrainingArguments(
+        output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, hub_model_id=REPO_ID, save_strategy="no"
+    )
+    trainer = AlignedTrainer(model, args)
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card
+    trainer.push_to_hub(commit_message="lora llama")
+    uploaded = hub.files(REPO_ID)
+    assert uploaded["README.md"].decode() == card
+    assert "adapter_config.json" in uploaded and hub.commits[-1].summary == "lora llama"
+
+
+def test_card_links_only_hub_datasets():
+    names = ["../shared/data/sst2/train.tsv", "BBC News", "bbc/news.csv", "SetFit/bbc-news"]
+    card = build_model_card(tiny_model("bert"), AlignedModelCardData(datasets=names))
+    assert "- **Dataset:** `../shared/data/sst2/train.tsv`, `BBC News`, `bbc/news.csv`, " in card.text
+    assert "[SetFit/bbc-news](https://huggingface.co/datasets/SetFit/bbc-news)" in card.text
+    assert card.text.count("huggingface.co/datasets/") == 1 and card.data.datasets == ["SetFit/bbc-news"]

@@ -229,7 +229,7 @@ def test_backbone_without_a_block_list_is_rejected_with_its_model_type():
 
 def test_use_pooler_without_pooler_is_rejected():
     with pytest.raises(ValueError, match=r"`use_pooler=True` but model type 'gpt2' has no pooler"):
-        tiny_model("gpt2", use_pooler=True)
+        tiny_model("gpt2", use_pooler=True, pooling="cls")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
