@@ -385,7 +385,14 @@ def main():
     report, tables = {}, []
     for task in tasks:
         for kind, model in task.models.items():
-            calibration = calibrate_exits(model, task.validation, max_accuracy_drop=0.01, collate_fn=task.collate_fn)
+            calibration = calibrate_exits(
+                model,
+                task.validation,
+                max_accuracy_drop=0.01,
+                collate_fn=task.collate_fn,
+                method="empirical",
+                risk="accuracy",
+            )
             thresholds = sorted({*THRESHOLDS, round(calibration.chosen, 6)})
             results = measure(task, kind, thresholds, args.timed_samples, args.batch_one_samples)
             for result in results:

@@ -9,11 +9,18 @@ from transformers import AutoConfig, AutoModelForImageClassification, AutoModelF
 from .alignment import AlignmentSettings, resolve_layer_weights
 from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr, reset_asr
 from .backbones import BackboneLayout, find_layout
-from .calibration import CalibrationResult, calibrate_exits
+from .calibration import CalibrationResult, calibrate_exits, calibration_grid
 from .callbacks import RepresentationDynamicsCallback
 from .card_data import AlignedModelCardData
 from .configuration_aligned import AlignedConfig
 from .data import collect_layer_logits, show_progress
+from .exit_evaluation import (
+    ExitCalibrationArguments,
+    ExitEvaluation,
+    calibrate_and_evaluate,
+    evaluate_exits,
+    format_exit_report,
+)
 from .exits import ExitConfig, simulate_exits
 from .heads import CAUSAL_LM_HEADS, CausalLMHead, pool_hidden_states
 from .hub import HubPushError, push_aligned_model
@@ -88,7 +95,9 @@ __all__ = [
     "CausalLMHead",
     "CausalLayerwiseMetrics",
     "EarlyExitOutput",
+    "ExitCalibrationArguments",
     "ExitConfig",
+    "ExitEvaluation",
     "HubPushError",
     "LayerwiseMetrics",
     "MinibatchCKA",
@@ -102,13 +111,17 @@ __all__ = [
     "asr_scales",
     "build_causal_lm_card",
     "build_model_card",
+    "calibrate_and_evaluate",
     "calibrate_exits",
+    "calibration_grid",
     "cka_matrix",
     "classifier_layer_accuracy",
     "collect_layer_logits",
     "cosine_similarity_matrix",
+    "evaluate_exits",
     "find_layout",
     "fold_asr",
+    "format_exit_report",
     "format_layer_table",
     "has_asr",
     "iter_layer_representations",

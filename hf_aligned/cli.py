@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_analyze_command(subparsers)
+    add_calibrate_command(subparsers)
     add_push_command(subparsers)
     return parser
 
@@ -296,6 +297,61 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hf-aligned calibrate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
+    from .calibration import CALIBRATION_RULES, DEFAULT_CALIBRATION_RULE, RISKS
+
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="Chooses the exit setting with a guarantee and writes exit_config.json beside the model.",
+        description="Runs MODEL_DIR once over calibration data and chooses the fastest exit setting whose risk on "
+        "new data from the same distribution is at most --max-accuracy-drop with probability 1 - --delta (Learn "
+        "then Test; docs/early_exit.md). Writes exit_config.json (the setting and how it was calibrated), "
+        "calibration.json (every setting tried) and calibration.png (the trade-off) into the model folder.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="An aligned checkpoint folder.")
+    parser.add_argument(
+        "--data", dest="dataset", required=True, help="A data file, `save_to_disk` folder or Hub name."
+    )
+    parser.add_argument("--split", default=None, help="The split to read; defaults to validation, test, train.")
+    parser.add_argument(
+        "--text-column", default=None, help=f"Text column; by default one of {TEXT_COLUMN_CANDIDATES}."
+    )
+    parser.add_argument("--label-column", default="label", help="Label column (needed for --risk accuracy).")
+    parser.add_argument("--max-samples", type=_positive_int, default=None, help="Read at most this many samples.")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="Samples per forward pass.")
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="Truncate texts to this many tokens.")
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.01, help="Tolerated risk, a fraction (0.01).")
+    parser.add_argument("--delta", type=float, default=0.1, help="Allowed probability that the promise fails (0.1).")
+    parser.add_argument("--risk", choices=RISKS, default="consistency", help="What is bounded (default consistency).")
+    parser.add_argument("--rule", choices=CALIBRATION_RULES, default=DEFAULT_CALIBRATION_RULE, help="The exit score.")
+    parser.add_argument("--device", default=None, help="Where to run the model; defaults to cuda when available.")
+    parser.set_defaults(run=run_calibrate, dataset_config=None, text_pair_column=None, image_column="image")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Runs `hf-aligned calibrate` (see `hf-aligned calibrate --help`)."""
+    from .calibration import calibrate_exits
+    from .plotting import plot_calibration
+
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"MODEL_DIR {args.model_dir!r} must be a local folder: exit_config.json is written there.")
+    model, _ = _load_analyzed_model(args)
+    _, processed, collate_fn = _load_analyzed_data(model, args)
+    options = {name: getattr(args, name) for name in ("max_accuracy_drop", "delta", "risk", "rule", "batch_size")}
+    result = calibrate_exits(model, processed, collate_fn=collate_fn, **options)
+    model.exit_config.save_pretrained(folder)
+    result.save(folder / "calibration.json")
+    plot_calibration(result, folder / "calibration.png")
+    print(f"{result!r}\nWritten: {folder / 'exit_config.json'}, calibration.json, calibration.png.")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ import torch
 from .compat import cached_file_or_none
 
 EXIT_CONFIG_NAME = "exit_config.json"
-EXIT_RULES = ("confidence", "entropy", "patience", "fixed")
+EXIT_RULES = ("confidence", "margin", "entropy", "agreement", "patience", "fixed")
+# Rules whose score is compared with `threshold`, and whether a larger score means "more sure".
+THRESHOLD_RULES = {"confidence": True, "margin": True, "entropy": False, "agreement": True}
 
 
 @dataclass
@@ -30,14 +32,18 @@ class ExitConfig:
     Args:
         rule: `"confidence"`: leave once the largest softmax probability is at least `threshold`
             (`threshold=1.0` turns exits off); `"entropy"`: leave once the entropy of the softmax, divided by
-            log(num_labels) so it lies in [0, 1], is at most `threshold`; `"patience"`: leave once the predicted class
-            has stayed the same for `patience` consecutive layers (PABEE); `"fixed"`: every sample leaves at
-            `exit_layer`.
+            log(num_labels) so it lies in [0, 1], is at most `threshold`; `"agreement"`: leave once the largest softmax
+            probability is at least `threshold` and the predicted class is the one the previous layer predicted
+            (so not before `min_layer + 1`); `"patience"`: leave once the predicted class has stayed the same for
+            `patience` consecutive layers (PABEE); `"fixed"`: every sample leaves at `exit_layer`.
         threshold: the confidence or normalized-entropy threshold.
         patience: consecutive unchanged predictions needed by the `"patience"` rule.
         exit_layer: the 1-based layer where the `"fixed"` rule exits.
         min_layer: the first layer at which a sample may leave (no classifier runs before it).
         max_layer: the layer at which every remaining sample leaves; defaults to the last layer.
+        calibration: how `calibrate_exits` chose this setting (method, risk, tolerated risk, confidence, number of
+            samples, certified bound), so the saved file keeps its guarantee; `None` for a setting chosen by hand.
+            `update` drops it when any other field changes.
     """
 
     rule: str = "confidence"
@@ -46,6 +52,7 @@ class ExitConfig:
     exit_layer: int | None = None
     min_layer: int = 1
     max_layer: int | None = None
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -66,6 +73,12 @@ class ExitConfig:
                 raise ValueError(f"`{name}={value!r}` must be an integer (a 1-based layer index or a count).")
         if self.rule == "confidence" and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"`threshold={self.threshold}` must lie in (0, 1] for rule 'confidence' (1.0: no exits).")
+        if self.rule in ("margin", "agreement") and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"`threshold={self.threshold}` must lie in [0, 1] for rule {self.rule!r}.")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ValueError(
+                f"`calibration` must be a dict (as `calibrate_exits` writes it) or None, not {self.calibration!r}."
+            )
         if self.rule == "entropy" and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(
                 f"`threshold={self.threshold}` must lie in [0, 1] for rule 'entropy' (entropy is divided by "
@@ -104,7 +117,8 @@ class ExitConfig:
         return self.exit_layer if self.rule == "fixed" else (self.max_layer or num_layers)
 
     def update(self, **overrides: Any) -> ExitConfig:
-        """A copy with some fields replaced, validated.
+        """A copy with some fields replaced, validated; the calibration record is dropped unless the overrides leave
+        every setting as it was (a changed setting no longer carries the calibrated guarantee).
 
         Raises:
             TypeError: naming an argument that is not an `ExitConfig` field.
@@ -113,6 +127,9 @@ class ExitConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"{unknown} are not ExitConfig fields; the fields are {sorted(names)}.")
+        changed = any(getattr(self, name) != value for name, value in overrides.items() if name != "calibration")
+        if changed and "calibration" not in overrides:
+            overrides = {**overrides, "calibration": None}
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,10 +170,16 @@ class ExitConfig:
 
 
 def exit_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:
-    """The per-sample quantity a rule compares with its threshold: max probability, or normalized entropy."""
+    """The per-sample quantity a rule compares with its threshold: the largest probability (`"confidence"`,
+    `"agreement"`), the largest minus the second largest (`"margin"`), or the normalized entropy (`"entropy"`)."""
     probabilities = logits.float().softmax(dim=-1)
-    if rule == "confidence":
+    if rule in ("confidence", "agreement"):
         return probabilities.max(dim=-1).values
+    if rule == "margin":
+        if probabilities.shape[-1] < 2:
+            return torch.ones(probabilities.shape[:-1], device=probabilities.device)
+        top = probabilities.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
     entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(dim=-1)
     return entropy / math.log(logits.shape[-1])
 
@@ -187,14 +210,20 @@ class ExitDecider:
             return exit_scores(logits, rule) >= self.config.threshold
         if rule == "entropy":
             return exit_scores(logits, rule) <= self.config.threshold
+        if rule == "margin":
+            return exit_scores(logits, rule) >= self.config.threshold
         predictions = logits.argmax(dim=-1)
+        if rule == "agreement":
+            agrees = predictions == self.previous
+            self.previous = predictions
+            return agrees & (exit_scores(logits, rule) >= self.config.threshold)
         self.streak = torch.where(predictions == self.previous, self.streak + 1, torch.zeros_like(self.streak))
         self.previous = predictions
         return self.streak >= self.config.patience
 
     def keep(self, kept: torch.Tensor) -> None:
         """Drops the per-sample state of the samples that left (`kept` indexes the ones still running)."""
-        if self.config.rule != "patience":
+        if self.config.rule not in ("patience", "agreement"):
             return
         self.previous = self.previous[kept]
         self.streak = self.streak[kept]

@@ -54,7 +54,11 @@ CURVE_KEYS = ("threshold", "accuracy", "mean_exit_layer", "expected_speedup")
 # The most calibration settings the trade-off table lists (the chosen one is always among them).
 MAX_CURVE_ROWS = 11
 # The `ExitConfig` field each exit rule compares with (the `threshold` column of a calibration curve).
-RULE_PARAMETERS = {"confidence": "threshold", "entropy": "threshold", "patience": "patience", "fixed": "exit_layer"}
+RULE_PARAMETERS = {
+    **dict.fromkeys(("confidence", "margin", "entropy", "agreement"), "threshold"),
+    "patience": "patience",
+    "fixed": "exit_layer",
+}
 LAYER_WEIGHT_DESCRIPTIONS = {
     "linear": "linear in depth, λ_l = 2l / (L(L+1))",
     "uniform": "uniform",
@@ -174,6 +178,7 @@ def _card_context(
         "exit_parameter": "Patience" if exits["rule"] == "patience" else "Threshold",
         "full_accuracy": exits["full_accuracy"],
         "exit_rows": _rows_shown(exits["rows"]),
+        "exit_guarantee": exits["guarantee"],
         "num_exit_settings": len(exits["rows"]),
         "hyperparameters": training_hyperparameters(data.training_args or {}),
         "plots": [{"path": path, "title": Path(path).stem.replace("_", " ")} for path in data.plots or []],
@@ -197,8 +202,17 @@ def _exit_summary(model_or_config: PreTrainedModel | AlignedConfig, data: Aligne
         "settings": settings,
         "rule": rule,
         "rows": _exit_rows(calibration.get("curve", []), chosen),
-        "full_accuracy": format_metric(calibration["full_accuracy"]) if "full_accuracy" in calibration else None,
+        "full_accuracy": format_metric(calibration.get("full_accuracy")) if calibration.get("full_accuracy") else None,
+        "guarantee": _exit_guarantee(exit_config or {}, calibration),
     }
+
+
+def _exit_guarantee(exit_config: Mapping[str, Any], calibration: Mapping[str, Any]) -> str | None:
+    """What the saved setting promises, from its calibration record (`exit_config.json`) or the calibration data."""
+    from .calibration import describe_guarantee
+
+    record = exit_config.get("calibration") or (calibration if "method" in calibration else None)
+    return describe_guarantee(record) if record else None
 
 
 def build_causal_lm_card(
@@ -366,7 +380,7 @@ def _eval_results(
         if "loss" not in metric
     ]
     for row in exit_rows:
-        if row["chosen"]:
+        if row["chosen"] and row["point"]["accuracy"] is not None:
             point = row["point"]
             setting = f"{exit_rule} {row['threshold']}" if exit_rule else row["threshold"]
             name = f"Early-exit accuracy ({setting}, {point['expected_speedup']:.2f}x speed-up)"

@@ -90,7 +90,7 @@ def test_console_script_entry_point():
 def test_subcommands_are_one_subparser_each():
     parser = build_parser()
     subparsers = next(action for action in parser._actions if action.dest == "command")
-    assert set(subparsers.choices) == {"analyze", "push"}
+    assert set(subparsers.choices) == {"analyze", "calibrate", "push"}
     with pytest.raises(SystemExit):
         parser.parse_args([])  # a command is required
 
@@ -243,6 +243,34 @@ def test_analyze_image_model(tmp_path):
     np.testing.assert_allclose(
         np.array(results["cka"])[1:, 1:].astype(float), numpy_cka_matrix(reps)[1:, 1:], atol=1e-5
     )
+
+
+def test_calibrate_writes_the_certified_setting_beside_the_model(text_model_dir, tmp_path, capsys):
+    from hf_aligned import calibrate_exits
+
+    data = tmp_path / "calibration.jsonl"
+    write_texts(data, num_samples=60)
+    argv = ["calibrate", str(text_model_dir), "--data", str(data), "--max-accuracy-drop", "0.1", "--delta", "0.2"]
+    assert main([*argv, "--risk", "accuracy"]) == 0
+    saved = json.loads((text_model_dir / "exit_config.json").read_text())
+    assert saved["calibration"]["method"] == "ltt" and saved["calibration"]["risk"] == "accuracy"
+    assert saved["calibration"]["num_samples"] == 60
+    assert (text_model_dir / "calibration.png").stat().st_size > 0
+    assert "with 80% confidence, calibrated on 60 samples" in capsys.readouterr().out
+    # The same choice as calibrating in Python on the same texts.
+    model = AlignedForSequenceClassification.from_pretrained(text_model_dir)
+    tokenizer = BertTokenizerFast.from_pretrained(text_model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    inputs = tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
+    labels = [row["label"] for row in rows]
+    expected = calibrate_exits(
+        layer_logits=layer_logits, labels=labels, max_accuracy_drop=0.1, delta=0.2, risk="accuracy"
+    )
+    assert json.loads((text_model_dir / "calibration.json").read_text())["chosen"] == expected.chosen
+    with pytest.raises(ValueError, match=r"needs at least 230 samples .*got 60"):
+        main(["calibrate", str(text_model_dir), "--data", str(data)])
 
 
 def test_analyze_labels_its_plots_and_json_for_what_they_show(text_model_dir, tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def test_image_example_trains_evaluates_and_saves(tmp_path):
     output = tmp_path / "vit"
     stdout = run_script(
         [sys.executable, "examples/run_image_classification.py", "--output_dir", str(output), "--layer_weights",
-         "uniform", *TINY_VIT]
+         "uniform", *TINY_VIT, "--calibration_split_percentage", "20", "--max_accuracy_drop", "0.1"]
     )  # fmt: skip
     metrics = json.loads((output / "eval_results.json").read_text())
     assert sorted(key for key in metrics if key.endswith("_accuracy")) == [
@@ -69,10 +69,22 @@ def test_image_example_trains_evaluates_and_saves(tmp_path):
     ]
     assert stdout.splitlines()[-1].split() == ["minimal", "depth", str(metrics["eval_minimal_depth"])]
     assert f"{metrics['eval_layer_1_accuracy']:.4f}" in stdout
+    assert_calibrated(output, stdout, num_samples=288, num_evaluation=50)
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.layer_weights == "uniform"
     assert model.config.id2label[3] == "3"
     assert (output / "preprocessor_config.json").exists()
+
+
+def assert_calibrated(output: Path, stdout: str, num_samples: int, num_evaluation: int) -> None:
+    """The example calibrated its exits with a guarantee on the held-out split and scored them on the evaluation one."""
+    calibration = json.loads((output / "exit_config.json").read_text())["calibration"]
+    assert calibration["method"] == "ltt" and calibration["num_samples"] == num_samples
+    scores = json.loads((output / "exit_evaluation.json").read_text())
+    assert scores["num_samples"] == num_evaluation and scores["measured_speedup"] > 0
+    assert sum(scores["exit_histogram"]) == num_evaluation
+    assert f"calibrated on {num_samples} samples" in stdout
+    assert f"evaluation ({num_evaluation} samples): accuracy {scores['full_accuracy']:.4f} at full depth" in stdout
 
 
 def tiny_text_checkpoint(path: Path) -> Path:
@@ -102,11 +114,13 @@ def test_text_example_on_local_csv_with_string_labels(tmp_path):
          "--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "dev.csv"),
          "--text_columns", "review", "--label_column", "sentiment", "--output_dir", str(output),
          "--classifier_sharing", "per_layer", "--max_steps", "3", "--per_device_train_batch_size", "8",
-         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+         "--calibration_split_percentage", "50", "--max_accuracy_drop", "0.2", "--calibration_delta", "0.2"]
     )  # fmt: skip
     assert "pooling: cls" in stdout
     metrics = json.loads((output / "eval_results.json").read_text())
     assert len(layer_accuracies(metrics)) == 2
+    assert_calibrated(output, stdout, num_samples=12, num_evaluation=7)
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.classifier_sharing == "per_layer"
     assert model.config.id2label == {0: "negative", 1: "positive"}

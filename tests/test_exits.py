@@ -37,19 +37,21 @@ def reference_exits(layer_logits, rule, threshold=None, patience=None):
         streak, previous, chosen = 0, None, NUM_LAYERS
         for layer in range(1, NUM_LAYERS + 1):
             probabilities = layer_logits[layer - 1, sample].softmax(-1)
-            if rule == "confidence" and probabilities.max() >= threshold:
-                chosen = layer
+            prediction = probabilities.argmax().item()
+            streak = streak + 1 if prediction == previous else 0
+            agrees = prediction == previous
+            previous = prediction
+            if rule == "patience":
+                fires = streak >= patience
             elif rule == "entropy":
-                entropy = -(probabilities * probabilities.log()).sum() / np.log(probabilities.numel())
-                if entropy <= threshold:
-                    chosen = layer
-            elif rule == "patience":
-                prediction = probabilities.argmax().item()
-                streak = streak + 1 if prediction == previous else 0
-                previous = prediction
-                if streak >= patience:
-                    chosen = layer
-            if chosen == layer:
+                fires = -(probabilities * probabilities.log()).sum() / np.log(probabilities.numel()) <= threshold
+            elif rule == "margin":
+                top = probabilities.topk(2).values
+                fires = top[0] - top[1] >= threshold
+            else:
+                fires = probabilities.max() >= threshold and (rule == "confidence" or agrees)
+            if fires:
+                chosen = layer
                 break
         exits.append(chosen)
     return exits
@@ -83,7 +85,13 @@ def test_fixed_rule_equals_that_layers_logits(family, layer):
 @pytest.mark.parametrize("family", EXIT_FAMILIES)
 @pytest.mark.parametrize(
     ("rule", "setting"),
-    [("confidence", {"threshold": 0.9}), ("entropy", {"threshold": 0.3}), ("patience", {"patience": 1})],
+    [
+        ("confidence", {"threshold": 0.9}),
+        ("margin", {"threshold": 0.8}),
+        ("entropy", {"threshold": 0.3}),
+        ("agreement", {"threshold": 0.8}),
+        ("patience", {"patience": 1}),
+    ],
 )
 def test_exit_layers_follow_the_rule_computed_by_hand(family, rule, setting):
     model = confident_model(family)
@@ -171,7 +179,8 @@ def test_per_layer_heads_baseline_exits_with_its_own_heads():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rule": "margin"}, r"`rule='margin'` is not an exit rule"),
+        ({"rule": "margins"}, r"`rule='margins'` is not an exit rule"),
+        ({"rule": "margin", "threshold": 1.5}, r"`threshold=1.5` must lie in \[0, 1\] for rule 'margin'"),
         ({"threshold": 1.5}, r"`threshold=1.5` must lie in \(0, 1\] for rule 'confidence'"),
         ({"rule": "entropy", "threshold": -0.1}, r"`threshold=-0.1` must lie in \[0, 1\] for rule 'entropy'"),
         ({"rule": "patience", "patience": 0}, r"`patience=0` must be a positive integer"),
@@ -245,6 +254,7 @@ def test_simulated_exits_match_online_early_exit():
     threshold = layer_logits[:-1].softmax(-1).amax(-1).median().item()
     cases = [(ExitConfig(threshold=threshold), {"rule": "confidence", "threshold": threshold})]
     cases.append((ExitConfig(rule="patience", patience=1), {"rule": "patience", "patience": 1}))
+    cases.append((ExitConfig(rule="agreement", threshold=threshold), {"rule": "agreement", "threshold": threshold}))
     for exit_config, rule in cases:
         logits, exit_layers = simulate_exits(layer_logits, exit_config)
         assert exit_layers.tolist() == reference_exits(layer_logits, **rule)
@@ -269,10 +279,10 @@ def labelled_batches(model, count=4, batch_size=8):
 
 
 @pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
-def test_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path):
+def test_empirical_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path):
     model = confident_model("bert")
     batches = labelled_batches(model)
-    result = calibrate_exits(model, batches, max_accuracy_drop=0.05, rule=rule)
+    result = calibrate_exits(model, batches, max_accuracy_drop=0.05, rule=rule, method="empirical", risk="accuracy")
     inputs = {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]}
     labels = inputs.pop("labels")
     full_accuracy = (model(**inputs, output_layer_logits=True).logits.argmax(-1) == labels).float().mean().item()
@@ -295,8 +305,8 @@ def test_calibration_rejects_bad_arguments():
         calibrate_exits(model, [], rule="fixed")
     with pytest.raises(ValueError, match=r"`max_accuracy_drop=5` is a fraction"):
         calibrate_exits(model, [], max_accuracy_drop=5)
-    with pytest.raises(ValueError, match=r"calibration needs labelled data"):
-        calibrate_exits(model, [tiny_inputs("bert")])
+    with pytest.raises(ValueError, match=r"risk='accuracy' needs labelled data"):
+        calibrate_exits(model, [tiny_inputs("bert")], risk="accuracy", method="empirical")
 
 
 def test_inputs_that_cannot_be_shrunk_give_a_clear_error(monkeypatch):
