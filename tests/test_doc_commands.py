@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
-from hf_aligned import AlignedTrainingArguments
+from hf_aligned import AlignedTrainingArguments, ExitCalibrationArguments
 from hf_aligned.cli import build_parser
 
 from .test_examples import run_script
@@ -70,7 +70,9 @@ def _example_parser(script: str) -> HfArgumentParser:
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     module = sys.modules[name]
-    return HfArgumentParser((module.ModelArguments, module.DataArguments, AlignedTrainingArguments))
+    return HfArgumentParser(
+        (module.ModelArguments, module.DataArguments, ExitCalibrationArguments, AlignedTrainingArguments)
+    )
 
 
 def _needs_download(args: list[str]) -> bool:
