@@ -220,7 +220,7 @@ def own_acceptance(model, sequences) -> list[float]:
     for sequence in sequences:
         labels = sequence.clone()
         labels[:, :PROMPT_TOKENS] = -100  # score only the generated tokens
-        sums += model(input_ids=sequence, labels=labels).layer_agreement
+        sums += model(input_ids=sequence, labels=labels, output_layer_agreement=True).layer_agreement
     return (sums / len(sequences))[:-1].tolist()
 
 

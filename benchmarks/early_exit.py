@@ -148,7 +148,7 @@ def measure(task: Task, kind: str, thresholds, timed_samples: int, batch_one_sam
     model = task.models[kind].eval()
     batches = [collate(task, task.test_rows[start : start + 32]) for start in range(0, len(task.test_rows), 32)]
     labels = torch.cat([batch_labels for _, batch_labels in batches])
-    layer_logits = torch.cat([model(**inputs, early_exit=False).layer_logits for inputs, _ in batches], dim=1)
+    layer_logits = torch.cat([model(**inputs, output_layer_logits=True).layer_logits for inputs, _ in batches], dim=1)
     full_accuracy = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
     step = max(1, len(task.test_rows) // timed_samples)
     timed_rows = task.test_rows[::step][:timed_samples]  # spread over lengths, still sorted by length
@@ -202,7 +202,7 @@ def measure_overhead(name: str, model, rows: list[dict], collate_rows, repeats: 
     model.eval()
     groups = {32: [collate_rows(rows[i : i + 32]) for i in range(0, len(rows), 32)]}
     groups[1] = [collate_rows([row]) for row in rows[:: max(1, len(rows) // 32)]]
-    layer_logits = torch.cat([model(**inputs, early_exit=False).layer_logits for inputs in groups[32]], dim=1)
+    layer_logits = torch.cat([model(**inputs, output_layer_logits=True).layer_logits for inputs in groups[32]], dim=1)
     top = layer_logits[:-1].float().softmax(-1).max(-1).values.max().item()
     if top >= 1.0:
         raise ValueError(f"{name}: some sample is certain before the last layer; no threshold keeps every sample.")
@@ -385,7 +385,14 @@ def main():
     report, tables = {}, []
     for task in tasks:
         for kind, model in task.models.items():
-            calibration = calibrate_exits(model, task.validation, max_accuracy_drop=0.01, collate_fn=task.collate_fn)
+            calibration = calibrate_exits(
+                model,
+                task.validation,
+                max_accuracy_drop=0.01,
+                collate_fn=task.collate_fn,
+                method="empirical",
+                risk="accuracy",
+            )
             thresholds = sorted({*THRESHOLDS, round(calibration.chosen, 6)})
             results = measure(task, kind, thresholds, args.timed_samples, args.batch_one_samples)
             for result in results:

@@ -233,7 +233,15 @@ def calibrated_exits(model, calibration, collator, layer_logits, labels) -> dict
     from hf_aligned import calibrate_exits, simulate_exits
 
     model.eval()
-    calibrated = calibrate_exits(model, calibration, max_accuracy_drop=0.01, batch_size=64, collate_fn=collator)
+    calibrated = calibrate_exits(
+        model,
+        calibration,
+        max_accuracy_drop=0.01,
+        batch_size=64,
+        collate_fn=collator,
+        method="empirical",
+        risk="accuracy",
+    )
     logits, exit_layers = simulate_exits(layer_logits, model.exit_config)
     full = (layer_logits[-1].argmax(-1) == labels).float().mean().item()
     accuracy = (logits.argmax(-1) == labels).float().mean().item()

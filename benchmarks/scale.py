@@ -16,7 +16,8 @@ a flat copy of its gradient partition), the bytes of the tensors it holds:
 - gradients: the parameters' `.grad` and the gradient buffers the DeepSpeed optimizer keeps (attributes named `grad`);
 - optimizer: every other tensor the optimizer object reaches (AdamW's moments; DeepSpeed's flat fp32 partitions);
 - apart from the state: the communication buffers DeepSpeed allocates up front (its reduce buckets, attributes named
-  `bucket`: ZeRO-3's default holds 5e8 elements, mostly never touched, so it barely shows in resident memory);
+  `bucket`: DeepSpeed's default holds 5e8 elements, mostly never touched, so it barely shows in resident memory;
+  deepspeed_zero3.json now sizes it from the hidden size, and the committed results predate that);
 
 each storage counted once, the maximum over the steps kept (temporaries a step allocates and frees are not
 counted: torch's AdamW on CPU makes them one tensor at a time, a layer's size under DDP, the whole flat

@@ -162,7 +162,10 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     tokenizer = load_tokenizer(model_args, splits["train"]["text"])
     with training_args.main_process_first(desc="tokenizing"):
         splits = pack(splits, tokenizer, data_args.block_size)
-    tokenizer.model_max_length = data_args.block_size  # saved with the model: the length it was trained on
+    if model_args.model_name_or_path is None:
+        # A model built from a config knows no longer texts than its blocks: its saved tokenizer says so. A pretrained
+        # checkpoint keeps its tokenizer's length (GPT-2's 1024), which its positions were trained on.
+        tokenizer.model_max_length = data_args.block_size
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))

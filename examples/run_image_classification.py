@@ -15,7 +15,13 @@ pretrained checkpoint pass your own, e.g. `--learning_rate 5e-5 --num_train_epoc
 
 Arguments can also come from one JSON file: `python examples/run_image_classification.py args.json`. The script
 prints the per-layer accuracy table, saves the model and its image processor to `--output_dir`, and writes the
-metrics to `eval_results.json` there.
+metrics to `eval_results.json` there. With `--calibration_split_percentage` it holds that part of the training split
+out, calibrates the exits on it with a guarantee (`--max_accuracy_drop`, `--calibration_delta`), scores them on the
+evaluation split (full vs early-exit accuracy, mean exit layer, measured speed-up) and saves `exit_config.json`,
+`calibration.json` and `exit_evaluation.json`:
+
+    python examples/run_image_classification.py --output_dir outputs/digits_exits --calibration_split_percentage 20 \
+        --max_accuracy_drop 0.05
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from hf_aligned import (
     AlignedForSequenceClassification,
     AlignedTrainer,
     AlignedTrainingArguments,
+    ExitCalibrationArguments,
+    calibrate_and_evaluate,
+    format_exit_report,
     format_layer_table,
 )
 
@@ -102,8 +111,8 @@ class DataArguments:
             "the training split)."
         },
     )
-    eval_fraction: float = field(
-        default=0.2, metadata={"help": "Held-out fraction of the training split when there is no eval split."}
+    validation_split_percentage: float = field(
+        default=20.0, metadata={"help": "Held-out percentage of the training split when there is no eval split."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
@@ -119,8 +128,9 @@ def load_digits_dataset() -> Dataset:
     return Dataset.from_dict({"image": list(pixels), "label": digits.target.tolist()}, features=features)
 
 
-def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
-    """The train and eval splits, with the image column named `image` and the label column `label`."""
+def load_image_datasets(data_args: DataArguments, seed: int, calibration_percentage: float = 0.0) -> DatasetDict:
+    """The train and eval splits (and `calibration`, held out of the training split when `calibration_percentage` is
+    set), with the image column named `image` and the label column `label`."""
     if data_args.dataset_name is None:
         raw = DatasetDict({"train": load_digits_dataset()})
     else:
@@ -128,11 +138,16 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
     eval_split = data_args.eval_split or next((split for split in ("validation", "test") if split in raw), None)
     if eval_split is None:
         held_out = raw[data_args.train_split].train_test_split(
-            test_size=data_args.eval_fraction, seed=seed, stratify_by_column=data_args.label_column
+            test_size=data_args.validation_split_percentage / 100, seed=seed, stratify_by_column=data_args.label_column
         )
         splits = DatasetDict({"train": held_out["train"], "eval": held_out["test"]})
     else:
         splits = DatasetDict({"train": raw[data_args.train_split], "eval": raw[eval_split]})
+    if calibration_percentage:
+        held_out = splits["train"].train_test_split(
+            test_size=calibration_percentage / 100, seed=seed, stratify_by_column=data_args.label_column
+        )
+        splits = DatasetDict({**splits, "train": held_out["train"], "calibration": held_out["test"]})
     image_column = data_args.image_column or _find_image_column(splits["train"])
     splits = splits.select_columns([image_column, data_args.label_column])
     if image_column != "image":
@@ -192,18 +207,19 @@ def build_model_and_processor(
 
 def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]]:
     """Trains, saves and evaluates; returns the trainer and its evaluation metrics (`eval_layer_{l}_accuracy`, ...)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, AlignedTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, ExitCalibrationArguments, AlignedTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         values = json.loads(Path(argv[0]).read_text())
-        model_args, data_args, training_args = parser.parse_dict({**DIGITS_RECIPE, **values})
+        model_args, data_args, exit_args, training_args = parser.parse_dict({**DIGITS_RECIPE, **values})
     else:
         parser.set_defaults(**DIGITS_RECIPE)
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, exit_args, training_args = parser.parse_args_into_dataclasses(argv)
     # The transform below reads the `image` column, which Trainer would otherwise drop as unknown to the model.
     training_args.remove_unused_columns = False
 
-    splits = load_image_datasets(data_args, training_args.seed)
+    splits = load_image_datasets(data_args, training_args.seed, exit_args.calibration_split_percentage)
+    exit_args.check_size(len(splits["calibration"]) if "calibration" in splits else 0)
     labels = splits["train"].features["label"].names
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args, labels, splits["train"][0]["image"])
@@ -226,6 +242,17 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     trainer.save_state()  # trainer_state.json: the log history with the per-layer training losses
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)
+    if "calibration" in splits and trainer.is_world_process_zero():
+        result, scores = calibrate_and_evaluate(
+            trainer.model,
+            splits["calibration"].with_transform(transform),
+            trainer.eval_dataset,
+            exit_args,
+            collate_fn=collate_images,
+            batch_size=training_args.per_device_eval_batch_size,
+            output_dir=training_args.output_dir,
+        )
+        print(format_exit_report(result, scores))
     return trainer, metrics
 
 

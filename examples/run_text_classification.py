@@ -9,13 +9,19 @@ Without `--model_name_or_path` it uses the local all-MiniLM-L6-v2 of the `gt-all
         --train_file ../shared/data/sst2/train.tsv --validation_file ../shared/data/sst2/dev.tsv \
         --max_train_samples 4000 --num_train_epochs 2 --learning_rate 5e-5
     python examples/run_text_classification.py --output_dir outputs/sst2_standard --layer_weights last ...
+    python examples/run_text_classification.py --output_dir outputs/sst2_exits ... --calibration_split_percentage 5 \
+        --max_accuracy_drop 0.01 --calibration_delta 0.1   # + certified exits, scored on the evaluation split
     python examples/run_text_classification.py --output_dir outputs/ag_news --dataset_name ag_news ...
     accelerate launch --config_file examples/accelerate/ddp.yaml \
         examples/run_text_classification.py --use_cpu true --output_dir outputs/sst2_ddp ...
 
 Arguments can also come from one JSON file: `python examples/run_text_classification.py args.json`. The script
 prints the per-layer accuracy table, saves the model and its tokenizer to `--output_dir`, and writes the metrics to
-`eval_results.json` there.
+`eval_results.json` there. With a calibration split (`--calibration_split_percentage`, held out of the training data,
+or `--calibration_file`) it then calibrates the exits with a guarantee (`calibrate_exits`: at most
+`--max_accuracy_drop` disagreement with full depth, with probability `1 - --calibration_delta`), scores them on the
+evaluation split (full vs early-exit accuracy, mean exit layer, measured speed-up) and saves `exit_config.json`,
+`calibration.json` and `exit_evaluation.json`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from pathlib import Path
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, set_seed
 
-from hf_aligned import AlignedForSequenceClassification, AlignedTrainer, AlignedTrainingArguments, format_layer_table
+from hf_aligned import (
+    AlignedForSequenceClassification,
+    AlignedTrainer,
+    AlignedTrainingArguments,
+    ExitCalibrationArguments,
+    calibrate_and_evaluate,
+    format_exit_report,
+    format_layer_table,
+)
 
 # File suffix -> (datasets loader, extra loader arguments). A tab-separated file has no quoting: text may hold quotes.
 FILE_LOADERS = {
@@ -73,6 +87,13 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     train_file: str | None = field(default=None, metadata={"help": "Local csv/tsv/json/jsonl/parquet training file."})
     validation_file: str | None = field(default=None, metadata={"help": "Local file to evaluate on, same format."})
+    calibration_file: str | None = field(
+        default=None, metadata={"help": "Local file to calibrate the exits on, same format and columns."}
+    )
+    validation_split_percentage: float | None = field(
+        default=None,
+        metadata={"help": "Without an evaluation split or file: percentage of the training data held out for it."},
+    )
     eval_split: str | None = field(
         default=None, metadata={"help": "Split to evaluate on (default: 'validation', else 'test')."}
     )
@@ -103,28 +124,49 @@ def default_model_path() -> str:
         ) from None
 
 
-def load_text_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
-    """The `train` and `eval` splits, with labels as a `ClassLabel` column named `label` shared by both splits."""
+def load_text_datasets(data_args: DataArguments, seed: int, calibration_percentage: float = 0.0) -> DatasetDict:
+    """The `train` and `eval` splits (and `calibration`, from a file or held out of the training data), with labels
+    as a `ClassLabel` column named `label` shared by all splits."""
     if data_args.dataset_name is not None:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         eval_split = data_args.eval_split or next((name for name in ("validation", "test") if name in raw), None)
-        if eval_split is None:
-            raise ValueError(f"{data_args.dataset_name} has no validation or test split; name one with --eval_split.")
-        splits = DatasetDict({"train": raw["train"], "eval": raw[eval_split]})
-    elif data_args.train_file is not None and data_args.validation_file is not None:
+        if eval_split is None and not data_args.validation_split_percentage:
+            raise ValueError(
+                f"{data_args.dataset_name} has no validation or test split; name one with --eval_split or hold one "
+                "out with --validation_split_percentage."
+            )
+        splits = DatasetDict({"train": raw["train"], **({"eval": raw[eval_split]} if eval_split else {})})
+    elif data_args.train_file is not None and (data_args.validation_file or data_args.validation_split_percentage):
         suffix = Path(data_args.train_file).suffix
         if suffix not in FILE_LOADERS:
             raise ValueError(f"--train_file must end with one of {sorted(FILE_LOADERS)}, got {data_args.train_file}.")
         loader, loader_kwargs = FILE_LOADERS[suffix]
         files = {"train": data_args.train_file, "eval": data_args.validation_file}
-        splits = load_dataset(loader, data_files=files, **loader_kwargs)
+        splits = load_dataset(loader, data_files={k: v for k, v in files.items() if v}, **loader_kwargs)
     else:
-        raise ValueError("Give --dataset_name, or both --train_file and --validation_file.")
+        raise ValueError(
+            "Give --dataset_name, or --train_file with --validation_file or --validation_split_percentage."
+        )
+    if data_args.calibration_file is not None:
+        loader, loader_kwargs = FILE_LOADERS[Path(data_args.calibration_file).suffix]
+        splits["calibration"] = load_dataset(loader, data_files=data_args.calibration_file, **loader_kwargs)["train"]
+    if "eval" not in splits:
+        splits = hold_out(splits, "eval", data_args.validation_split_percentage, seed)
+    if calibration_percentage and data_args.calibration_file is None:
+        splits = hold_out(splits, "calibration", calibration_percentage, seed)
     if data_args.max_train_samples is not None and data_args.max_train_samples < len(splits["train"]):
         splits["train"] = splits["train"].shuffle(seed=seed).select(range(data_args.max_train_samples))
     if data_args.max_eval_samples is not None:
         splits["eval"] = splits["eval"].select(range(min(data_args.max_eval_samples, len(splits["eval"]))))
     return encode_labels(splits, data_args.label_column)
+
+
+def hold_out(splits: DatasetDict, name: str, percentage: float, seed: int) -> DatasetDict:
+    """Moves `percentage` % of the training split (drawn with `seed`) into a new split `name`."""
+    if not 0 < percentage < 100:
+        raise ValueError(f"--{name}_split_percentage must lie strictly between 0 and 100, got {percentage}.")
+    parts = splits["train"].train_test_split(test_size=percentage / 100, seed=seed)
+    return DatasetDict({**splits, "train": parts["train"], name: parts["test"]})
 
 
 def encode_labels(splits: DatasetDict, label_column: str) -> DatasetDict:
@@ -134,7 +176,7 @@ def encode_labels(splits: DatasetDict, label_column: str) -> DatasetDict:
         values = sorted(set(splits["train"][label_column]))
         feature = ClassLabel(names=[str(value) for value in values])
         index = {value: position for position, value in enumerate(values)}
-        unknown = set(splits["eval"][label_column]) - set(values)
+        unknown = set().union(*(splits[name][label_column] for name in splits if name != "train")) - set(values)
         if unknown:
             raise ValueError(f"The evaluation labels {sorted(unknown)} never occur in training.")
         splits = splits.map(lambda row: {label_column: index[row[label_column]]}).cast_column(label_column, feature)
@@ -158,15 +200,16 @@ def find_text_columns(data_args: DataArguments, column_names: list[str]) -> list
 
 def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]]:
     """Trains, saves and evaluates; returns the trainer and its evaluation metrics (`eval_layer_{l}_accuracy`, ...)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, AlignedTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, ExitCalibrationArguments, AlignedTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
+        model_args, data_args, exit_args, training_args = parser.parse_json_file(argv[0])
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, exit_args, training_args = parser.parse_args_into_dataclasses(argv)
 
     with training_args.main_process_first(desc="loading the data"):
-        splits = load_text_datasets(data_args, training_args.seed)
+        splits = load_text_datasets(data_args, training_args.seed, exit_args.calibration_split_percentage)
+    exit_args.check_size(len(splits["calibration"]) if "calibration" in splits else 0)
     labels = splits["train"].features["label"].names
     text_columns = find_text_columns(data_args, splits["train"].column_names)
     model_path = model_args.model_name_or_path or default_model_path()
@@ -210,6 +253,17 @@ def run(argv: list[str] | None = None) -> tuple[AlignedTrainer, dict[str, float]
     trainer.save_state()  # trainer_state.json: the log history with the per-layer training losses
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)
+    if "calibration" in splits and trainer.is_world_process_zero():
+        result, scores = calibrate_and_evaluate(
+            trainer.model,
+            splits["calibration"],
+            splits["eval"],
+            exit_args,
+            collate_fn=trainer.data_collator,
+            batch_size=training_args.per_device_eval_batch_size,
+            output_dir=training_args.output_dir,
+        )
+        print(format_exit_report(result, scores))
     return trainer, metrics
 
 

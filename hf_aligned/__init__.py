@@ -6,33 +6,30 @@ load through `AutoConfig` and `AutoModelForSequenceClassification` without `trus
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from .alignment import AlignmentSettings, resolve_layer_weights
 from .asr import ASRScale, add_asr, asr_folded_state_dict, asr_scales, fold_asr, has_asr, reset_asr
 from .backbones import BackboneLayout, find_layout
-from .calibration import CalibrationResult, calibrate_exits
+from .calibration import CalibrationResult, calibrate_exits, calibration_grid
 from .callbacks import RepresentationDynamicsCallback
-from .configuration_aligned import AlignedConfig, resolve_layer_weights
+from .card_data import AlignedModelCardData
+from .configuration_aligned import AlignedConfig
 from .data import collect_layer_logits, show_progress
+from .exit_evaluation import (
+    ExitCalibrationArguments,
+    ExitEvaluation,
+    calibrate_and_evaluate,
+    evaluate_exits,
+    format_exit_report,
+)
 from .exits import ExitConfig, simulate_exits
+from .heads import CAUSAL_LM_HEADS, CausalLMHead, pool_hidden_states
 from .hub import HubPushError, push_aligned_model
 from .layouts import BRANCH_OUTPUTS, LAYOUTS
 from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics, format_layer_table, layer_values, minimal_depth
-from .model_card import AlignedModelCardData, build_causal_lm_card, build_model_card, write_model_card
-from .modeling_aligned import (
-    AlignedForSequenceClassification,
-    AlignedPreTrainedModel,
-    AlignedSequenceClassifierOutput,
-    EarlyExitOutput,
-    pool_hidden_states,
-)
-from .modeling_causal_lm import (
-    CAUSAL_LM_HEADS,
-    AlignedCausalLMOutput,
-    AlignedForCausalLM,
-    CausalAlignment,
-    CausalLMHead,
-    SpeculationEstimate,
-    suggest_assistant_early_exit,
-)
+from .model_card import build_causal_lm_card, build_model_card, write_model_card
+from .modeling_aligned import AlignedForSequenceClassification, AlignedPreTrainedModel
+from .modeling_causal_lm import AlignedForCausalLM
+from .outputs import AlignedCausalLMOutput, AlignedSequenceClassifierOutput, EarlyExitOutput
 from .pipelines import AlignedTextClassificationPipeline
 from .plotting import (
     plot_calibration,
@@ -66,6 +63,7 @@ from .similarity import (
     similarity_by_distance,
     unbiased_hsic_matrix,
 )
+from .speculative import SpeculationEstimate, suggest_assistant_early_exit
 from .trainer import AlignedTrainer
 from .training_args import AlignedTrainingArguments
 
@@ -91,13 +89,15 @@ __all__ = [
     "AlignedTextClassificationPipeline",
     "AlignedTrainer",
     "AlignedTrainingArguments",
+    "AlignmentSettings",
     "BackboneLayout",
     "CalibrationResult",
-    "CausalAlignment",
     "CausalLMHead",
     "CausalLayerwiseMetrics",
     "EarlyExitOutput",
+    "ExitCalibrationArguments",
     "ExitConfig",
+    "ExitEvaluation",
     "HubPushError",
     "LayerwiseMetrics",
     "MinibatchCKA",
@@ -111,13 +111,17 @@ __all__ = [
     "asr_scales",
     "build_causal_lm_card",
     "build_model_card",
+    "calibrate_and_evaluate",
     "calibrate_exits",
+    "calibration_grid",
     "cka_matrix",
     "classifier_layer_accuracy",
     "collect_layer_logits",
     "cosine_similarity_matrix",
+    "evaluate_exits",
     "find_layout",
     "fold_asr",
+    "format_exit_report",
     "format_layer_table",
     "has_asr",
     "iter_layer_representations",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import time
@@ -13,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .card_data import AlignedModelCardData
+from .cli_analyze import accuracy_curves, analyze_saturation, similarity_results, single_label, write_analysis
 from .hub import HubPushError, push_aligned_model
-from .model_card import AlignedModelCardData
 
 logger = logging.getLogger("hf_aligned.cli")
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_analyze_command(subparsers)
+    add_calibrate_command(subparsers)
     add_push_command(subparsers)
     return parser
 
@@ -128,16 +129,16 @@ def run_analyze(args: argparse.Namespace) -> int:
             stage=args.stage,
         )
     with _step("COS and CKA between layers"):
-        results = _similarity_results(reps, model, dataset, args)
+        results = similarity_results(reps, model, dataset, args)
     with _step("per-layer accuracy" + (" and linear probes" if args.probes else "")):
-        curves = _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
-    if trained_classifier and _single_label(model):
+        curves = accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results)
+    if trained_classifier and single_label(model):
         with _step("saturation"):
-            saturation = _analyze_saturation(model, processed, collate_fn, args, reps, labels)
+            saturation = analyze_saturation(model, processed, collate_fn, args, reps, labels)
     else:
         saturation = None
         logger.info("Saturation skipped: it needs an aligned checkpoint of a single-label classifier.")
-    output = _write_analysis(args, results, curves, saturation)
+    output = write_analysis(args, results, curves, saturation)
     agreement = results["agreement"]
     print(
         f"{reps.shape[1]} samples, {reps.shape[0]} layers: mean off-diagonal COS "
@@ -198,109 +199,6 @@ def _load_analyzed_data(model, args: argparse.Namespace):
     label2id = {name: int(index) for index, name in (model.config.id2label or {}).items()}
     processed = _tokenize(dataset, tokenizer, args, has_labels, label2id)
     return dataset, processed, DataCollatorWithPadding(tokenizer)
-
-
-def _similarity_results(reps, model, dataset, args: argparse.Namespace) -> dict[str, Any]:
-    """COS and CKA between every pair of layers, their agreement and summaries, with what was analyzed."""
-    from .similarity import (
-        cka_matrix,
-        cosine_similarity_matrix,
-        off_diagonal_mean,
-        similarity_agreement,
-        similarity_by_distance,
-    )
-
-    cos, cka = cosine_similarity_matrix(reps), cka_matrix(reps)
-    return {
-        "model": str(args.model_dir),
-        "dataset": str(args.dataset),
-        # A single data file is read as one whole split, whatever its name says: no split to record.
-        "split": None if Path(args.dataset).is_file() else str(dataset.split or args.split),
-        "num_samples": reps.shape[1],
-        "pooling": args.pooling or model.config.pooling,
-        "stage": args.stage,
-        "layers": "rows and columns: embedding output (0) and blocks 1..L",
-        "cos": cos,
-        "cka": cka,
-        "agreement": similarity_agreement(cos, cka),
-        "off_diagonal_mean": {"cos": off_diagonal_mean(cos), "cka": off_diagonal_mean(cka)},
-        "by_distance": {"cos": similarity_by_distance(cos), "cka": similarity_by_distance(cka)},
-    }
-
-
-def _accuracy_curves(model, processed, collate_fn, args, reps, labels, trained_classifier, results) -> dict:
-    """Per-layer accuracy of the shared classifier (trained checkpoints) and of linear probes (`--probes`), added to
-    `results` and returned as curves to plot."""
-    from .probes import classifier_layer_accuracy, linear_probe_accuracy
-
-    curves = {}
-    if labels is not None and trained_classifier:
-        results["classifier_accuracy"] = classifier_layer_accuracy(
-            model, processed, batch_size=args.batch_size, collate_fn=collate_fn
-        )
-        curves[f"shared classifier (all {len(labels)} samples)"] = results["classifier_accuracy"]
-    elif labels is not None:
-        logger.info(f"{args.model_dir} is not an aligned checkpoint: its classifier is untrained, accuracy skipped.")
-    if labels is not None and args.probes:
-        probes = linear_probe_accuracy(reps, labels)
-        results["probe_accuracy"] = probes.to_dict()
-        # From the embedding output (layer 0), on the probes' held-out samples only.
-        curves[f"linear probe ({probes.num_test} held-out samples)"] = probes.test_accuracy
-    return curves
-
-
-def _write_analysis(args: argparse.Namespace, results: dict, curves: dict, saturation) -> Path:
-    """Writes similarity.json, the heatmaps, the accuracy plot and the saturation files; returns the folder."""
-    from .plotting import plot_layer_accuracy, plot_similarity_heatmaps
-    from .utils import json_safe
-
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "similarity.json", "w", encoding="utf-8") as handle:
-        json.dump(json_safe(results), handle, indent=2, allow_nan=False)
-    matrices = {"COS": results["cos"], "CKA": results["cka"]}
-    plot_similarity_heatmaps(matrices, output / "similarity.png", title=str(args.model_dir))
-    if curves:
-        starts = {name: 0 if name.startswith("linear probe") else 1 for name in curves}
-        plot_layer_accuracy(curves, output / "layer_accuracy.png", first_layer=starts, title=str(args.model_dir))
-    if saturation is not None:
-        _write_saturation(saturation, output, str(args.model_dir))
-    return output
-
-
-def _single_label(model) -> bool:
-    return model.config.problem_type in (None, "single_label_classification") and model.config.num_labels >= 2
-
-
-def _analyze_saturation(model, processed, collate_fn, args: argparse.Namespace, reps, labels):
-    """Saturation layers and probability vs similarity: `(report for JSON, ProbabilitySimilarity)`."""
-    from .data import collect_layer_logits
-    from .saturation import probability_similarity, saturation_report
-
-    layer_logits, _ = collect_layer_logits(model, processed, batch_size=args.batch_size, collate_fn=collate_fn)
-    report = {
-        "model": str(args.model_dir),
-        "pooling": args.pooling or model.config.pooling,
-        "representation": "f_l(x): block l's hidden states pooled as the similarity analysis does "
-        + (
-            "(`pooled_layer_states`), before the classifier's final norm and pooler"
-            if args.stage == "pre"
-            else "(`pooled_layer_states(stage='post')`), after the classifier's final norm, pooler and projection head"
-        ),
-        **saturation_report(reps, layer_logits, labels),
-    }
-    return report, probability_similarity(reps, layer_logits, labels)
-
-
-def _write_saturation(saturation, output: Path, title: str) -> None:
-    from .plotting import plot_probability_similarity, plot_saturation
-    from .utils import json_safe
-
-    report, pairs = saturation
-    with open(output / "saturation.json", "w", encoding="utf-8") as handle:
-        json.dump(json_safe(report), handle, indent=2, allow_nan=False)
-    plot_saturation({title: report["saturation"]}, output / "saturation.png")
-    plot_probability_similarity({title: pairs}, output / "probability_similarity.png")
 
 
 def _load_split(name: str, config_name: str | None, split: str | None):
@@ -399,6 +297,61 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hf-aligned calibrate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_calibrate_command(subparsers: argparse._SubParsersAction) -> None:
+    from .calibration import CALIBRATION_RULES, DEFAULT_CALIBRATION_RULE, RISKS
+
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="Chooses the exit setting with a guarantee and writes exit_config.json beside the model.",
+        description="Runs MODEL_DIR once over calibration data and chooses the fastest exit setting whose risk on "
+        "new data from the same distribution is at most --max-accuracy-drop with probability 1 - --delta (Learn "
+        "then Test; docs/early_exit.md). Writes exit_config.json (the setting and how it was calibrated), "
+        "calibration.json (every setting tried) and calibration.png (the trade-off) into the model folder.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="An aligned checkpoint folder.")
+    parser.add_argument(
+        "--data", dest="dataset", required=True, help="A data file, `save_to_disk` folder or Hub name."
+    )
+    parser.add_argument("--split", default=None, help="The split to read; defaults to validation, test, train.")
+    parser.add_argument(
+        "--text-column", default=None, help=f"Text column; by default one of {TEXT_COLUMN_CANDIDATES}."
+    )
+    parser.add_argument("--label-column", default="label", help="Label column (needed for --risk accuracy).")
+    parser.add_argument("--max-samples", type=_positive_int, default=None, help="Read at most this many samples.")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="Samples per forward pass.")
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="Truncate texts to this many tokens.")
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.01, help="Tolerated risk, a fraction (0.01).")
+    parser.add_argument("--delta", type=float, default=0.1, help="Allowed probability that the promise fails (0.1).")
+    parser.add_argument("--risk", choices=RISKS, default="consistency", help="What is bounded (default consistency).")
+    parser.add_argument("--rule", choices=CALIBRATION_RULES, default=DEFAULT_CALIBRATION_RULE, help="The exit score.")
+    parser.add_argument("--device", default=None, help="Where to run the model; defaults to cuda when available.")
+    parser.set_defaults(run=run_calibrate, dataset_config=None, text_pair_column=None, image_column="image")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Runs `hf-aligned calibrate` (see `hf-aligned calibrate --help`)."""
+    from .calibration import calibrate_exits
+    from .plotting import plot_calibration
+
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"MODEL_DIR {args.model_dir!r} must be a local folder: exit_config.json is written there.")
+    model, _ = _load_analyzed_model(args)
+    _, processed, collate_fn = _load_analyzed_data(model, args)
+    options = {name: getattr(args, name) for name in ("max_accuracy_drop", "delta", "risk", "rule", "batch_size")}
+    result = calibrate_exits(model, processed, collate_fn=collate_fn, **options)
+    model.exit_config.save_pretrained(folder)
+    result.save(folder / "calibration.json")
+    plot_calibration(result, folder / "calibration.png")
+    print(f"{result!r}\nWritten: {folder / 'exit_config.json'}, calibration.json, calibration.png.")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ in pyproject.toml.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedConfig
@@ -19,13 +20,19 @@ from transformers.utils import TransformersKwargs, cached_file
 __all__ = [
     "Conv1D",
     "SubConfigSpec",
+    "TrainerCheckpointHooks",
     "attn_implementation",
     "backbone_keyword_names",
+    "build_from_config",
     "cached_file_or_none",
     "causal_lm_class",
     "is_causal_lm_only_type",
     "is_image_classification_only_type",
     "mark_initialized",
+    "name_or_path",
+    "prepare_trainer_inputs",
+    "set_name_or_path",
+    "set_no_split_modules",
 ]
 
 
@@ -81,3 +88,53 @@ def causal_lm_class(config: PreTrainedConfig) -> type:
     from transformers.models.auto.auto_factory import _get_model_class
 
     return _get_model_class(config, AutoModelForCausalLM._model_mapping)
+
+
+def name_or_path(config: PreTrainedConfig) -> str:
+    """Where a config was loaded from (a Hub id or a folder; empty for a config built in code)."""
+    return config._name_or_path
+
+
+def set_name_or_path(config: PreTrainedConfig, path: str) -> None:
+    """Records where a config (and its model) was loaded from, as `from_pretrained` does."""
+    config._name_or_path = path
+
+
+def set_no_split_modules(model: nn.Module, names: set[str]) -> None:
+    """Names the module classes that must not be split across devices or FSDP shards (`_no_split_modules`, which
+    accelerate's transformer-based auto-wrap policy reads)."""
+    model._no_split_modules = names
+
+
+def build_from_config(model_class: type, config: PreTrainedConfig, **kwargs: Any) -> Any:
+    """A randomly initialized model of `model_class` from a config, as `AutoModel*.from_config` builds one
+    (`dtype`, `attn_implementation`, ... in `kwargs`)."""
+    return model_class._from_config(config, **kwargs)
+
+
+def prepare_trainer_inputs(trainer: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A batch moved to the trainer's device (and prepared for its context parallelism), as `Trainer` does."""
+    return trainer._prepare_inputs(inputs)
+
+
+class TrainerCheckpointHooks:
+    """Hooks into `Trainer`'s private saving and loading steps, as public methods a trainer subclass overrides:
+    `state_dict_to_save(state_dict)` (what `_save` writes) and `after_checkpoint_load()` (after a resume or
+    `load_best_model_at_end` loaded weights into the live model). Put it before `Trainer` among the bases."""
+
+    def state_dict_to_save(self, state_dict: dict | None) -> dict | None:
+        return state_dict
+
+    def after_checkpoint_load(self) -> None:
+        """Runs after a checkpoint's weights were loaded into the live model."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=self.state_dict_to_save(state_dict))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.after_checkpoint_load()
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self.after_checkpoint_load()

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
 from typing import ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .alignment import (
+    CLASSIFICATION,
+    KIND_FIELDS,
+    AlignmentSettings,
+    resolve_layer_weights,
+)
 from .compat import SubConfigSpec, attn_implementation, is_causal_lm_only_type
 from .layouts import BackboneLayout, refusal_reason, table_kind
 
 POOLING_CHOICES = ("auto", "cls", "last", "mean")
-LAYER_WEIGHT_SCHEMES = ("linear", "uniform", "last")
-CLASSIFIER_SHARING_CHOICES = ("shared", "per_layer")
-CLASSIFIER_UPDATE_CHOICES = ("all", "last")
 PROJECTION_HEAD_KEYS = ("hidden_size", "num_layers", "activation")
 
 
@@ -32,98 +35,6 @@ def num_hidden_layers(config: PreTrainedConfig) -> int:
             "cannot tell how many layers to align. Use a transformer whose blocks form one list of layers."
         )
     return num_layers
-
-
-def resolve_layer_weights(
-    layer_weights: str | Sequence[float],
-    num_layers: int,
-    aligned_layers: Sequence[int] | None = None,
-) -> list[float]:
-    """Turns a layer-weight scheme into one weight per block, summing to 1.
-
-    Args:
-        layer_weights: `"linear"` (the paper's λ_l = 2l / (L(L+1)), proportional to depth), `"uniform"`,
-            `"last"` (standard fine-tuning: only the deepest aligned layer) or one non-negative float per block.
-        num_layers: the number of blocks L.
-        aligned_layers: 1-based blocks that receive a loss; the other blocks get weight 0. Defaults to all.
-
-    Returns:
-        `num_layers` floats, zero outside `aligned_layers`, normalized to sum to 1.
-
-    Raises:
-        ValueError: for an unknown scheme, a list of the wrong length, negative or non-finite weights, or
-            weights that are zero on every aligned layer.
-    """
-    layers = _validate_aligned_layers(aligned_layers, num_layers)
-    if isinstance(layer_weights, str):
-        if layer_weights == "linear":
-            raw = [float(layer) for layer in range(1, num_layers + 1)]
-        elif layer_weights == "uniform":
-            raw = [1.0] * num_layers
-        elif layer_weights == "last":
-            raw = [1.0 if layer == max(layers) else 0.0 for layer in range(1, num_layers + 1)]
-        else:
-            raise ValueError(
-                f"`layer_weights={layer_weights!r}` is not a known scheme; use one of {LAYER_WEIGHT_SCHEMES} "
-                f"or a list of {num_layers} non-negative floats."
-            )
-    else:
-        raw = [float(weight) for weight in layer_weights]
-        if len(raw) != num_layers:
-            raise ValueError(
-                f"`layer_weights` has {len(raw)} entries but the model has {num_layers} layers; give one "
-                "non-negative weight per layer (or a scheme such as 'linear')."
-            )
-        if any(not weight >= 0.0 or weight == float("inf") for weight in raw):
-            raise ValueError(f"`layer_weights` must be finite and non-negative, got {raw}.")
-    kept = [weight if layer in layers else 0.0 for layer, weight in enumerate(raw, start=1)]
-    total = sum(kept)
-    if total <= 0.0:
-        raise ValueError(
-            f"`layer_weights` are zero on every aligned layer ({sorted(layers)}); at least one aligned layer needs "
-            "a positive weight."
-        )
-    return [weight / total for weight in kept]
-
-
-def validate_training_options(
-    classifier_update: str,
-    distillation_weight: float,
-    distillation_temperature: float,
-    classifier_sharing: str,
-    last_layer_weight: float | None = None,
-) -> None:
-    """Checks the options that change how the aligned loss trains the model (shared by config and arguments).
-
-    Args:
-        last_layer_weight: the last layer's resolved loss weight, when known: `classifier_update="last"` and
-            self-distillation both need the last layer to carry a loss.
-
-    Raises:
-        ValueError: naming the option that is out of range or does not fit the classifier sharing or the weights.
-    """
-    if classifier_update not in CLASSIFIER_UPDATE_CHOICES:
-        raise ValueError(
-            f"`classifier_update={classifier_update!r}` is not supported; use one of {CLASSIFIER_UPDATE_CHOICES}."
-        )
-    if classifier_update == "last" and classifier_sharing != "shared":
-        raise ValueError(
-            "`classifier_update='last'` trains the one shared classifier from the last layer only; with "
-            "`classifier_sharing='per_layer'` every layer has its own classifier, so use `classifier_update='all'`."
-        )
-    if not _is_number(distillation_weight) or not 0.0 <= distillation_weight <= 1.0:
-        raise ValueError(
-            f"`distillation_weight={distillation_weight!r}` must lie in [0, 1]: each earlier layer's loss is "
-            "(1 - weight) * cross-entropy + weight * distillation (0 turns distillation off)."
-        )
-    if not _is_number(distillation_temperature) or not 0.0 < distillation_temperature < float("inf"):
-        raise ValueError(f"`distillation_temperature={distillation_temperature!r}` must be a positive number.")
-    if last_layer_weight == 0.0 and (classifier_update == "last" or distillation_weight > 0):
-        raise ValueError(
-            "`classifier_update='last'` and `distillation_weight > 0` train from the last layer's loss, but the last "
-            "layer has weight 0 (`layer_weights` / `aligned_layers`); give it a weight or use "
-            "`classifier_update='all'` and `distillation_weight=0`."
-        )
 
 
 def resolve_projection_head(projection_head: dict | None, input_size: int) -> dict | None:
@@ -163,25 +74,6 @@ def resolve_projection_head(projection_head: dict | None, input_size: int) -> di
             f"{sorted(ACT2FN)}."
         )
     return resolved
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _validate_aligned_layers(aligned_layers: Sequence[int] | None, num_layers: int) -> set[int]:
-    if aligned_layers is None:
-        return set(range(1, num_layers + 1))
-    layers = set()
-    for layer in aligned_layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
-            raise ValueError(
-                f"`aligned_layers` holds {layer!r}; entries are 1-based block indices between 1 and {num_layers}."
-            )
-        layers.add(layer)
-    if not layers:
-        raise ValueError("`aligned_layers` is empty; leave it unset to align every layer.")
-    return layers
 
 
 class AlignedConfig(PreTrainedConfig):
@@ -287,48 +179,42 @@ class AlignedConfig(PreTrainedConfig):
                 f"`use_pooler=True` reads the first token (a BERT-style pooler selects it itself), so it cannot "
                 f"follow pooling={self.pooling!r}; use pooling='cls' with the pooler, or leave `use_pooler` unset."
             )
-        if self.classifier_sharing not in CLASSIFIER_SHARING_CHOICES:
-            raise ValueError(
-                f"`classifier_sharing={self.classifier_sharing!r}` is not supported; use one of "
-                f"{CLASSIFIER_SHARING_CHOICES}."
-            )
         if self.layout is not None:
             self.layout = BackboneLayout.from_dict(self.layout).to_dict()
-        if self.aligned_layers is not None:
-            self.aligned_layers = sorted(_validate_aligned_layers(self.aligned_layers, self.num_layers))
-        if not isinstance(self.layer_weights, str):
-            self.layer_weights = [float(weight) for weight in self.layer_weights]
-        weights = resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)
-        validate_training_options(
-            self.classifier_update,
-            self.distillation_weight,
-            self.distillation_temperature,
-            self.classifier_sharing,
-            last_layer_weight=weights[-1],
-        )
-        self.distillation_weight = float(self.distillation_weight)
-        self.distillation_temperature = float(self.distillation_temperature)
+        self.configure_alignment()
         if self.projection_head is not None:
             self.projection_head = resolve_projection_head(
                 self.projection_head, self.base_config.get_text_config().hidden_size
             )
         if self.classifier_dropout is None:
-            base = self.base_config
-            dropout = getattr(base, "classifier_dropout", None)
-            self.classifier_dropout = float(
-                dropout if dropout is not None else getattr(base, "hidden_dropout_prob", 0.0)
-            )
+            self.classifier_dropout = derived_classifier_dropout(self.base_config)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """transformers' `from_dict`; keyword arguments that are not aligned settings but are attributes of the base
-        config (`hidden_dropout_prob=0.0`, `use_cache=False`, ...) override the base config, as `AutoConfig` applies
-        them to a plain checkpoint's config. Others are returned unused (or dropped) as transformers does."""
-        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
-        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        for key in [key for key in unused if hasattr(config.base_config, key)]:
-            setattr(config.base_config, key, unused.pop(key))
-        return (config, unused) if return_unused_kwargs else config
+        """transformers' `from_dict`, with every override validated: keyword arguments that are aligned settings, and
+        those that are attributes of the base config (`num_hidden_layers=2`, `hidden_dropout_prob=0.0`, ...), go into
+        the config before it is built and checked, so the alignment settings are validated against the final base
+        config. A `classifier_dropout` that was derived from the base config is derived again from the overridden one.
+        Other keywords are returned unused (or dropped) as transformers does.
+
+        Raises:
+            TypeError: for a keyword naming a read-only property (`num_layers`: set `num_hidden_layers` or use
+                `truncate`).
+        """
+        _refuse_properties(kwargs)
+        saved = cls(**copy.deepcopy(config_dict))
+        fields = {key: kwargs.pop(key) for key in list(kwargs) if key in ALIGNED_CONFIG_FIELDS}
+        config_dict = {**config_dict, **fields}
+        base_overrides = {
+            key: kwargs.pop(key) for key in list(kwargs) if not hasattr(saved, key) and hasattr(saved.base_config, key)
+        }
+        if base_overrides:
+            config_dict["base_config"] = {**saved.base_config.to_dict(), **base_overrides}
+            if "classifier_dropout" not in fields and saved.classifier_dropout == derived_classifier_dropout(
+                saved.base_config
+            ):
+                config_dict["classifier_dropout"] = None
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -336,13 +222,69 @@ class AlignedConfig(PreTrainedConfig):
         return num_hidden_layers(self.base_config)
 
     @property
+    def hidden_size(self) -> int:
+        """The base model's hidden size (read by generic code, e.g. DeepSpeed's "auto" bucket sizes in Trainer)."""
+        return self.base_config.get_text_config().hidden_size
+
+    @property
     def resolved_layer_weights(self) -> list[float]:
         """One loss weight per block, zero outside `aligned_layers`, summing to 1."""
         return resolve_layer_weights(self.layer_weights, self.num_layers, self.aligned_layers)
 
+    @property
+    def alignment(self) -> AlignmentSettings:
+        """The aligned-training settings this config carries (its fields named in `KIND_FIELDS["classification"]`)."""
+        return AlignmentSettings(**{name: getattr(self, name) for name in KIND_FIELDS[CLASSIFICATION]})
+
+    def configure_alignment(self, **settings) -> AlignmentSettings:
+        """Sets [`AlignmentSettings`] fields, validated against the model first (so a bad value changes nothing), and
+        writes them into this config.
+
+        Raises:
+            TypeError: for a keyword that is no alignment setting.
+            ValueError: for a value that does not fit the model, or a language-model setting.
+        """
+        alignment = self.alignment.replace(CLASSIFICATION, **settings)
+        alignment.validate(self.num_layers)
+        for name, value in alignment.to_dict(CLASSIFICATION).items():
+            setattr(self, name, value)
+        self.distillation_weight = float(self.distillation_weight)
+        self.distillation_temperature = float(self.distillation_temperature)
+        return alignment
+
     def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
         """The base model's text config (so generic code finds `hidden_size`, `vocab_size`, ...)."""
         return self.base_config.get_text_config(*args, **kwargs)
+
+
+# The fields of an AlignedConfig that a `from_pretrained` keyword may override (validated with the rest).
+ALIGNED_CONFIG_FIELDS = ("pooling", "use_pooler", "classifier_dropout", "projection_head", "layout") + KIND_FIELDS[
+    CLASSIFICATION
+]
+
+
+def derived_classifier_dropout(base_config: PreTrainedConfig) -> float:
+    """The classifier dropout a base config implies: its `classifier_dropout`, else its `hidden_dropout_prob`, else 0."""
+    dropout = getattr(base_config, "classifier_dropout", None)
+    return float(dropout if dropout is not None else getattr(base_config, "hidden_dropout_prob", 0.0))
+
+
+def _refuse_properties(kwargs: dict) -> None:
+    """Refuses keywords naming a read-only property of [`AlignedConfig`], which transformers would try to set.
+
+    Raises:
+        TypeError: naming the keyword and what to use instead.
+    """
+    for key in kwargs:
+        attribute = getattr(AlignedConfig, key, None)
+        if isinstance(attribute, property) and attribute.fset is None:
+            hint = (
+                "set the base model's `num_hidden_layers` (e.g. `num_hidden_layers=2`) or shrink a trained model "
+                "with `model.truncate(k)`"
+                if key == "num_layers"
+                else "it is computed from the other settings"
+            )
+            raise TypeError(f"`{key}` is a read-only property of AlignedConfig and cannot be passed; {hint}.")
 
 
 def is_decoder_only(config: PreTrainedConfig) -> bool:

@@ -80,6 +80,18 @@ def iter_model_batches(
 _progress_description: ContextVar[str | None] = ContextVar("hf_aligned_progress", default=None)
 
 
+def _with_progress(batches: Iterable[Any]) -> Iterable[Any]:
+    """`batches` behind a progress bar when this context shows one ([`show_progress`])."""
+    description = _progress_description.get()
+    if description is None:
+        return batches
+    from transformers.utils.logging import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    # Every batch refreshes the bar (batches take far longer than a refresh), so its last state is always shown.
+    return tqdm(batches, desc=description, total=total, unit="batch", leave=False, mininterval=0)
+
+
 @contextmanager
 def show_progress(description: str) -> Iterator[None]:
     """Within the block, passes over a dataset in this thread / context ([`iter_model_batches`]) show a progress bar
@@ -90,17 +102,6 @@ def show_progress(description: str) -> Iterator[None]:
         yield
     finally:
         _progress_description.reset(token)
-
-
-def _with_progress(batches: Iterable) -> Iterable:
-    """`batches`, behind a progress bar when this context asked for one ([`show_progress`])."""
-    description = _progress_description.get()
-    if description is None:
-        return batches
-    from transformers.utils.logging import tqdm
-
-    total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, desc=description, total=total, unit="batch", leave=False)
 
 
 @contextmanager
@@ -130,7 +131,7 @@ def collect_layer_logits(
     chunks, label_chunks = [], []
     with eval_mode(model), torch.no_grad():
         for inputs, labels in iter_model_batches(model, data, batch_size, collate_fn, max_samples):
-            chunks.append(model(**inputs, early_exit=False).layer_logits.float().cpu())
+            chunks.append(model(**inputs, output_layer_logits=True).layer_logits.float().cpu())
             label_chunks.append(labels)
     if not chunks:
         raise ValueError("`data` yielded no samples.")

@@ -52,8 +52,10 @@ def check_launch(num_processes: int, distributed_type: str, environ: Mapping[str
         )
     if num_processes == 1 and launched_several_as_one(environ):
         logger.warning(
-            "`accelerate launch` was asked for several processes but started one: with `--cpu` or `use_cpu: true` "
-            f"in the config it runs a single CPU process whatever `--num_processes` says. {CPU_PROCESSES_FIX}"
+            "`accelerate launch` may have been asked for several processes but started one: with `--cpu` or "
+            "`use_cpu: true` in the config it runs a single CPU process whatever `--num_processes` says. "
+            f"{CPU_PROCESSES_FIX} (This is read from MASTER_ADDR, which a cluster scheduler such as SLURM or "
+            "Kubernetes may export itself: if you asked for one process, ignore this warning.)"
         )
     if num_processes > 1 and _is_true(environ.get("ACCELERATE_USE_FSDP")) and distributed_type != "FSDP":
         logger.warning(
@@ -64,7 +66,10 @@ def check_launch(num_processes: int, distributed_type: str, environ: Mapping[str
 
 def launched_several_as_one(environ: Mapping[str, str]) -> bool:
     """Whether `accelerate launch` started one CPU process for a multi-process launch: its single-process launcher
-    sets `ACCELERATE_USE_CPU` and, only for `--num_processes` above 1, a rendezvous address, but no `WORLD_SIZE`."""
+    sets `ACCELERATE_USE_CPU` and, only for `--num_processes` above 1, a rendezvous address, but no `WORLD_SIZE`.
+
+    A guess: a `MASTER_ADDR` the environment already had (SLURM and Kubernetes jobs often export one) looks the same,
+    so the warning says "may have"."""
     return _is_true(environ.get("ACCELERATE_USE_CPU")) and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
 
 

@@ -1,9 +1,9 @@
-"""Early exit: when a sample may leave, and a runner that really removes the samples that left from the batch.
+"""Exit rules: when a sample may leave, decided the same way online and offline.
 
 `ExitConfig` says when a sample leaves (like `GenerationConfig` says how to generate, and is saved beside the model
-as `exit_config.json`). `run_early_exit` runs the base model's blocks with hooks that, after each block, classify
-the samples still running, record those that leave, and shrink the running batch (and every per-sample tensor the
-blocks receive) before the next block. Nothing is computed for a sample after it left.
+as `exit_config.json`); `ExitDecider` applies it after each layer and `ExitLedger` records who left where, for the
+runner in `early_exit.py` and for `simulate_exits` on precomputed per-layer logits (which calibration uses), so the two
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -12,23 +12,17 @@ import dataclasses
 import json
 import math
 import os
-import re
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from .block_hooks import BlockObserver, observe_blocks
 from .compat import cached_file_or_none
 
 EXIT_CONFIG_NAME = "exit_config.json"
-EXIT_RULES = ("confidence", "entropy", "patience", "fixed")
-# Per-sample tensors the blocks receive are recognised by their batch dimension; these arguments never have one.
-NON_BATCH_ARGUMENTS = frozenset({"cache_position"})
-# What torch says when tensors of different batch sizes meet: the failure a per-sample input left uncut causes.
-SHAPE_MISMATCH = re.compile(r"size of tensor|must match the size|shape .* is invalid|expanded size|Sizes of tensors")
+EXIT_RULES = ("confidence", "margin", "entropy", "agreement", "patience", "fixed")
+# Rules whose score is compared with `threshold`, and whether a larger score means "more sure".
+THRESHOLD_RULES = {"confidence": True, "margin": True, "entropy": False, "agreement": True}
 
 
 @dataclass
@@ -38,14 +32,18 @@ class ExitConfig:
     Args:
         rule: `"confidence"`: leave once the largest softmax probability is at least `threshold`
             (`threshold=1.0` turns exits off); `"entropy"`: leave once the entropy of the softmax, divided by
-            log(num_labels) so it lies in [0, 1], is at most `threshold`; `"patience"`: leave once the predicted class
-            has stayed the same for `patience` consecutive layers (PABEE); `"fixed"`: every sample leaves at
-            `exit_layer`.
+            log(num_labels) so it lies in [0, 1], is at most `threshold`; `"agreement"`: leave once the largest softmax
+            probability is at least `threshold` and the predicted class is the one the previous layer predicted
+            (so not before `min_layer + 1`); `"patience"`: leave once the predicted class has stayed the same for
+            `patience` consecutive layers (PABEE); `"fixed"`: every sample leaves at `exit_layer`.
         threshold: the confidence or normalized-entropy threshold.
         patience: consecutive unchanged predictions needed by the `"patience"` rule.
         exit_layer: the 1-based layer where the `"fixed"` rule exits.
         min_layer: the first layer at which a sample may leave (no classifier runs before it).
         max_layer: the layer at which every remaining sample leaves; defaults to the last layer.
+        calibration: how `calibrate_exits` chose this setting (method, risk, tolerated risk, confidence, number of
+            samples, certified bound), so the saved file keeps its guarantee; `None` for a setting chosen by hand.
+            `update` drops it when any other field changes.
     """
 
     rule: str = "confidence"
@@ -54,6 +52,7 @@ class ExitConfig:
     exit_layer: int | None = None
     min_layer: int = 1
     max_layer: int | None = None
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -74,6 +73,12 @@ class ExitConfig:
                 raise ValueError(f"`{name}={value!r}` must be an integer (a 1-based layer index or a count).")
         if self.rule == "confidence" and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"`threshold={self.threshold}` must lie in (0, 1] for rule 'confidence' (1.0: no exits).")
+        if self.rule in ("margin", "agreement") and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"`threshold={self.threshold}` must lie in [0, 1] for rule {self.rule!r}.")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ValueError(
+                f"`calibration` must be a dict (as `calibrate_exits` writes it) or None, not {self.calibration!r}."
+            )
         if self.rule == "entropy" and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(
                 f"`threshold={self.threshold}` must lie in [0, 1] for rule 'entropy' (entropy is divided by "
@@ -112,7 +117,8 @@ class ExitConfig:
         return self.exit_layer if self.rule == "fixed" else (self.max_layer or num_layers)
 
     def update(self, **overrides: Any) -> ExitConfig:
-        """A copy with some fields replaced, validated.
+        """A copy with some fields replaced, validated; the calibration record is dropped unless the overrides leave
+        every setting as it was (a changed setting no longer carries the calibrated guarantee).
 
         Raises:
             TypeError: naming an argument that is not an `ExitConfig` field.
@@ -121,6 +127,9 @@ class ExitConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"{unknown} are not ExitConfig fields; the fields are {sorted(names)}.")
+        changed = any(getattr(self, name) != value for name, value in overrides.items() if name != "calibration")
+        if changed and "calibration" not in overrides:
+            overrides = {**overrides, "calibration": None}
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,10 +170,16 @@ class ExitConfig:
 
 
 def exit_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:
-    """The per-sample quantity a rule compares with its threshold: max probability, or normalized entropy."""
+    """The per-sample quantity a rule compares with its threshold: the largest probability (`"confidence"`,
+    `"agreement"`), the largest minus the second largest (`"margin"`), or the normalized entropy (`"entropy"`)."""
     probabilities = logits.float().softmax(dim=-1)
-    if rule == "confidence":
+    if rule in ("confidence", "agreement"):
         return probabilities.max(dim=-1).values
+    if rule == "margin":
+        if probabilities.shape[-1] < 2:
+            return torch.ones(probabilities.shape[:-1], device=probabilities.device)
+        top = probabilities.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
     entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(dim=-1)
     return entropy / math.log(logits.shape[-1])
 
@@ -195,14 +210,20 @@ class ExitDecider:
             return exit_scores(logits, rule) >= self.config.threshold
         if rule == "entropy":
             return exit_scores(logits, rule) <= self.config.threshold
+        if rule == "margin":
+            return exit_scores(logits, rule) >= self.config.threshold
         predictions = logits.argmax(dim=-1)
+        if rule == "agreement":
+            agrees = predictions == self.previous
+            self.previous = predictions
+            return agrees & (exit_scores(logits, rule) >= self.config.threshold)
         self.streak = torch.where(predictions == self.previous, self.streak + 1, torch.zeros_like(self.streak))
         self.previous = predictions
         return self.streak >= self.config.patience
 
     def keep(self, kept: torch.Tensor) -> None:
         """Drops the per-sample state of the samples that left (`kept` indexes the ones still running)."""
-        if self.config.rule != "patience":
+        if self.config.rule not in ("patience", "agreement"):
             return
         self.previous = self.previous[kept]
         self.streak = self.streak[kept]
@@ -288,143 +309,3 @@ def simulate_exits(layer_logits: torch.Tensor, exit_config: ExitConfig) -> tuple
         if num_leaving:
             decider.keep(ledger.record(layer, current, leaving, num_leaving))
     return ledger.logits, ledger.exit_layers
-
-
-class _AllSamplesLeft(Exception):
-    """Stops the base model's forward once no sample is running."""
-
-
-class _EarlyExitRun(BlockObserver):
-    """One early-exit call's state: the running samples (in its ledger) and the inputs cut down to them.
-
-    Exits are decided on the running samples' logits; the batch is compacted (hidden states, per-sample inputs, the
-    decider's counters) only after a block where some sample left, so a block where nobody leaves costs the
-    classifier, the rule and one count.
-    """
-
-    def __init__(self, blocks, classify, decider, batch_size, pooling_mask, device):
-        super().__init__(blocks)
-        self.classify = classify
-        self.decider = decider
-        self.batch_size = batch_size
-        self.pooling_mask = pooling_mask
-        self.ledger = ExitLedger(batch_size, device)
-        self.layers_computed = 0
-        # Per-sample tensors cut down to the running samples, by identity of the full tensor (kept alive with it).
-        self._selected: dict[int, tuple[Any, Any]] = {}
-
-    def _select(self, value: Any) -> Any:
-        running = self.ledger.running
-        if running is None or value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        cached = self._selected.get(id(value))
-        if cached is None:
-            cached = self._selected[id(value)] = (value, _select_samples(value, running, self.batch_size))
-        return cached[1]
-
-    def before_block(self, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self.layers_computed += self.ledger.num_running
-        if self.ledger.running is None:
-            return None
-        hidden, *rest = args  # the hidden states come from the previous block, already cut down
-        return (hidden, *(self._select(value) for value in rest)), {
-            name: value if name in NON_BATCH_ARGUMENTS else self._select(value) for name, value in kwargs.items()
-        }
-
-    def after_block(self, layer: int, output: Any) -> Any:
-        if not self.decider.classifies_at(layer):
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        layer_logits = self.classify(layer, hidden, self._select(self.pooling_mask))
-        leaving = self.decider.leaves(layer, layer_logits)
-        num_leaving = int(leaving.sum())  # the one host sync per classified block
-        if num_leaving == 0:
-            return None
-        kept = self.ledger.record(layer, layer_logits, leaving, num_leaving)
-        if self.ledger.num_running == 0:
-            raise _AllSamplesLeft
-        self._selected = {}
-        self.decider.keep(kept)
-        hidden = hidden[kept]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def run_early_exit(
-    blocks: nn.ModuleList,
-    run_base_model: Callable[[], Any],
-    classify: Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor],
-    exit_config: ExitConfig,
-    batch_size: int,
-    pooling_mask: torch.Tensor | None,
-    model_type: str = "",
-) -> EarlyExitResult:
-    """Runs the base model block by block, letting samples leave and shrinking the batch as they do.
-
-    The blocks must carry the hooks of [`install_block_hooks`] (the model installs them when it is built); the
-    call's state lives in its own observer, so concurrent calls on one model do not interfere.
-
-    Args:
-        blocks: the base model's list of blocks.
-        run_base_model: calls the base model on the full batch (its own embeddings, masks and position tables are
-            built once, for the full batch; hooks cut them down to the running samples before each block).
-        classify: `classify(layer, hidden_states, pooling_mask)` gives the classifier's logits after 1-based `layer`
-            for the running samples.
-        exit_config: when samples leave.
-        batch_size: the number of samples.
-        pooling_mask: the `(batch, seq)` mask the classifier pools with, or `None`.
-        model_type: the base model's type, for error messages.
-
-    Returns:
-        The logits and exit layer of every sample, and the number of (block, sample) pairs computed.
-
-    Raises:
-        ValueError: when, after samples left, a block fails on inputs of mismatched batch sizes (a per-sample input
-            early exit did not recognise). Any other error passes through unchanged.
-    """
-    device = next(blocks[0].parameters()).device
-    decider = ExitDecider(exit_config, len(blocks), batch_size, device)
-    run = _EarlyExitRun(blocks, classify, decider, batch_size, pooling_mask, device)
-    try:
-        with observe_blocks(run):
-            run_base_model()
-    except _AllSamplesLeft:
-        ledger = run.ledger
-        return EarlyExitResult(
-            logits=ledger.logits, exit_layers=ledger.exit_layers, layers_computed=run.layers_computed
-        )
-    except RuntimeError as error:
-        if run.ledger.num_running == batch_size or not _is_shape_mismatch(error):
-            raise
-        raise ValueError(
-            f"Early exit could not shrink the batch of this {model_type!r} model after samples left: a block received a "
-            f"per-sample input it could not cut down ({error}). Run early exit with batch size 1, or open an issue "
-            "with the model type."
-        ) from error
-    raise RuntimeError(
-        f"{run.ledger.num_running} samples never left the model; the exit rule must end at the last layer."
-    )
-
-
-def _is_shape_mismatch(error: RuntimeError) -> bool:
-    """Whether an error raised inside a block means tensors of different batch sizes met (and nothing else)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return False
-    return bool(SHAPE_MISMATCH.search(str(error)))
-
-
-def _select_samples(value: Any, running: torch.Tensor, batch_size: int) -> Any:
-    """Keeps the running samples of every tensor whose first dimension is the batch (recursing into containers)."""
-    if isinstance(value, torch.Tensor):
-        return value[running] if value.dim() > 0 and value.shape[0] == batch_size else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_select_samples(item, running, batch_size) for item in value)
-    if isinstance(value, Mapping):
-        return {key: _select_samples(item, running, batch_size) for key, item in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if type(value).__name__ == "BlockMask":
-        raise ValueError(
-            "Early exit cannot shrink flex-attention block masks; load the model with attn_implementation='sdpa' "
-            "or 'eager'."
-        )
-    return value

@@ -18,12 +18,14 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.errors import HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME
 
+from .alignment import ALIGNED_TRAINING_KEY
+from .card_data import LIBRARY_NAME, MODEL_CARD_NAME, AlignedModelCardData
 from .configuration_aligned import AlignedConfig
-from .model_card import LIBRARY_NAME, MODEL_CARD_NAME, AlignedModelCardData, build_model_card
-from .modeling_aligned import register_hub_pusher
+from .model_card import build_model_card
+from .sharing import register_hub_pusher
 
 # Files and folders never pushed from a training directory (as in `Trainer.push_to_hub`): intermediate checkpoints,
 # private (`_*`) and hidden (`.*`) entries.
@@ -79,16 +81,10 @@ def push_aligned_model(
             "or `Trainer.save_model`."
         )
     _check_repo_id(repo_id)
-    card = None
-    if card_data is not None or not (model_dir / MODEL_CARD_NAME).is_file():
-        card_data = card_data or AlignedModelCardData()
-        if card_data.model_id is None:
-            card_data = dataclasses.replace(card_data, model_id=repo_id)
-        card = str(build_model_card(_aligned_config(model_dir), card_data.fill_from_directory(model_dir)))
     return _commit_directory(
         model_dir,
         repo_id,
-        card=card,
+        card=_directory_card(model_dir, repo_id, card_data),
         private=private,
         token=token,
         revision=revision,
@@ -153,6 +149,17 @@ def push_model(
         return push_aligned_model(folder, repo_id, **push_kwargs)
 
 
+def _directory_card(model_dir: Path, repo_id: str, card_data: AlignedModelCardData | None) -> str | None:
+    """The card a directory push uploads: rendered from `card_data` (unset fields read from the directory) or, when
+    the directory has no card, from its files alone; `None` keeps the directory's own `README.md`."""
+    if card_data is None and (model_dir / MODEL_CARD_NAME).is_file():
+        return None
+    card_data = card_data or AlignedModelCardData()
+    if card_data.model_id is None:
+        card_data = dataclasses.replace(card_data, model_id=repo_id)
+    return str(build_model_card(_aligned_config(model_dir), card_data.fill_from_directory(model_dir)))
+
+
 def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
@@ -160,14 +167,22 @@ def _check_repo_id(repo_id: str) -> None:
         raise ValueError(f"`repo_id={repo_id!r}` is not a valid Hub repository id (namespace/name): {error}") from None
 
 
-def _aligned_config(model_dir: Path) -> AlignedConfig:
+def _aligned_config(model_dir: Path) -> PreTrainedConfig:
+    """The config of a saved aligned model of either kind (an `AlignedConfig`, or a causal LM's plain config that
+    records `aligned_training`).
+
+    Raises:
+        ValueError: for a directory of any other model.
+    """
     config_dict, _ = AlignedConfig.get_config_dict(model_dir)
-    if config_dict.get("model_type") != AlignedConfig.model_type:
-        raise ValueError(
-            f"`model_dir={str(model_dir)!r}` holds a {config_dict.get('model_type')!r} model, not an aligned one, so "
-            f"hf_aligned cannot write its card; add a {MODEL_CARD_NAME} or push it with `huggingface_hub` directly."
-        )
-    return AlignedConfig.from_dict(config_dict)
+    if config_dict.get("model_type") == AlignedConfig.model_type:
+        return AlignedConfig.from_dict(config_dict)
+    if ALIGNED_TRAINING_KEY in config_dict:
+        return AutoConfig.from_pretrained(model_dir)
+    raise ValueError(
+        f"`model_dir={str(model_dir)!r}` holds a {config_dict.get('model_type')!r} model, not an aligned one, so "
+        f"hf_aligned cannot write its card; add a {MODEL_CARD_NAME} or push it with `huggingface_hub` directly."
+    )
 
 
 def _files_to_push(folder: Path) -> list[tuple[str, Path]]:
@@ -222,4 +237,4 @@ def _commit_directory(
         ) from error
 
 
-register_hub_pusher(push_model)
+register_hub_pusher(push_model, push_aligned_model)

@@ -9,15 +9,14 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
+from .losses import infer_problem_type, layer_losses
 from .saturation import saturation_layers
 
 
-class LayerLossModel(Protocol):
-    """What layer-wise evaluation needs from a model: its per-layer loss and its config (for `problem_type`)."""
+class ConfiguredModel(Protocol):
+    """What layer-wise evaluation needs from a model: its config (for `problem_type`)."""
 
     config: object
-
-    def layer_losses(self, layer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
 
 def minimal_depth(accuracies: Sequence[float], tolerance: float = 0.01) -> int:
@@ -61,14 +60,15 @@ class LayerwiseMetrics:
     [`saturation_layers`]).
 
     Args:
-        model: the model whose `layer_losses` scores the logits; `None` skips the per-layer losses.
+        model: the model whose config's `problem_type` decides the per-layer loss ([`layer_losses`]); `None`
+            skips the per-layer losses.
         compute_metrics: a user's `compute_metrics`, applied to each layer's predictions in turn.
         tolerance: the accuracy drop `minimal_depth` accepts.
     """
 
     def __init__(
         self,
-        model: LayerLossModel | None = None,
+        model: ConfiguredModel | None = None,
         compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
         tolerance: float = 0.01,
     ):
@@ -87,12 +87,14 @@ class LayerwiseMetrics:
         num_layers = predictions.shape[1]
         per_layer: list[dict[str, float]] = [{} for _ in range(num_layers)]
         is_logits = predictions.ndim == 3
+        problem_type = getattr(getattr(self.model, "config", None), "problem_type", None)
         if is_logits and self.model is not None:
             layer_logits = torch.from_numpy(predictions).float().transpose(0, 1)
-            losses = self.model.layer_losses(layer_logits, torch.from_numpy(labels))
+            label_tensor = torch.from_numpy(labels)
+            problem_type = problem_type or infer_problem_type(layer_logits.shape[-1], label_tensor)
+            losses = layer_losses(layer_logits, label_tensor, problem_type)
             for metrics, loss in zip(per_layer, losses.tolist()):
                 metrics["loss"] = loss
-        problem_type = getattr(getattr(self.model, "config", None), "problem_type", None)
         if problem_type != "regression" and not (is_logits and predictions.shape[2] == 1):
             for metrics, accuracy in zip(per_layer, _layer_accuracies(predictions, labels, problem_type)):
                 metrics["accuracy"] = accuracy
@@ -182,7 +184,7 @@ class CausalLayerwiseMetrics:
     also when a distributed evaluation repeats samples to even out its last batches (they are dropped by sample).
     It returns `layer_{l}_loss`, `layer_{l}_perplexity` and `layer_{l}_agreement` for every 1-based layer `l`, the
     last layer's `perplexity`, and `minimal_depth`: the first layer whose perplexity is at most
-    (1 + `tolerance`) times the last layer's (left out when the last layer's loss is nan).
+    (1 + `tolerance`) times the last layer's (left out when the last layer's loss is nan, as when no token is counted).
     """
 
     def __init__(self, tolerance: float = 0.01):
@@ -195,9 +197,10 @@ class CausalLayerwiseMetrics:
             raise ValueError(
                 f"Causal-LM layer metrics expect per-sample sums of shape (samples, layers, 2), got {sums.shape}."
             )
-        tokens = max(counts.sum(), 1.0)
-        losses = sums[:, :, 0].sum(axis=0) / tokens
-        agreement = sums[:, :, 1].sum(axis=0) / tokens
+        tokens = counts.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):  # no counted token: nan, and no minimal depth
+            losses = sums[:, :, 0].sum(axis=0) / tokens
+            agreement = sums[:, :, 1].sum(axis=0) / tokens
         perplexities = np.exp(losses)
         result = {}
         for layer, (loss, perplexity, agree) in enumerate(zip(losses, perplexities, agreement), start=1):

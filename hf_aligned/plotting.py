@@ -254,7 +254,8 @@ def plot_calibration(
     path: str | os.PathLike | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Accuracy against expected speedup for every exit setting a calibration tried, the chosen one marked.
+    """The risk (or, for results without one, the accuracy) against expected speedup for every exit setting a
+    calibration tried, the tolerated risk and the chosen setting marked.
 
     Args:
         result: a [`CalibrationResult`] (or its `to_dict()`).
@@ -265,14 +266,18 @@ def plot_calibration(
     figure = _figure(figsize=(5.0, 3.5))
     axis = figure.subplots()
     speedups = [point["expected_speedup"] for point in data["curve"]]
-    accuracies = [point["accuracy"] for point in data["curve"]]
-    axis.plot(speedups, accuracies, marker=".", label=f"rule: {data['rule']}")
-    axis.axhline(data["full_accuracy"], color="grey", linestyle="--", label="full depth")
-    axis.scatter(
-        [data["expected_speedup"]], [data["accuracy"]], color="red", zorder=3, label=f"chosen: {data['chosen']:g}"
-    )
+    by_risk = all(point.get("risk") is not None for point in data["curve"])
+    key = "risk" if by_risk else "accuracy"
+    axis.plot(speedups, [point[key] for point in data["curve"]], marker=".", label=f"rule: {data['rule']}")
+    if by_risk:
+        axis.axhline(data["max_accuracy_drop"], color="grey", linestyle="--", label="tolerated risk")
+    else:
+        axis.axhline(data["full_accuracy"], color="grey", linestyle="--", label="full depth")
+    chosen = "never exits" if data["chosen"] is None else f"{data['chosen']:g}"
+    value = data["empirical_risk"] if by_risk else data["accuracy"]
+    axis.scatter([data["expected_speedup"]], [value], color="red", zorder=3, label=f"chosen: {chosen}")
     axis.set_xlabel(f"expected speedup (L / mean exit layer, L = {data['num_layers']})")
-    axis.set_ylabel("accuracy")
+    axis.set_ylabel(f"{data.get('risk', '')} risk on calibration data" if by_risk else "accuracy")
     axis.legend()
     if title:
         figure.suptitle(title)

@@ -118,7 +118,7 @@ def classifier_layer_accuracy(
         for inputs, labels in iter_model_batches(model, data, batch_size, collate_fn, max_samples):
             if labels is None:
                 raise ValueError("Per-layer accuracy needs labels: the batches hold no `labels` / `label` column.")
-            layer_logits = model(**inputs, early_exit=False).layer_logits
+            layer_logits = model(**inputs, output_layer_logits=True).layer_logits
             labels = labels.to(layer_logits.device).view(-1)
             counted = labels != -100
             hits = ((layer_logits.argmax(dim=-1) == labels) & counted).sum(dim=1).double()

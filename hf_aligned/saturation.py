@@ -74,7 +74,7 @@ def saturation_layers(layer_logits: torch.Tensor | np.ndarray) -> torch.Tensor:
     Example:
 
     ```python
-    >>> saturation_layers(model(**batch, early_exit=False).layer_logits)
+    >>> saturation_layers(model(**batch, output_layer_logits=True).layer_logits)
     tensor([1, 4, 6, 2])
     ```
     """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -13,45 +12,17 @@ from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from .asr import asr_folded_state_dict, has_asr, reset_asr
-from .configuration_aligned import AlignedConfig, resolve_layer_weights, validate_training_options
+from .card_data import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics
+from .compat import TrainerCheckpointHooks
 from .distributed import check_launch
-from .metrics import CausalLayerwiseMetrics, LayerwiseMetrics
-from .model_card import DEFAULT_TAGS, AlignedModelCardData, latest_eval_metrics, write_model_card
-from .modeling_aligned import AlignedSequenceClassifierOutput
-from .modeling_causal_lm import AlignedForCausalLM, shifted_labels
+from .kinds import find_aligned_model
+from .model_card import write_model_card
 from .training_args import PRETRAINED_CLASSIFIER_LR_RATIO, AlignedTrainingArguments
 
 logger = logging.get_logger(__name__)
 
-# Training-argument fields that, when set, override the model config's field of the same name.
-_CONFIG_OVERRIDES = (
-    "layer_weights",
-    "aligned_layers",
-    "classifier_update",
-    "distillation_weight",
-    "distillation_temperature",
-)
 
-# Training arguments that only configure a classification head: refused for an aligned causal LM when set (a
-# recipe sets them too).
-_CLASSIFIER_ONLY_ARGUMENTS = (
-    "recipe",
-    "classifier_update",
-    "distillation_weight",
-    "distillation_temperature",
-    "classifier_lr_ratio",
-)
-
-# What a causal LM's card leaves out of its training arguments: they configure a classification head only.
-_CLASSIFIER_ONLY = frozenset({*_CLASSIFIER_ONLY_ARGUMENTS, "fold_asr_on_save"})
-
-# Every output field except the per-layer logits: evaluation collects `layer_logits` alone as the predictions.
-_NON_PREDICTION_OUTPUTS = [
-    item.name for item in dataclasses.fields(AlignedSequenceClassifierOutput) if item.name != "layer_logits"
-]
-
-
-class AlignedTrainer(Trainer):
+class AlignedTrainer(TrainerCheckpointHooks, Trainer):
     r"""[`~transformers.Trainer`] for [`AlignedForSequenceClassification`] models.
 
     It trains with the model's aligned loss (the per-layer losses combined with the layer weights) and adds:
@@ -133,81 +104,25 @@ class AlignedTrainer(Trainer):
         self._layer_loss_names: list[str] = []
         super().__init__(model=model, args=args, compute_metrics=None, **kwargs)
         check_launch(self.accelerator.num_processes, self.accelerator.distributed_type.value)
-        if _causal_lm(self.model) is not None:
-            if compute_metrics is not None:
-                raise ValueError(
-                    "`compute_metrics` is not supported for AlignedForCausalLM: evaluation reports every layer's "
-                    "loss, perplexity and agreement from per-sample sums, without keeping logits."
-                )
-            self.compute_metrics = CausalLayerwiseMetrics(args.minimal_depth_tolerance)
-        else:
-            self.compute_metrics = LayerwiseMetrics(
-                self.accelerator.unwrap_model(self.model), compute_metrics, args.minimal_depth_tolerance
-            )
-            if args.classifier_lr_ratio is None:
-                # The default rate is recorded in the trainer's own copy of the arguments (the caller's stay as
-                # given), so `training_args.bin` and the card say which rate the run used.
-                ratio = self.classifier_lr_ratio
-                self.args = copy.copy(self.args)
-                self.args.classifier_lr_ratio = ratio
+        kind, aligned = find_aligned_model(self.model)
+        self.compute_metrics = kind.metrics(aligned, compute_metrics, args.minimal_depth_tolerance)
+        if args.classifier_lr_ratio is None and kind.trains_a_new_classifier:
+            # The default rate is recorded in the trainer's own copy of the arguments (the caller's stay as given),
+            # so `training_args.bin` and the card say which rate the run used.
+            ratio = self.classifier_lr_ratio
+            self.args = copy.copy(self.args)
+            self.args.classifier_lr_ratio = ratio
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(list(self._tag_names))
 
     @staticmethod
     def _prepare_aligned_model(model: nn.Module, args: AlignedTrainingArguments) -> None:
-        """Checks that `model` is an aligned model and writes the arguments' loss settings into its config."""
-        causal = _causal_lm(model)
-        if causal is not None:
-            AlignedTrainer._prepare_causal_lm(causal, args)
-            return
-        config = getattr(model, "config", None)
-        if not isinstance(config, AlignedConfig):
-            raise TypeError(
-                f"AlignedTrainer trains aligned models, got {type(model).__name__}. Wrap the base model with "
-                "`AlignedForSequenceClassification.from_pretrained(...)` or, for a language model, "
-                "`AlignedForCausalLM.from_pretrained(...)` (use `layer_weights='last'` for standard fine-tuning)."
-            )
-        overrides = {
-            name: getattr(args, name)
-            for name in _CONFIG_OVERRIDES
-            if getattr(args, name) is not None and getattr(args, name) != getattr(config, name)
-        }
-        values = {name: overrides.get(name, getattr(config, name)) for name in _CONFIG_OVERRIDES}
-        # Validate against the model before touching its config, so a bad override leaves the model unchanged.
-        weights = resolve_layer_weights(values["layer_weights"], config.num_layers, values["aligned_layers"])
-        validate_training_options(
-            values["classifier_update"],
-            values["distillation_weight"],
-            values["distillation_temperature"],
-            config.classifier_sharing,
-            last_layer_weight=weights[-1],
-        )
+        """Checks that `model` is an aligned model and writes the arguments' alignment settings into it (its kind's
+        [`ModelKind.configure`])."""
+        kind, aligned = find_aligned_model(model)
+        overrides = kind.configure(aligned, args)
         if overrides:
             logger.info(f"Training with {overrides} (from the training arguments).")
-        if values["aligned_layers"] is not None:
-            values["aligned_layers"] = sorted(set(values["aligned_layers"]))
-        for name, value in values.items():
-            setattr(config, name, value)
-
-    @staticmethod
-    def _prepare_causal_lm(model: AlignedForCausalLM, args: AlignedTrainingArguments) -> None:
-        """Writes the arguments' `layer_weights` / `aligned_layers` into an aligned causal LM's settings.
-
-        Raises:
-            ValueError: naming the classification-only arguments that are set (they would change nothing).
-        """
-        given = [name for name in _CLASSIFIER_ONLY_ARGUMENTS if getattr(args, name) is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(f'`{name}`' for name in given)} configure a classification head's training and do not "
-                "apply to AlignedForCausalLM; leave them unset (None). A causal LM's loss is set by `layer_weights` "
-                "and `aligned_layers` (and the model's `configure_alignment`)."
-            )
-        overrides = {name: getattr(args, name) for name in ("layer_weights", "aligned_layers")}
-        overrides = {name: value for name, value in overrides.items() if value is not None}
-        if overrides:
-            logger.info(f"Training with {overrides} (from the training arguments).")
-            model.configure_alignment(**overrides)
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -294,22 +209,14 @@ class AlignedTrainer(Trainer):
             self._layer_loss_sum = None
         super().log(logs, start_time)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Saves as Trainer does; with `fold_asr_on_save`, the ASR scales folded into the saved weights (only)."""
+    def state_dict_to_save(self, state_dict: dict | None) -> dict | None:
+        """What a save writes: with `fold_asr_on_save`, the ASR scales folded into the saved weights (only)."""
         model = self.accelerator.unwrap_model(self.model)
         if self.args.fold_asr_on_save and has_asr(model):
-            state_dict = asr_folded_state_dict(model, state_dict)
-        super()._save(output_dir, state_dict=state_dict)
+            return asr_folded_state_dict(model, state_dict)
+        return state_dict
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._reset_asr_after_folded_load()
-
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        self._reset_asr_after_folded_load()
-
-    def _reset_asr_after_folded_load(self) -> None:
+    def after_checkpoint_load(self) -> None:
         """With `fold_asr_on_save`, a checkpoint holds weights with the ASR scales folded in and no ASR tensors, so
         Trainer's (non-strict) load leaves the live model's trained scales on top of them: they are reset to the
         identity, and the model computes exactly the checkpoint's function."""
@@ -341,8 +248,10 @@ class AlignedTrainer(Trainer):
             training_args |= {"epochs_run": round(self.state.epoch or 0.0, 2), "steps_run": self.state.global_step}
             if self.args.max_steps > 0:
                 training_args.pop("num_train_epochs")
-        if _causal_lm(self.model) is not None:  # classification-only settings do not apply to a language model
-            training_args = {name: value for name, value in training_args.items() if name not in _CLASSIFIER_ONLY}
+        kind, _ = find_aligned_model(self.model)  # settings of the other model kinds do not apply to this one
+        training_args = {
+            name: value for name, value in training_args.items() if name not in kind.foreign_card_arguments
+        }
         data = AlignedModelCardData(
             model_id=self.args.hub_model_id or model_name,
             base_model=finetuned_from,
@@ -368,52 +277,11 @@ class AlignedTrainer(Trainer):
 
         The forward always runs every layer, also for unlabeled data and a model whose `exit_config` would exit early.
         For an [`AlignedForCausalLM`] the predictions are per-sample, per-layer sums `(batch, num_layers, 2)` (summed
-        cross-entropy, tokens agreeing with the last layer) and the labels each sample's counted tokens `(batch,)`.
+        cross-entropy, tokens agreeing with the last layer) and the labels each sample's counted tokens `(batch,)`
+        (see the kinds in `hf_aligned.kinds`).
         """
-        if _causal_lm(model) is not None:
-            return self._causal_prediction_step(model, inputs, prediction_loss_only)
-        loss, layer_logits, labels = super().prediction_step(
-            model,
-            {**inputs, "early_exit": False},
-            prediction_loss_only,
-            ignore_keys=[*(ignore_keys or []), *_NON_PREDICTION_OUTPUTS],
-        )
-        if layer_logits is not None:
-            layer_logits = layer_logits.transpose(0, 1).contiguous()
-        return loss, layer_logits, labels
-
-    def _causal_prediction_step(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], prediction_loss_only: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.get("labels")
-        if labels is None:
-            raise ValueError(
-                "Evaluating an AlignedForCausalLM needs `labels` (the input ids, -100 on padding): pack the texts "
-                "into equal-length blocks with `labels = input_ids` and use `default_data_collator` (as transformers' "
-                "run_clm), which keeps end-of-text tokens in the loss."
-            )
-        with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
-        loss = outputs.loss.detach().mean()
-        if prediction_loss_only:
-            return loss, None, None
-        # One row per sample, so that `gather_for_metrics` drops exactly the samples a distributed evaluation
-        # repeated to even out its last batches (one row per batch would be cut by a count of samples).
-        counted = (shifted_labels(labels) != -100).sum(dim=1).to(outputs.layer_sample_sums.dtype)
-        return loss, outputs.layer_sample_sums.detach(), counted
-
-
-def _causal_lm(model: nn.Module | None) -> AlignedForCausalLM | None:
-    """The aligned causal LM inside `model` (itself, or the base model of a peft / DDP wrapper), if any."""
-    for _ in range(3):
-        if isinstance(model, AlignedForCausalLM):
-            return model
-        inner = getattr(model, "module", None)
-        if inner is None and hasattr(model, "get_base_model"):
-            inner = model.get_base_model()
-        model = inner
-    return None
+        kind, _ = find_aligned_model(model)
+        return kind.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
 
 
 def _is_new_classifier_parameter(name: str) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .configuration_aligned import CLASSIFIER_UPDATE_CHOICES, LAYER_WEIGHT_SCHEMES
+from .alignment import CLASSIFIER_UPDATE_CHOICES, LAYER_WEIGHT_SCHEMES
 
 # The new classification layer's learning-rate multiple on a pretrained backbone when neither the arguments nor a
 # recipe set one (measured in benchmarks/recipes.py; see docs/training.md). A model built from a config alone trains

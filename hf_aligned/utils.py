@@ -9,6 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
+# Keyword arguments of `from_pretrained` that locate files (shared by the config, the weights and side files).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+def hub_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The `HUB_KWARGS` among a `from_pretrained` call's keyword arguments (left in place)."""
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
 # Per-layer representations: a `[num_layers, num_samples, dim]` array or a list of `[num_samples, dim_k]` matrices.
 Representations = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
@@ -72,3 +81,20 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = math.sqrt(float(x @ x) * float(y @ y))
     return float(x @ y) / denominator if denominator > 0 else math.nan
+
+
+# Attributes under which attention modules keep a functional dropout probability (e.g. Llama's `attention_dropout`).
+_DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "attn_dropout", "dropout_p")
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether `model` drops anything in train mode: a dropout module with p > 0, or an attention module keeping a
+    positive dropout probability as a float (`attention_dropout` of Llama-like families)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        for name in _DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                return True
+    return False

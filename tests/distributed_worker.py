@@ -97,6 +97,8 @@ def run(kind: str, model: torch.nn.Module, output: Path) -> None:
     rank = trainer.args.process_index
     groups = [group["lr"] for group in trainer.optimizer.param_groups]
     record = {"world_size": world, "group_lrs": groups, "engine": trainer.accelerator.distributed_type.value}
+    bucket = getattr(trainer.model_wrapped, "zero_reduce_bucket_size", None)  # a DeepSpeed engine's reduce bucket
+    record.update(reduce_bucket_size=bucket() if bucket else None, hidden_size=trainer.model.config.hidden_size)
     (output / f"rank_{rank}.json").write_text(json.dumps(record))
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():

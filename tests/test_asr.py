@@ -103,11 +103,13 @@ def test_folded_aligned_checkpoint_reloads_with_identical_layer_logits(family, t
     model = add_asr(tiny_model(family), seed=0)
     perturb(model)
     inputs = tiny_inputs(family)
-    with_asr = model(**inputs).layer_logits.detach()
+    with_asr = model(**inputs, output_layer_logits=True).layer_logits.detach()
     fold_asr(model).save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert not has_asr(reloaded)
-    torch.testing.assert_close(reloaded(**inputs).layer_logits.detach(), with_asr, rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(
+        reloaded(**inputs, output_layer_logits=True).layer_logits.detach(), with_asr, rtol=0, atol=TOLERANCE
+    )
 
 
 def test_gradients_reach_every_asr_parameter():
@@ -128,11 +130,13 @@ def test_copies_are_independent_and_fold_alone():
     model = add_asr(tiny_model("gpt2"), seed=0)
     perturb(model)
     inputs = tiny_inputs("gpt2", padding_side="left")
-    before = model(**inputs).layer_logits.detach()
+    before = model(**inputs, output_layer_logits=True).layer_logits.detach()
     copied = fold_asr(copy.deepcopy(model))
     assert has_asr(model) and not has_asr(copied)
-    torch.testing.assert_close(model(**inputs).layer_logits.detach(), before, rtol=0, atol=0)
-    torch.testing.assert_close(copied(**inputs).layer_logits.detach(), before, rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(model(**inputs, output_layer_logits=True).layer_logits.detach(), before, rtol=0, atol=0)
+    torch.testing.assert_close(
+        copied(**inputs, output_layer_logits=True).layer_logits.detach(), before, rtol=0, atol=TOLERANCE
+    )
 
 
 def checkpoint_keys(path):
@@ -157,7 +161,7 @@ def test_trainer_saves_plain_checkpoints_and_keeps_training(tmp_path):
             model.eval()  # no dropout in the probe; training goes on in train mode
             with torch.no_grad():
                 snapshots[state.global_step] = (
-                    model(**probe, early_exit=False).layer_logits.clone(),
+                    model(**probe, output_layer_logits=True).layer_logits.clone(),
                     {name: p.detach().clone() for name, p in model.named_parameters() if ".asr." in name},
                 )
             model.train()
@@ -182,7 +186,10 @@ def test_trainer_saves_plain_checkpoints_and_keeps_training(tmp_path):
         assert not any(".asr." in key for key in checkpoint_keys(checkpoint))
         reloaded = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
         torch.testing.assert_close(
-            reloaded(**tiny_inputs("bert")).layer_logits.detach(), snapshots[step][0], rtol=0, atol=TOLERANCE
+            reloaded(**tiny_inputs("bert"), output_layer_logits=True).layer_logits.detach(),
+            snapshots[step][0],
+            rtol=0,
+            atol=TOLERANCE,
         )
     # The ASR parameters trained on after the first save folded them.
     assert any(not torch.equal(snapshots[2][1][name], snapshots[4][1][name]) for name in snapshots[2][1])
@@ -220,7 +227,7 @@ def test_best_model_and_resumed_checkpoints_of_folded_runs_load_without_scaling_
 
     def logits_of(loaded):
         with torch.no_grad():
-            return loaded.eval()(**probe, early_exit=False).layer_logits
+            return loaded.eval()(**probe, output_layer_logits=True).layer_logits
 
     best = AutoModelForSequenceClassification.from_pretrained(trainer.state.best_model_checkpoint)
     torch.testing.assert_close(logits_of(model), logits_of(best), rtol=0, atol=TOLERANCE)

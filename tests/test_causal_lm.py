@@ -88,8 +88,12 @@ def test_last_layer_weights_give_the_plain_model_loss_and_evaluation_reports_agr
     torch.testing.assert_close(out.loss, plain.loss)
     assert torch.isnan(out.layer_losses[:-1]).all()  # weight 0 in training: not computed
     with torch.no_grad():
-        evaluated = model(input_ids=input_ids, labels=input_ids)
+        plain_call = model(input_ids=input_ids, labels=input_ids)
+        evaluated = model(input_ids=input_ids, labels=input_ids, output_layer_agreement=True)
         hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    # Without gradients the same call returns the same: what is computed depends on the arguments, not the grad mode.
+    assert torch.isnan(plain_call.layer_losses[:-1]).all() and plain_call.layer_agreement is None
+    torch.testing.assert_close(plain_call.loss, out.loss)
     torch.testing.assert_close(evaluated.layer_losses, hand_layer_losses(model, input_ids, input_ids))
     top_last = evaluated.logits[:, :-1].argmax(-1)
     for layer in range(1, NUM_LAYERS):
@@ -294,7 +298,7 @@ def test_trainer_trains_with_accumulation_and_evaluates_every_layer(tmp_path):
             batch = collate([data[index] for index in range(start, min(start + 5, 12))])
             losses = hand_layer_losses(model, batch["input_ids"], batch["labels"])
             counted = int((batch["labels"][:, 1:] != -100).sum())
-            out = model(**batch)
+            out = model(**batch, output_layer_agreement=True)
             sums += losses * counted
             agree += out.layer_agreement * counted
             count += counted
@@ -380,7 +384,7 @@ def test_every_accepted_family_gives_its_own_logits_and_last_layer_loss(model_ty
     input_ids = tokens(length=7)
     plain_forward = type(model).__mro__[2].forward  # the family's own causal-LM forward, on the same weights
     with torch.no_grad():
-        aligned = model(input_ids=input_ids, labels=input_ids)
+        aligned = model(input_ids=input_ids, labels=input_ids, output_layer_agreement=True)
         own = plain_forward(model, input_ids=input_ids, labels=input_ids)
         torch.testing.assert_close(aligned.logits, model(input_ids).logits)
         torch.testing.assert_close(aligned.logits, own.logits)

@@ -137,3 +137,20 @@ def test_generating_in_train_mode_warns_and_eval_mode_gives_identical_output():
     model.eval()
     plain = model.generate(prompt, **settings)
     assert torch.equal(model.generate(prompt, assistant_early_exit=1, **settings), plain)
+
+
+def test_generating_in_train_mode_warns_only_when_something_drops():
+    prompt = torch.tensor([[5, 9, 2]])
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    logger = logging.get_logger("hf_aligned.modeling_causal_lm")
+    config = tiny_family_config("llama")
+    assert config.attention_dropout == 0.0  # Llama's defaults drop nothing
+    logger.warning_once.cache_clear()
+    with CaptureLogger(logger) as captured:
+        AlignedForCausalLM.from_config(config).generate(prompt, **settings)
+    assert "train mode" not in captured.out
+    config.attention_dropout = 0.1  # a functional dropout inside attention, no dropout module
+    logger.warning_once.cache_clear()
+    with CaptureLogger(logger) as captured:
+        AlignedForCausalLM.from_config(config).generate(prompt, **settings)
+    assert "generate runs in train mode: dropout is active" in captured.out

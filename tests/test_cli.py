@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from transformers import BertTokenizerFast, DataCollatorWithPadding, ViTConfig, 
 
 from hf_aligned import AlignedConfig, AlignedForSequenceClassification, layer_representations
 from hf_aligned.cli import build_parser, main
+from hf_aligned.cli_analyze import write_analysis
 
 from .testing_utils import tiny_model
 
@@ -88,7 +90,7 @@ def test_console_script_entry_point():
 def test_subcommands_are_one_subparser_each():
     parser = build_parser()
     subparsers = next(action for action in parser._actions if action.dest == "command")
-    assert set(subparsers.choices) == {"analyze", "push"}
+    assert set(subparsers.choices) == {"analyze", "calibrate", "push"}
     with pytest.raises(SystemExit):
         parser.parse_args([])  # a command is required
 
@@ -140,7 +142,7 @@ def test_analyze_text_model(text_model_dir, tmp_path, capsys):
     with torch.no_grad():
         batch = DataCollatorWithPadding(tokenizer)(encoded)
         labels = batch.pop("labels").numpy()
-        logits = model(**batch, early_exit=False).layer_logits.numpy()
+        logits = model(**batch, output_layer_logits=True).layer_logits.numpy()
     assert results["classifier_accuracy"] == pytest.approx((logits.argmax(-1) == labels).mean(axis=1), abs=1e-12)
     assert len(results["probe_accuracy"]["test_accuracy"]) == 5
     assert results["agreement"]["num_pairs"] == 6  # pairs of blocks 1..4
@@ -243,6 +245,34 @@ def test_analyze_image_model(tmp_path):
     )
 
 
+def test_calibrate_writes_the_certified_setting_beside_the_model(text_model_dir, tmp_path, capsys):
+    from hf_aligned import calibrate_exits
+
+    data = tmp_path / "calibration.jsonl"
+    write_texts(data, num_samples=60)
+    argv = ["calibrate", str(text_model_dir), "--data", str(data), "--max-accuracy-drop", "0.1", "--delta", "0.2"]
+    assert main([*argv, "--risk", "accuracy"]) == 0
+    saved = json.loads((text_model_dir / "exit_config.json").read_text())
+    assert saved["calibration"]["method"] == "ltt" and saved["calibration"]["risk"] == "accuracy"
+    assert saved["calibration"]["num_samples"] == 60
+    assert (text_model_dir / "calibration.png").stat().st_size > 0
+    assert "with 80% confidence, calibrated on 60 samples" in capsys.readouterr().out
+    # The same choice as calibrating in Python on the same texts.
+    model = AlignedForSequenceClassification.from_pretrained(text_model_dir)
+    tokenizer = BertTokenizerFast.from_pretrained(text_model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    inputs = tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
+    labels = [row["label"] for row in rows]
+    expected = calibrate_exits(
+        layer_logits=layer_logits, labels=labels, max_accuracy_drop=0.1, delta=0.2, risk="accuracy"
+    )
+    assert json.loads((text_model_dir / "calibration.json").read_text())["chosen"] == expected.chosen
+    with pytest.raises(ValueError, match=r"needs at least 230 samples .*got 60"):
+        main(["calibrate", str(text_model_dir), "--data", str(data)])
+
+
 def test_analyze_labels_its_plots_and_json_for_what_they_show(text_model_dir, tmp_path, monkeypatch):
     from hf_aligned import plotting
 
@@ -272,3 +302,22 @@ def test_analyze_labels_its_plots_and_json_for_what_they_show(text_model_dir, tm
     colorbar = drawn["plot_probability_similarity"].axes[-1]
     ticks = colorbar.get_yticks()
     assert len(ticks) and all(float(tick).is_integer() for tick in ticks)
+
+
+def test_analyze_plots_each_curve_from_the_first_layer_given_with_its_data(tmp_path, monkeypatch):
+    from hf_aligned import plotting
+
+    seen = {}
+
+    def record(curves, path, first_layer, title):
+        seen.update(curves=dict(curves), first_layer=dict(first_layer))
+
+    monkeypatch.setattr(plotting, "plot_layer_accuracy", record)
+    matrix = [[1.0, 0.5], [0.5, 1.0]]
+    # The labels say nothing about where a curve starts: a "linear probe" label starting at 1, another at 0.
+    curves = {"linear probe of blocks only": ([0.5, 0.6], 1), "from the embeddings": ([0.4, 0.5, 0.6], 0)}
+    write_analysis(
+        argparse.Namespace(output=str(tmp_path), model_dir="m"), {"cos": matrix, "cka": matrix}, curves, None
+    )
+    assert seen["first_layer"] == {"linear probe of blocks only": 1, "from the embeddings": 0}
+    assert seen["curves"] == {"linear probe of blocks only": [0.5, 0.6], "from the embeddings": [0.4, 0.5, 0.6]}

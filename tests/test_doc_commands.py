@@ -70,7 +70,10 @@ def _example_parser(script: str) -> HfArgumentParser:
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     module = sys.modules[name]
-    return HfArgumentParser((module.ModelArguments, module.DataArguments, AlignedTrainingArguments))
+    names = ("ModelArguments", "DataArguments", "ExitCalibrationArguments")  # the script's own argument groups
+    return HfArgumentParser(
+        (*(getattr(module, name) for name in names if hasattr(module, name)), AlignedTrainingArguments)
+    )
 
 
 def _needs_download(args: list[str]) -> bool:

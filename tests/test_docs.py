@@ -73,7 +73,8 @@ def test_python_snippets_run_and_print_what_the_page_shows(page, tmp_path, monke
     namespace = run_page(page)
     if page.name == "README.md":
         # The quick start trained, calibrated and exited early with the objects it shows.
-        assert namespace["model"].exit_config.rule == "confidence"
+        exit_config = namespace["model"].exit_config
+        assert exit_config.calibration["method"] == "ltt" and exit_config.calibration["num_samples"] == 32
         assert namespace["out"].exit_layers.tolist()[0] in range(1, 7)
         assert (tmp_path / "aligned-minilm" / "exit_config.json").exists()
 

@@ -59,7 +59,7 @@ def test_image_example_trains_evaluates_and_saves(tmp_path):
     output = tmp_path / "vit"
     stdout = run_script(
         [sys.executable, "examples/run_image_classification.py", "--output_dir", str(output), "--layer_weights",
-         "uniform", *TINY_VIT]
+         "uniform", *TINY_VIT, "--calibration_split_percentage", "20", "--max_accuracy_drop", "0.1"]
     )  # fmt: skip
     metrics = json.loads((output / "eval_results.json").read_text())
     assert sorted(key for key in metrics if key.endswith("_accuracy")) == [
@@ -69,10 +69,22 @@ def test_image_example_trains_evaluates_and_saves(tmp_path):
     ]
     assert stdout.splitlines()[-1].split() == ["minimal", "depth", str(metrics["eval_minimal_depth"])]
     assert f"{metrics['eval_layer_1_accuracy']:.4f}" in stdout
+    assert_calibrated(output, stdout, num_samples=288, num_evaluation=50)
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.layer_weights == "uniform"
     assert model.config.id2label[3] == "3"
     assert (output / "preprocessor_config.json").exists()
+
+
+def assert_calibrated(output: Path, stdout: str, num_samples: int, num_evaluation: int) -> None:
+    """The example calibrated its exits with a guarantee on the held-out split and scored them on the evaluation one."""
+    calibration = json.loads((output / "exit_config.json").read_text())["calibration"]
+    assert calibration["method"] == "ltt" and calibration["num_samples"] == num_samples
+    scores = json.loads((output / "exit_evaluation.json").read_text())
+    assert scores["num_samples"] == num_evaluation and scores["measured_speedup"] > 0
+    assert sum(scores["exit_histogram"]) == num_evaluation
+    assert f"calibrated on {num_samples} samples" in stdout
+    assert f"evaluation ({num_evaluation} samples): accuracy {scores['full_accuracy']:.4f} at full depth" in stdout
 
 
 def tiny_text_checkpoint(path: Path) -> Path:
@@ -102,11 +114,13 @@ def test_text_example_on_local_csv_with_string_labels(tmp_path):
          "--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "dev.csv"),
          "--text_columns", "review", "--label_column", "sentiment", "--output_dir", str(output),
          "--classifier_sharing", "per_layer", "--max_steps", "3", "--per_device_train_batch_size", "8",
-         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+         "--calibration_split_percentage", "50", "--max_accuracy_drop", "0.2", "--calibration_delta", "0.2"]
     )  # fmt: skip
     assert "pooling: cls" in stdout
     metrics = json.loads((output / "eval_results.json").read_text())
     assert len(layer_accuracies(metrics)) == 2
+    assert_calibrated(output, stdout, num_samples=12, num_evaluation=7)
     model = AutoModelForSequenceClassification.from_pretrained(output)
     assert model.config.classifier_sharing == "per_layer"
     assert model.config.id2label == {0: "negative", 1: "positive"}
@@ -200,6 +214,8 @@ def test_causal_lm_example_trains_a_small_model_from_a_config_and_saves_a_plain_
     assert config["architectures"] == ["LlamaForCausalLM"] and config["aligned_training"]["layer_weights"] == "linear"
     assert "eval_layer_1_perplexity" not in (output / "README.md").read_text()  # the card shows a table instead
     assert "| 1 |" in (output / "README.md").read_text()
+    # Built from a config: the saved tokenizer's length is the block size it was trained on.
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 16
 
 
 def test_causal_lm_example_trains_and_scores_the_end_of_text_separators(monkeypatch):
@@ -220,3 +236,32 @@ def test_causal_lm_example_trains_and_scores_the_end_of_text_separators(monkeypa
     # Every separator the texts were joined with is a training target, none is masked.
     separators = (batch["input_ids"] == tokenizer.eos_token_id).sum()
     assert separators >= 15 and (batch["labels"] == tokenizer.eos_token_id).sum() == separators
+
+
+def test_causal_lm_example_keeps_a_pretrained_tokenizers_length(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_aligned import AlignedForCausalLM
+
+    from .testing_utils import tiny_base_config
+
+    spec = importlib.util.spec_from_file_location("run_causal_lm", "examples/run_causal_lm.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
+    spec.loader.exec_module(example)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text {index} about the market and the game" for index in range(60)) + "\n")
+    tokenizer = example.load_tokenizer(example.ModelArguments(train_tokenizer_vocab_size=300), [texts.read_text()])
+    tokenizer.model_max_length = 1024  # as GPT-2's
+    config = tiny_base_config("gpt2")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = len(tokenizer), tokenizer.eos_token_id, 0
+    AlignedForCausalLM.from_config(config).save_pretrained(tmp_path / "pretrained")
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+    output = tmp_path / "out"
+    trainer, _ = example.run(
+        ["--output_dir", str(output), "--model_name_or_path", str(tmp_path / "pretrained"), "--train_file",
+         str(texts), "--block_size", "16", "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to",
+         "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
+    )  # fmt: skip
+    assert trainer.processing_class.model_max_length == 1024
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 1024

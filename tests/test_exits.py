@@ -37,19 +37,21 @@ def reference_exits(layer_logits, rule, threshold=None, patience=None):
         streak, previous, chosen = 0, None, NUM_LAYERS
         for layer in range(1, NUM_LAYERS + 1):
             probabilities = layer_logits[layer - 1, sample].softmax(-1)
-            if rule == "confidence" and probabilities.max() >= threshold:
-                chosen = layer
+            prediction = probabilities.argmax().item()
+            streak = streak + 1 if prediction == previous else 0
+            agrees = prediction == previous
+            previous = prediction
+            if rule == "patience":
+                fires = streak >= patience
             elif rule == "entropy":
-                entropy = -(probabilities * probabilities.log()).sum() / np.log(probabilities.numel())
-                if entropy <= threshold:
-                    chosen = layer
-            elif rule == "patience":
-                prediction = probabilities.argmax().item()
-                streak = streak + 1 if prediction == previous else 0
-                previous = prediction
-                if streak >= patience:
-                    chosen = layer
-            if chosen == layer:
+                fires = -(probabilities * probabilities.log()).sum() / np.log(probabilities.numel()) <= threshold
+            elif rule == "margin":
+                top = probabilities.topk(2).values
+                fires = top[0] - top[1] >= threshold
+            else:
+                fires = probabilities.max() >= threshold and (rule == "confidence" or agrees)
+            if fires:
+                chosen = layer
                 break
         exits.append(chosen)
     return exits
@@ -61,7 +63,7 @@ def test_threshold_that_never_fires_equals_the_full_forward(family):
     inputs = tiny_inputs(family, batch_size=5, padding_side=padding_for(family))
     output = model.early_exit_predict(**inputs)
     with torch.no_grad():
-        full = model(**inputs, early_exit=False)
+        full = model(**inputs, output_layer_logits=True)
     torch.testing.assert_close(output.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert output.exit_layers.tolist() == [NUM_LAYERS] * 5
     assert output.layers_computed == 5 * NUM_LAYERS
@@ -74,7 +76,7 @@ def test_fixed_rule_equals_that_layers_logits(family, layer):
     inputs = tiny_inputs(family, batch_size=4, padding_side=padding_for(family))
     output = model.early_exit_predict(**inputs, rule="fixed", exit_layer=layer)
     with torch.no_grad():
-        expected = model(**inputs, early_exit=False).layer_logits[layer - 1]
+        expected = model(**inputs, output_layer_logits=True).layer_logits[layer - 1]
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=1e-5)
     assert output.exit_layers.tolist() == [layer] * 4
     assert output.layers_computed == 4 * layer
@@ -83,14 +85,20 @@ def test_fixed_rule_equals_that_layers_logits(family, layer):
 @pytest.mark.parametrize("family", EXIT_FAMILIES)
 @pytest.mark.parametrize(
     ("rule", "setting"),
-    [("confidence", {"threshold": 0.9}), ("entropy", {"threshold": 0.3}), ("patience", {"patience": 1})],
+    [
+        ("confidence", {"threshold": 0.9}),
+        ("margin", {"threshold": 0.8}),
+        ("entropy", {"threshold": 0.3}),
+        ("agreement", {"threshold": 0.8}),
+        ("patience", {"patience": 1}),
+    ],
 )
 def test_exit_layers_follow_the_rule_computed_by_hand(family, rule, setting):
     model = confident_model(family)
     inputs = tiny_inputs(family, batch_size=6, padding_side=padding_for(family), seed=4)
     output = model.early_exit_predict(**inputs, rule=rule, **setting)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     expected = reference_exits(layer_logits, rule, **setting)
     assert output.exit_layers.tolist() == expected
     for sample, layer in enumerate(expected):
@@ -134,7 +142,7 @@ def test_a_batch_exits_like_each_sample_alone(family_padding, threshold, batch_s
     model = MODELS[family]
     inputs = tiny_inputs(family, batch_size=batch_size, padding_side=padding_side, seed=seed)
     with torch.no_grad():
-        scores = exit_scores(model(**inputs, early_exit=False).layer_logits, "confidence")
+        scores = exit_scores(model(**inputs, output_layer_logits=True).layer_logits, "confidence")
     assume(bool(((scores - threshold).abs() > 1e-4).all()))  # float noise must not decide a sample's fate
     batched = model.early_exit_predict(**inputs, threshold=threshold)
     for row in range(batch_size):
@@ -160,7 +168,7 @@ def test_per_layer_heads_baseline_exits_with_its_own_heads():
     model = confident_model("bert", classifier_sharing="per_layer")
     inputs = tiny_inputs("bert", batch_size=6, seed=4)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     for layer in range(1, NUM_LAYERS + 1):
         fixed = model.early_exit_predict(**inputs, rule="fixed", exit_layer=layer)
         torch.testing.assert_close(fixed.logits, layer_logits[layer - 1], atol=1e-5, rtol=1e-5)
@@ -171,7 +179,8 @@ def test_per_layer_heads_baseline_exits_with_its_own_heads():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rule": "margin"}, r"`rule='margin'` is not an exit rule"),
+        ({"rule": "margins"}, r"`rule='margins'` is not an exit rule"),
+        ({"rule": "margin", "threshold": 1.5}, r"`threshold=1.5` must lie in \[0, 1\] for rule 'margin'"),
         ({"threshold": 1.5}, r"`threshold=1.5` must lie in \(0, 1\] for rule 'confidence'"),
         ({"rule": "entropy", "threshold": -0.1}, r"`threshold=-0.1` must lie in \[0, 1\] for rule 'entropy'"),
         ({"rule": "patience", "patience": 0}, r"`patience=0` must be a positive integer"),
@@ -202,7 +211,7 @@ def test_regression_models_only_exit_at_a_fixed_layer():
         model.early_exit_predict(**inputs, threshold=0.5)
     output = model.early_exit_predict(**inputs, rule="fixed", exit_layer=2)
     with torch.no_grad():
-        torch.testing.assert_close(output.predictions, model(**inputs, early_exit=False).layer_logits[1, :, 0])
+        torch.testing.assert_close(output.predictions, model(**inputs, output_layer_logits=True).layer_logits[1, :, 0])
 
 
 def test_exit_config_is_saved_and_loaded_with_the_model(tmp_path):
@@ -220,7 +229,7 @@ def test_truncate_gives_the_layer_logits_and_saves_as_a_normal_checkpoint(family
     model = tiny_model(family, classifier_sharing=sharing, layer_weights=[1.0, 2.0, 3.0, 4.0])
     inputs = tiny_inputs(family, padding_side=padding_for(family))
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     truncated = model.truncate(2)
     with torch.no_grad():  # layer 2's logits, to float rounding (the full model classifies all layers in one batch)
         torch.testing.assert_close(truncated(**inputs, early_exit=False).logits, layer_logits[1])
@@ -240,11 +249,12 @@ def test_simulated_exits_match_online_early_exit():
     model = confident_model("llama")
     inputs = tiny_inputs("llama", batch_size=8, padding_side="left", seed=4)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     # A threshold in the middle of the early layers' confidences, so that samples leave at different layers.
     threshold = layer_logits[:-1].softmax(-1).amax(-1).median().item()
     cases = [(ExitConfig(threshold=threshold), {"rule": "confidence", "threshold": threshold})]
     cases.append((ExitConfig(rule="patience", patience=1), {"rule": "patience", "patience": 1}))
+    cases.append((ExitConfig(rule="agreement", threshold=threshold), {"rule": "agreement", "threshold": threshold}))
     for exit_config, rule in cases:
         logits, exit_layers = simulate_exits(layer_logits, exit_config)
         assert exit_layers.tolist() == reference_exits(layer_logits, **rule)
@@ -262,20 +272,20 @@ def labelled_batches(model, count=4, batch_size=8):
     for seed in range(count):
         inputs = tiny_inputs("bert", batch_size=batch_size, seed=100 + seed)
         with torch.no_grad():
-            labels = model(**inputs, early_exit=False).logits.argmax(-1)
+            labels = model(**inputs, output_layer_logits=True).logits.argmax(-1)
         labels[::4] = (labels[::4] + 1) % 3
         batches.append({**inputs, "labels": labels})
     return batches
 
 
 @pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
-def test_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path):
+def test_empirical_calibration_chooses_the_fastest_setting_within_the_drop(rule, tmp_path):
     model = confident_model("bert")
     batches = labelled_batches(model)
-    result = calibrate_exits(model, batches, max_accuracy_drop=0.05, rule=rule)
+    result = calibrate_exits(model, batches, max_accuracy_drop=0.05, rule=rule, method="empirical", risk="accuracy")
     inputs = {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]}
     labels = inputs.pop("labels")
-    full_accuracy = (model(**inputs, early_exit=False).logits.argmax(-1) == labels).float().mean().item()
+    full_accuracy = (model(**inputs, output_layer_logits=True).logits.argmax(-1) == labels).float().mean().item()
     assert result.full_accuracy == pytest.approx(full_accuracy)
     online = model.early_exit_predict(**inputs)  # uses the calibrated exit config
     assert model.exit_config.rule == rule
@@ -295,14 +305,14 @@ def test_calibration_rejects_bad_arguments():
         calibrate_exits(model, [], rule="fixed")
     with pytest.raises(ValueError, match=r"`max_accuracy_drop=5` is a fraction"):
         calibrate_exits(model, [], max_accuracy_drop=5)
-    with pytest.raises(ValueError, match=r"calibration needs labelled data"):
-        calibrate_exits(model, [tiny_inputs("bert")])
+    with pytest.raises(ValueError, match=r"risk='accuracy' needs labelled data"):
+        calibrate_exits(model, [tiny_inputs("bert")], risk="accuracy", method="empirical")
 
 
 def test_inputs_that_cannot_be_shrunk_give_a_clear_error(monkeypatch):
     model = confident_model("llama")
     inputs = tiny_inputs("llama", batch_size=6, padding_side="left", seed=4)
     # Pretend compaction does not recognise the per-sample tensors: the next block then sees mismatched batches.
-    monkeypatch.setattr("hf_aligned.exits._select_samples", lambda value, running, batch_size: value)
+    monkeypatch.setattr("hf_aligned.early_exit._select_samples", lambda value, running, batch_size: value)
     with pytest.raises(ValueError, match=r"Early exit could not shrink the batch of this 'llama' model"):
         model.early_exit_predict(**inputs, threshold=0.9)

@@ -27,13 +27,9 @@ from hf_aligned import (
     push_aligned_model,
     write_model_card,
 )
+from hf_aligned.card_data import latest_eval_metrics, layer_metrics, training_hyperparameters
 from hf_aligned.cli import add_push_command
-from hf_aligned.model_card import (
-    latest_eval_metrics,
-    layer_metrics,
-    logger,
-    training_hyperparameters,
-)
+from hf_aligned.model_card import logger
 
 from .hub_server import LoopbackHub
 from .testing_utils import NUM_LAYERS, tiny_base_config, tiny_model
@@ -550,3 +546,14 @@ def test_card_links_only_hub_datasets():
     assert "- **Dataset:** `../shared/data/sst2/train.tsv`, `BBC News`, `bbc/news.csv`, " in card.text
     assert "[SetFit/bbc-news](https://huggingface.co/datasets/SetFit/bbc-news)" in card.text
     assert card.text.count("huggingface.co/datasets/") == 1 and card.data.datasets == ["SetFit/bbc-news"]
+
+
+def test_classifier_save_pretrained_pushes_through_the_same_path_with_our_card(hub, tmp_path):
+    model = tiny_model("bert")
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id=REPO_ID, commit_message="aligned bert")
+    uploaded = hub.files(REPO_ID)
+    assert uploaded["config.json"] == (tmp_path / "out" / "config.json").read_bytes()
+    assert "exit_config.json" in uploaded and hub.commits[-1].summary == "aligned bert"
+    card = ModelCard(uploaded["README.md"].decode())
+    assert card.data.library_name == "hf-aligned" and "Accuracy after each layer" not in card.text  # no metrics yet
+    assert str(build_model_card(model, AlignedModelCardData(model_id=REPO_ID))) == uploaded["README.md"].decode()

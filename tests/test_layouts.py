@@ -73,7 +73,7 @@ def test_family_matches_hand_computation_from_plain_hidden_states(model_type, tm
     plain, model = wrap(model_type)
     inputs = family_inputs(model_type)
     with torch.no_grad():
-        output = model(**inputs, early_exit=False)
+        output = model(**inputs, output_layer_logits=True)
     expected = reference_layer_logits(plain, model, inputs, model_type)
     assert output.layer_logits.shape == (NUM_LAYERS, 3, 3)
     torch.testing.assert_close(output.layer_logits, expected, atol=1e-5, rtol=1e-5)
@@ -84,7 +84,7 @@ def test_family_matches_hand_computation_from_plain_hidden_states(model_type, tm
         for row in range(3):
             keep = inputs["attention_mask"][row].bool()
             with torch.no_grad():
-                alone = model(input_ids=inputs["input_ids"][row, keep][None], early_exit=False).layer_logits
+                alone = model(input_ids=inputs["input_ids"][row, keep][None], output_layer_logits=True).layer_logits
             torch.testing.assert_close(output.layer_logits[:, row], alone[:, 0], atol=1e-5, rtol=1e-5)
 
     # Round trip through the auto class, bit for bit, with the layout recorded in config.json.
@@ -93,7 +93,7 @@ def test_family_matches_hand_computation_from_plain_hidden_states(model_type, tm
     assert isinstance(reloaded, AlignedForSequenceClassification)
     assert reloaded.config.layout == model.config.layout
     with torch.no_grad():
-        assert torch.equal(reloaded(**inputs, early_exit=False).layer_logits, output.layer_logits)
+        assert torch.equal(reloaded(**inputs, output_layer_logits=True).layer_logits, output.layer_logits)
 
 
 def test_table_kinds_and_recorded_layouts():
@@ -126,13 +126,13 @@ def test_override_picks_the_blocks_and_is_saved_with_the_checkpoint(tmp_path):
     with torch.no_grad():
         hidden_states = plain(**inputs, output_hidden_states=True).hidden_states
         expected = torch.stack([model.classifier.heads[0].out_proj(hidden[:, 0]) for hidden in hidden_states[1:]])
-        output = model(**inputs, early_exit=False)
+        output = model(**inputs, output_layer_logits=True)
     torch.testing.assert_close(output.layer_logits, expected, atol=1e-5, rtol=1e-5)
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).layout == layout
     reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
     with torch.no_grad():
-        assert torch.equal(reloaded(**inputs, early_exit=False).layer_logits, output.layer_logits)
+        assert torch.equal(reloaded(**inputs, output_layer_logits=True).layer_logits, output.layer_logits)
 
 
 def test_override_without_a_pooler_leaves_it_out():

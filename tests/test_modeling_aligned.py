@@ -39,7 +39,7 @@ def test_layer_logits_match_manual_computation_from_hidden_states(family):
     plain, model = wrap_plain_model(tiny_base_config(family))
     inputs = tiny_inputs(family, padding_side=padding_for(family))
     with torch.no_grad():
-        output = model(**inputs, early_exit=False)
+        output = model(**inputs, output_layer_logits=True)
     expected = reference_layer_logits(plain, model, inputs, family)
     assert output.layer_logits.shape == (NUM_LAYERS, 3, 3)
     torch.testing.assert_close(output.layer_logits, expected, atol=1e-5, rtol=1e-5)
@@ -91,7 +91,7 @@ def test_families_beyond_the_six_work_without_special_cases(family, base_config)
     kind = "vit" if family == "deit" else ("llama" if family == "qwen2" else "bert")
     inputs = tiny_inputs(kind, padding_side=padding_for(kind))
     with torch.no_grad():
-        output = model(**inputs, early_exit=False)
+        output = model(**inputs, output_layer_logits=True)
     torch.testing.assert_close(
         output.layer_logits, reference_layer_logits(plain, model, inputs, family), atol=1e-5, rtol=1e-5
     )
@@ -103,10 +103,10 @@ def test_decoder_pools_last_real_token_with_either_padding(family, padding_side)
     model = tiny_model(family)
     inputs = tiny_inputs(family, batch_size=4, padding_side=padding_side, seed=3)
     with torch.no_grad():
-        batched = model(**inputs, early_exit=False).layer_logits
+        batched = model(**inputs, output_layer_logits=True).layer_logits
         for row in range(4):
             keep = inputs["attention_mask"][row].bool()
-            alone = model(input_ids=inputs["input_ids"][row, keep][None], early_exit=False).layer_logits[:, 0]
+            alone = model(input_ids=inputs["input_ids"][row, keep][None], output_layer_logits=True).layer_logits[:, 0]
             torch.testing.assert_close(batched[:, row], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -114,8 +114,8 @@ def test_decoder_without_attention_mask_pools_last_non_pad_token():
     model = tiny_model("gpt2")
     inputs = tiny_inputs("gpt2", padding_side="right", seed=1)
     with torch.no_grad():
-        with_mask = model(**inputs, early_exit=False).layer_logits
-        from_pad_ids = model(input_ids=inputs["input_ids"], early_exit=False).layer_logits
+        with_mask = model(**inputs, output_layer_logits=True).layer_logits
+        from_pad_ids = model(input_ids=inputs["input_ids"], output_layer_logits=True).layer_logits
     # Right padding never changes earlier positions under causal attention, so only the pooled index matters.
     torch.testing.assert_close(with_mask, from_pad_ids, atol=1e-5, rtol=1e-5)
 
@@ -124,10 +124,10 @@ def test_mean_pooling_ignores_padding():
     model = tiny_model("bert", pooling="mean")
     inputs = tiny_inputs("bert", seed=2)
     with torch.no_grad():
-        batched = model(**inputs, early_exit=False).layer_logits
+        batched = model(**inputs, output_layer_logits=True).layer_logits
         for row in range(3):
             keep = inputs["attention_mask"][row].bool()
-            alone = model(input_ids=inputs["input_ids"][row, keep][None], early_exit=False).layer_logits[:, 0]
+            alone = model(input_ids=inputs["input_ids"][row, keep][None], output_layer_logits=True).layer_logits[:, 0]
             torch.testing.assert_close(batched[:, row], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -144,7 +144,7 @@ def test_aligned_loss_is_weighted_sum_of_per_layer_cross_entropy(layer_weights, 
     model = tiny_model("bert", layer_weights=layer_weights)
     inputs = tiny_inputs("bert")
     labels = torch.tensor([0, 2, 1])
-    output = model(**inputs, labels=labels)
+    output = model(**inputs, labels=labels, output_layer_logits=True)
     per_layer = torch.stack([F.cross_entropy(logits, labels) for logits in output.layer_logits])
     torch.testing.assert_close(output.layer_losses, per_layer)
     torch.testing.assert_close(output.loss, (torch.tensor(expected) * per_layer).sum())
@@ -158,7 +158,7 @@ def test_aligned_layers_restrict_the_loss_to_a_subset():
 def test_ignored_labels_do_not_count():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert")
-    output = model(**inputs, labels=torch.tensor([0, -100, 1]))
+    output = model(**inputs, labels=torch.tensor([0, -100, 1]), output_layer_logits=True)
     keep = torch.tensor([0, 2])
     expected = torch.stack([F.cross_entropy(logits[keep], torch.tensor([0, 1])) for logits in output.layer_logits])
     torch.testing.assert_close(output.layer_losses, expected)
@@ -167,7 +167,7 @@ def test_ignored_labels_do_not_count():
 def test_regression_uses_mean_squared_error_per_layer():
     model = tiny_model("bert", num_labels=1)
     labels = torch.tensor([0.5, -1.0, 2.0])
-    output = model(**tiny_inputs("bert"), labels=labels)
+    output = model(**tiny_inputs("bert"), labels=labels, output_layer_logits=True)
     expected = torch.stack([F.mse_loss(logits.squeeze(-1), labels) for logits in output.layer_logits])
     torch.testing.assert_close(output.layer_losses, expected)
     assert model.config.problem_type == "regression"
@@ -176,7 +176,7 @@ def test_regression_uses_mean_squared_error_per_layer():
 def test_multi_label_uses_binary_cross_entropy_per_layer():
     model = tiny_model("bert", problem_type="multi_label_classification")
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    output = model(**tiny_inputs("bert"), labels=labels)
+    output = model(**tiny_inputs("bert"), labels=labels, output_layer_logits=True)
     expected = torch.stack([F.binary_cross_entropy_with_logits(logits, labels) for logits in output.layer_logits])
     torch.testing.assert_close(output.layer_losses, expected)
 
@@ -240,7 +240,8 @@ def test_save_and_load_give_bit_identical_logits(family, tmp_path):
     reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(
-            model(**inputs, early_exit=False).layer_logits, reloaded(**inputs, early_exit=False).layer_logits
+            model(**inputs, output_layer_logits=True).layer_logits,
+            reloaded(**inputs, output_layer_logits=True).layer_logits,
         )
 
 
@@ -256,7 +257,8 @@ def test_auto_classes_load_aligned_checkpoints_without_remote_code(tmp_path):
     inputs = tiny_inputs("llama", padding_side="left")
     with torch.no_grad():
         assert torch.equal(
-            model(**inputs, early_exit=False).layer_logits, reloaded(**inputs, early_exit=False).layer_logits
+            model(**inputs, output_layer_logits=True).layer_logits,
+            reloaded(**inputs, output_layer_logits=True).layer_logits,
         )
 
 
@@ -267,8 +269,8 @@ def test_per_layer_heads_baseline_round_trips(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AlignedForSequenceClassification.from_pretrained(tmp_path)
     with torch.no_grad():
-        output = model(**inputs, early_exit=False)
-        assert torch.equal(output.layer_logits, reloaded(**inputs, early_exit=False).layer_logits)
+        output = model(**inputs, output_layer_logits=True)
+        assert torch.equal(output.layer_logits, reloaded(**inputs, output_layer_logits=True).layer_logits)
     # Each layer is classified by its own head: layer l's logits come from head l.
     hidden = model.backbone(**inputs, output_hidden_states=True).hidden_states
     with torch.no_grad():
@@ -354,4 +356,4 @@ def test_base_checkpoint_loaded_in_half_precision_gets_a_matching_classifier(tmp
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     inputs = tiny_inputs("llama", padding_side="left")
     with torch.no_grad():
-        assert model(**inputs, early_exit=False).layer_logits.dtype == torch.bfloat16
+        assert model(**inputs, output_layer_logits=True).layer_logits.dtype == torch.bfloat16

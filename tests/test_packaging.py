@@ -48,7 +48,9 @@ def test_wheel_installs_in_a_fresh_venv_and_writes_a_card(tmp_path):
     )
     (wheel,) = wheel_dir.glob("hf_aligned-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hf_aligned/model_cards/aligned_model_card.md" in names
+    assert {"hf_aligned/model_cards/aligned_model_card.md", "hf_aligned/model_cards/causal_lm_model_card.md"} <= set(
+        names
+    )
     assert not [name for name in names if name.startswith(("tests/", "benchmarks/", "examples/"))]
 
     venv = tmp_path / "venv"

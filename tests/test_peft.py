@@ -35,6 +35,6 @@ def test_lora_adapter_round_trip_gives_identical_logits(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_model("bert"), tmp_path).eval()
     untrained = tiny_model("bert")
     with torch.no_grad():
-        trained_logits = model(**inputs, early_exit=False).layer_logits
-        assert torch.equal(trained_logits, reloaded(**inputs, early_exit=False).layer_logits)
-        assert not torch.allclose(trained_logits, untrained(**inputs, early_exit=False).layer_logits)
+        trained_logits = model(**inputs, output_layer_logits=True).layer_logits
+        assert torch.equal(trained_logits, reloaded(**inputs, output_layer_logits=True).layer_logits)
+        assert not torch.allclose(trained_logits, untrained(**inputs, output_layer_logits=True).layer_logits)

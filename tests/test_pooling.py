@@ -58,5 +58,5 @@ def test_bf16_decoder_classifies_the_last_real_token_of_long_sequences(padding_s
     input_ids = torch.randint(3, config.vocab_size, attention_mask.shape, generator=torch.Generator().manual_seed(2))
     inputs = {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask}
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
     torch.testing.assert_close(layer_logits, reference_layer_logits(plain, model, inputs, "llama"))

@@ -54,5 +54,6 @@ def test_minilm_save_and_reload_is_bit_identical(minilm, tmp_path):
     assert reloaded.config.pooling == "mean"
     with torch.no_grad():
         assert torch.equal(
-            model(**batch, early_exit=False).layer_logits, reloaded(**batch, early_exit=False).layer_logits
+            model(**batch, output_layer_logits=True).layer_logits,
+            reloaded(**batch, output_layer_logits=True).layer_logits,
         )

@@ -79,7 +79,9 @@ def test_classifier_layer_accuracy_matches_layer_logits():
     correct, counted = np.zeros(model.num_layers), 0
     for batch in batches:
         with torch.no_grad():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, early_exit=False).layer_logits.numpy()
+            logits = model(
+                **{k: v for k, v in batch.items() if k != "labels"}, output_layer_logits=True
+            ).layer_logits.numpy()
         labels = batch["labels"].numpy()
         kept = labels != -100
         correct += (logits.argmax(-1)[:, kept] == labels[kept]).sum(axis=1)

@@ -94,8 +94,8 @@ def test_model_round_trips_bit_for_bit(tmp_path):
         "classifier.heads.0.projection.2.bias",
     }
     with torch.no_grad():
-        expected = model(**inputs, early_exit=False).layer_logits
-        assert torch.equal(reloaded(**inputs, early_exit=False).layer_logits, expected)
+        expected = model(**inputs, output_layer_logits=True).layer_logits
+        assert torch.equal(reloaded(**inputs, output_layer_logits=True).layer_logits, expected)
         assert torch.equal(
             reloaded.pooled_layer_states(**inputs, stage="post"), model.pooled_layer_states(**inputs, stage="post")
         )
@@ -147,7 +147,7 @@ def test_the_shared_head_is_applied_after_every_layer(pooling):
             vectors = plain.pooler.activation(plain.pooler.dense(vectors))
         expected.append(hand_mlp(head, vectors) @ head.out_proj.weight.T + head.out_proj.bias)
     with torch.no_grad():
-        layer_logits = model(**inputs, early_exit=False).layer_logits
+        layer_logits = model(**inputs, output_layer_logits=True).layer_logits
         torch.testing.assert_close(layer_logits, torch.stack(expected), rtol=1e-5, atol=1e-6)
         # Early exit serves with the same classifier: the last layer's scores are the full forward's.
         torch.testing.assert_close(model.early_exit_predict(**inputs).logits, layer_logits[-1], rtol=1e-5, atol=1e-6)
@@ -169,7 +169,7 @@ def test_stages_equal_hand_computations(pooling):
         torch.testing.assert_close(post, torch.stack([hand_mlp(head, v) for v in pooled]), rtol=1e-5, atol=1e-6)
     assert post.shape == (NUM_LAYERS + 1, 5, HEAD["hidden_size"])
     # The classification layer reads the post-stage vectors.
-    logits = model(**inputs, early_exit=False).layer_logits
+    logits = model(**inputs, output_layer_logits=True).layer_logits
     torch.testing.assert_close(head.out_proj(post[1:]), logits, rtol=1e-5, atol=1e-6)
 
 
@@ -197,7 +197,7 @@ def test_per_layer_baseline_gets_one_head_per_layer():
     inputs = tiny_inputs("bert", batch_size=4)
     pooled = hand_pooled(plain, inputs, "mean")
     with torch.no_grad():
-        logits = model(**inputs, early_exit=False).layer_logits
+        logits = model(**inputs, output_layer_logits=True).layer_logits
         post = model.pooled_layer_states(**inputs, stage="post")
     for layer in range(1, NUM_LAYERS + 1):
         head = heads[layer - 1]

@@ -22,7 +22,7 @@ from hf_aligned import (
 from hf_aligned.calibration import calibrate_exits
 from hf_aligned.cli import main as cli_main
 from hf_aligned.data import _explain_collate_errors
-from hf_aligned.modeling_aligned import logger as modeling_logger
+from hf_aligned.early_exit import logger as modeling_logger
 from tests.test_callbacks import token_dataset, training_args
 from tests.test_exits import confident_model
 from tests.testing_utils import NUM_LAYERS, tiny_inputs, tiny_model, tiny_tokenizer
@@ -61,11 +61,11 @@ def test_concurrent_full_forwards_match_single_threaded_ones():
     model = confident_model("bert")
     batches = batches_of_different_sizes()
     with torch.no_grad():
-        expected = [model(**batch, early_exit=False).layer_logits for batch in batches]
+        expected = [model(**batch, output_layer_logits=True).layer_logits for batch in batches]
 
     def call(index):
         with torch.no_grad():
-            return model(**batches[index], early_exit=False).layer_logits
+            return model(**batches[index], output_layer_logits=True).layer_logits
 
     for index, results in enumerate(run_in_threads(call, [0, 1, 2])):
         for result in results:
@@ -119,7 +119,7 @@ def test_text_pipeline_at_any_batch_size(tmp_path, batch_size, exits):
             exit_layers.append(output.exit_layers.item())
         else:
             with torch.no_grad():
-                logits = model(**alone, early_exit=False).layer_logits[-1, 0]
+                logits = model(**alone, output_layer_logits=True).layer_logits[-1, 0]
         assert result["label"] == model.config.id2label[logits.argmax().item()]
         assert result["score"] == pytest.approx(logits.softmax(-1).max().item(), abs=1e-5)
     if exits:
@@ -152,7 +152,7 @@ def test_image_pipeline_at_any_batch_size(batch_size, exits):
     images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(7)]
     if exits:  # a threshold half the images reach after block 1
         with torch.no_grad():
-            first = model(**processor(images, return_tensors="pt"), early_exit=False).layer_logits[0]
+            first = model(**processor(images, return_tensors="pt"), output_layer_logits=True).layer_logits[0]
         model.exit_config = ExitConfig(threshold=first.softmax(-1).max(-1).values.median().item())
     classify = pipeline("image-classification", model=model, image_processor=processor, top_k=1)
     results = classify(images, batch_size=batch_size)
@@ -163,7 +163,7 @@ def test_image_pipeline_at_any_batch_size(batch_size, exits):
         assert expected.exit_layers.min() < NUM_LAYERS, "the test needs early exits"
     else:
         with torch.no_grad():
-            logits = model(pixel_values=pixel_values, early_exit=False).logits
+            logits = model(pixel_values=pixel_values, output_layer_logits=True).logits
     for result, row in zip(results, logits):
         assert result[0]["label"] == model.config.id2label[row.argmax().item()]
         assert result[0]["score"] == pytest.approx(row.softmax(-1).max().item(), abs=1e-5)
@@ -176,19 +176,27 @@ def test_default_forward_serves_only_inference_calls():
     served = model.early_exit_predict(**inputs)
     with torch.no_grad():
         output = model(**inputs)
-        full = model(**inputs, early_exit=False)
+        full = model(**inputs, output_layer_logits=True)
     assert output.layer_logits is None
     assert torch.equal(output.exit_layers, served.exit_layers) and torch.equal(output.logits, served.logits)
-    # With gradients on, or labels, the call is the full forward whatever the exit rule.
-    torch.testing.assert_close(model(**inputs).layer_logits, full.layer_logits)
+    # The same inference call with gradients on exits early too: the grad mode does not decide.
+    assert torch.equal(model(**inputs).exit_layers, served.exit_layers)
+    # Layer logits, labels or train mode: the full forward whatever the exit rule.
+    torch.testing.assert_close(model(**inputs, output_layer_logits=True).layer_logits, full.layer_logits)
     with torch.no_grad():
-        assert model(**inputs, labels=torch.zeros(6, dtype=torch.long)).layer_logits.shape == (NUM_LAYERS, 6, 3)
-    # With exits off, a served call gives the last layer's logits, every sample leaving at the last layer.
+        labelled = model(**inputs, labels=torch.zeros(6, dtype=torch.long), output_layer_logits=True)
+        assert labelled.layer_logits.shape == (NUM_LAYERS, 6, 3) and labelled.exit_layers is None
+        assert model(**inputs, labels=torch.zeros(6, dtype=torch.long)).exit_layers is None
+        assert model.train()(**inputs).exit_layers is None
+    model.eval()
+    # With exits off (the default), a plain call is the full forward: the last layer's logits, batch first.
     model.exit_config = ExitConfig()
     with torch.no_grad():
         output = model(**inputs)
     torch.testing.assert_close(output.logits, full.layer_logits[-1], atol=1e-6, rtol=1e-6)
-    assert output.exit_layers.tolist() == [NUM_LAYERS] * 6
+    assert output.exit_layers is None and output.layer_logits is None
+    with torch.no_grad():  # asked for, early exit still runs, every sample leaving at the last layer
+        assert model(**inputs, early_exit=True).exit_layers.tolist() == [NUM_LAYERS] * 6
     with pytest.raises(ValueError, match=r"`early_exit=True` returns each sample's logits at its exit layer only"):
         model(**inputs, labels=torch.zeros(6, dtype=torch.long), early_exit=True)
 
@@ -209,7 +217,7 @@ def independent_layer_accuracy(model, dataset):
     """Per-layer accuracy of the shared classifier, from `layer_logits` of one full batch (gradients on)."""
     batch = default_data_collator([dict(row) for row in dataset])
     labels = batch.pop("labels")
-    layer_logits = model(**batch, early_exit=False).layer_logits.detach()
+    layer_logits = model(**batch, output_layer_logits=True).layer_logits.detach()
     return (layer_logits.argmax(-1) == labels).double().mean(dim=1).tolist()
 
 
@@ -250,9 +258,11 @@ def test_export_of_forward_and_of_truncate_on_a_calibrated_checkpoint(calibrated
     model = AlignedForSequenceClassification.from_pretrained(calibrated_dir)
     inputs = tiny_inputs("bert", batch_size=4, seq_len=6, seed=3)
     with torch.no_grad():
-        full = model(**inputs, early_exit=False)
-    exported = torch.export.export(model, (), dict(inputs))
-    torch.testing.assert_close(exported.module()(**inputs)["layer_logits"], full.layer_logits)
+        full = model(**inputs, output_layer_logits=True)
+    exported = torch.export.export(model, (), {**inputs, "output_layer_logits": True})
+    torch.testing.assert_close(
+        exported.module()(**inputs, output_layer_logits=True)["layer_logits"], full.layer_logits
+    )
     truncated = torch.export.export(model.truncate(2), (), dict(inputs))
     torch.testing.assert_close(truncated.module()(**inputs)["logits"], full.layer_logits[1], atol=1e-5, rtol=1e-5)
 
@@ -380,3 +390,37 @@ def pickle_round_trip(model):
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("exits_on", [False, True])
+def test_what_a_call_returns_depends_on_arguments_and_config_never_on_the_grad_mode(exits_on):
+    model = tiny_model("bert").eval()
+    inputs = tiny_inputs("bert")
+    if exits_on:
+        model.exit_config = ExitConfig(rule="fixed", exit_layer=2)
+    calls = {
+        "plain": {},
+        "layer logits": {"output_layer_logits": True},
+        "labels": {"labels": torch.tensor([0, 1, 2])},
+        "full": {"early_exit": False},
+    }
+    for name, arguments in calls.items():
+        with torch.enable_grad():
+            with_grad = model(**inputs, **arguments)
+        with torch.no_grad():
+            without = model(**inputs, **arguments)
+        assert with_grad.keys() == without.keys(), name
+        for key in with_grad:
+            torch.testing.assert_close(with_grad[key].detach(), without[key], msg=f"{name}: {key}")
+    plain = model(**inputs)
+    assert plain.layer_logits is None and plain.logits.shape == (3, model.config.num_labels)  # batch first
+    full = model(**inputs, output_layer_logits=True)
+    assert full.layer_logits.shape == (NUM_LAYERS, 3, model.config.num_labels)
+    if exits_on:  # an inference call exits early under the model's exit config, with or without gradients
+        assert plain.exit_layers.tolist() == [2, 2, 2]
+        torch.testing.assert_close(plain.logits, full.layer_logits[1])
+    else:
+        assert plain.exit_layers is None
+        torch.testing.assert_close(plain.logits, full.layer_logits[-1])
+    with pytest.raises(ValueError, match="`early_exit=True` returns each sample's logits at its exit layer only"):
+        model(**inputs, early_exit=True, output_layer_logits=True)

@@ -14,6 +14,8 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from hf_aligned import (
     AlignedConfig,
@@ -25,6 +27,7 @@ from hf_aligned import (
     format_layer_table,
     minimal_depth,
 )
+from hf_aligned.distributed import check_launch
 from tests.testing_utils import NUM_LAYERS, tiny_base_config, tiny_inputs, tiny_model
 
 NUM_SAMPLES = 24
@@ -75,7 +78,7 @@ class LogRecorder(TrainerCallback):
 def direct_layer_outputs(model, dataset):
     model.eval()
     with torch.no_grad():
-        return model(**as_batch(dataset))
+        return model(**as_batch(dataset), output_layer_logits=True)
 
 
 def direct_layer_accuracies(model, dataset) -> list[float]:
@@ -252,7 +255,7 @@ def test_predict_runs_every_layer_even_when_the_model_would_exit_early(tmp_path)
     prediction = AlignedTrainer(model, training_args(tmp_path)).predict(dataset)
     model.eval()
     with torch.no_grad():
-        expected = model(**as_batch(dataset), early_exit=False).layer_logits.transpose(0, 1).numpy()
+        expected = model(**as_batch(dataset), output_layer_logits=True).layer_logits.transpose(0, 1).numpy()
     assert prediction.label_ids is None
     np.testing.assert_allclose(prediction.predictions, expected, rtol=1e-5, atol=1e-6)
 
@@ -452,3 +455,16 @@ def test_format_layer_table():
     assert lines[1].split() == ["1", "0.5000", "0.8750"]
     assert lines[2].split() == ["2", "0.9000", "0.8800"]
     assert lines[3].split() == ["minimal", "depth", "2", "1"]
+
+
+def test_an_inherited_master_addr_on_one_cpu_process_gets_a_hedged_warning():
+    logger = logging.get_logger("hf_aligned.distributed")
+    # A single-process CPU job whose scheduler (SLURM, Kubernetes) exported MASTER_ADDR: no WORLD_SIZE either.
+    environ = {"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "10.0.0.7"}
+    with CaptureLogger(logger) as captured:
+        check_launch(1, "NO", environ=environ)
+    assert "may have been asked for several processes but started one" in captured.out
+    assert "SLURM or Kubernetes may export itself" in captured.out
+    with CaptureLogger(logger) as captured:  # a real multi-process launch sets WORLD_SIZE: no warning
+        check_launch(1, "NO", environ={**environ, "WORLD_SIZE": "2"})
+    assert captured.out == ""

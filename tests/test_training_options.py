@@ -55,7 +55,7 @@ def hand_cross_entropy(layer_logits: torch.Tensor, labels: torch.Tensor) -> torc
 def test_paper_setting_is_the_weighted_sum_of_per_layer_cross_entropies(family):
     model = dropout_free_model(family, classifier_update="all", distillation_weight=0.0, layer_weights="linear")
     inputs = labelled_inputs(family)
-    output = model(**inputs)
+    output = model(**inputs, output_layer_logits=True)
     assert output.layer_distillation_losses is None
     expected = hand_cross_entropy(output.layer_logits, inputs["labels"])
     weights = torch.tensor([2 * layer / (NUM_LAYERS * (NUM_LAYERS + 1)) for layer in range(1, NUM_LAYERS + 1)])
@@ -108,7 +108,8 @@ def test_classifier_update_last_leaves_inference_unchanged():
     paper.config.classifier_update = "all"
     with torch.no_grad():
         assert torch.equal(
-            model(**inputs, early_exit=False).layer_logits, paper(**inputs, early_exit=False).layer_logits
+            model(**inputs, output_layer_logits=True).layer_logits,
+            paper(**inputs, output_layer_logits=True).layer_logits,
         )
 
 
@@ -131,7 +132,7 @@ def test_distillation_loss_equals_a_hand_computation(temperature):
         distillation_weight=alpha, distillation_temperature=temperature, layer_weights="uniform"
     )
     inputs = labelled_inputs("bert")
-    output = model(**inputs)
+    output = model(**inputs, output_layer_logits=True)
     kept = inputs["labels"] != -100
     logits = output.layer_logits.detach()[:, kept]
     teacher = (logits[-1] / temperature).softmax(-1)
