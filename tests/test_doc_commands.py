@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
-from hf_aligned import AlignedTrainingArguments
+from hf_aligned import AlignedTrainingArguments, ExitCalibrationArguments
 from hf_aligned.cli import build_parser
 
 from .test_examples import run_script
@@ -70,9 +70,8 @@ def _example_parser(script: str) -> HfArgumentParser:
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     module = sys.modules[name]
-    names = ("ModelArguments", "DataArguments", "ExitCalibrationArguments")  # the script's own argument groups
     return HfArgumentParser(
-        (*(getattr(module, name) for name in names if hasattr(module, name)), AlignedTrainingArguments)
+        (module.ModelArguments, module.DataArguments, ExitCalibrationArguments, AlignedTrainingArguments)
     )
 
 
