@@ -401,7 +401,7 @@ def _choose(layer_logits, labels, rule, values, min_layer, risk, method, epsilon
     counts = exit_losses(predictions, full, labels, risk).sum(1).numpy()
     num_samples = predictions.shape[1]
     mean_layers = exit_layers.float().mean(1).tolist()
-    accuracies, full_accuracy = _accuracies(predictions, full, labels)
+    accuracies, full_accuracy = labelled_accuracies(predictions, full, labels)
     if method == "ltt":
         p_values = binomial_p_values(counts, num_samples, epsilon)
         admissible = list(range(int(fixed_sequence_test(p_values, delta))))
@@ -463,8 +463,9 @@ def _curve(values, accuracies, rates, mean_layers, num_layers, p_values) -> list
     ]
 
 
-def _accuracies(predictions: torch.Tensor, full: torch.Tensor, labels: torch.Tensor | None):
-    """Each setting's accuracy and the full-depth accuracy on the labelled samples (-100 ignored); None without."""
+def labelled_accuracies(predictions: torch.Tensor, full: torch.Tensor, labels: torch.Tensor | None):
+    """Each setting's accuracy (`predictions` is `(settings, samples)`) and the full-depth accuracy, on the samples
+    labelled other than -100; `(None, None)` without labels or with none counted."""
     if labels is None:
         return None, None
     labelled = labels != IGNORE_INDEX

@@ -12,12 +12,10 @@ from typing import Any
 
 import torch
 
-from .calibration import DEFAULT_CALIBRATION_RULE, CalibrationResult, calibrate_exits
+from .calibration import DEFAULT_CALIBRATION_RULE, CalibrationResult, calibrate_exits, labelled_accuracies
 from .data import eval_mode, iter_model_batches
 from .exits import ExitConfig
 from .risk_control import minimum_samples
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -96,7 +94,9 @@ def evaluate_exits(
         measured = _speedup(model, batches, exit_config, repeats) if measure_speed else None
     predictions = torch.cat([output.predictions.cpu() for output in outputs])
     exit_layers = torch.cat([output.exit_layers.cpu() for output in outputs])
-    full_accuracy, accuracy = _labelled_accuracies(batches, full, predictions)
+    labels = None if any(y is None for _, y in batches) else torch.cat([y.cpu() for _, y in batches])
+    accuracies, full_accuracy = labelled_accuracies(predictions[None], full, labels)
+    accuracy = None if accuracies is None else accuracies[0]
     mean_exit_layer = exit_layers.float().mean().item()
     return ExitEvaluation(
         exit_config=exit_config.to_dict(),
@@ -110,18 +110,6 @@ def evaluate_exits(
         ideal_speedup=model.num_layers / mean_exit_layer,
         measured_speedup=measured,
     )
-
-
-def _labelled_accuracies(batches, full: torch.Tensor, predictions: torch.Tensor):
-    """Full-depth and early-exit accuracy over the samples labelled other than -100; `(None, None)` without."""
-    if any(labels is None for _, labels in batches):
-        return None, None
-    labels = torch.cat([labels.cpu() for _, labels in batches])
-    labelled = labels != IGNORE_INDEX
-    if not bool(labelled.any()):
-        return None, None
-    truth = labels[labelled]
-    return (full[labelled] == truth).float().mean().item(), (predictions[labelled] == truth).float().mean().item()
 
 
 def _speedup(model, batches, exit_config: ExitConfig, repeats: int) -> float:
